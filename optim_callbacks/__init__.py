@@ -1,0 +1,51 @@
+"""optim-callbacks: optimizers and schedules by name, and Lightning callbacks that watch and
+steer them (clipping, AMP epsilon, Adam->SGD switching, moment statistics)."""
+
+from optim_callbacks.adabelief import AdaBelief
+from optim_callbacks.callbacks import *  # noqa: F403
+from optim_callbacks.callbacks import __all__ as _callbacks_all
+from optim_callbacks.optimizers import (
+    OPTIMIZERS,
+    OptimizerSpec,
+    build_optimizer,
+    register_optimizer,
+    spec_for,
+)
+from optim_callbacks.param_groups import (
+    global_batch_size,
+    no_decay_parameter_names,
+    param_groups,
+    scale_lr,
+)
+from optim_callbacks.registry import Registry
+from optim_callbacks.schedules import (
+    SCHEDULES,
+    ScheduleSpec,
+    build_scheduler,
+    lightning_scheduler_config,
+    register_schedule,
+    schedule_multiplier,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "AdaBelief",
+    "OptimizerSpec",
+    "Registry",
+    "ScheduleSpec",
+    "build_optimizer",
+    "build_scheduler",
+    "global_batch_size",
+    "lightning_scheduler_config",
+    "no_decay_parameter_names",
+    "param_groups",
+    "register_optimizer",
+    "register_schedule",
+    "scale_lr",
+    "schedule_multiplier",
+    "spec_for",
+    *_callbacks_all,
+]

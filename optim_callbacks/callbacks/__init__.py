@@ -1,0 +1,3 @@
+"""Lightning callbacks, one concern per file."""
+
+__all__: list[str] = []

@@ -1,0 +1,115 @@
+"""Argument checks that fail with one clear message.
+
+Every message names the parameter, the value it got and what is allowed; for names it also
+suggests the closest valid one. All checks raise ``ValueError`` so callers (and the CLI) can
+report them without a stack trace from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = [
+    "check_at_least",
+    "check_betas",
+    "check_choice",
+    "check_in_range",
+    "check_non_negative",
+    "check_positive",
+    "check_unknown_options",
+    "closest",
+]
+
+
+def closest(name: str, choices: Iterable[str], n: int = 1) -> list[str]:
+    """Return up to ``n`` valid names closest to ``name`` (case-insensitive)."""
+    lowered = {c.lower(): c for c in choices}
+    matches = difflib.get_close_matches(str(name).lower(), list(lowered), n=n, cutoff=0.4)
+    return [lowered[m] for m in matches]
+
+
+def _did_you_mean(value: object, choices: Iterable[str]) -> str:
+    suggestion = closest(str(value), choices)
+    return f"; did you mean '{suggestion[0]}'?" if suggestion else ""
+
+
+def check_choice(param: str, value: Any, choices: Iterable[str]) -> str:
+    """Check that ``value`` is one of ``choices`` and return it."""
+    choices = sorted(choices)
+    if value not in choices:
+        raise ValueError(
+            f"{param}: unknown value {value!r}; allowed: {', '.join(choices)}"
+            f"{_did_you_mean(value, choices)}"
+        )
+    return value
+
+
+def check_unknown_options(param: str, given: Iterable[str], allowed: Iterable[str]) -> None:
+    """Reject keyword options that are not in ``allowed``, naming each bad one."""
+    allowed = sorted(set(allowed))
+    for key in given:
+        if key not in allowed:
+            listing = ", ".join(allowed) if allowed else "none"
+            raise ValueError(
+                f"{param}: unknown option {key!r}; allowed: {listing}{_did_you_mean(key, allowed)}"
+            )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def check_positive(param: str, value: Any) -> Any:
+    """Check ``value > 0``."""
+    if not _is_number(value) or value <= 0:
+        raise ValueError(f"{param}: got {value!r}; allowed: a number > 0")
+    return value
+
+
+def check_non_negative(param: str, value: Any) -> Any:
+    """Check ``value >= 0``."""
+    if not _is_number(value) or value < 0:
+        raise ValueError(f"{param}: got {value!r}; allowed: a number >= 0")
+    return value
+
+
+def check_at_least(param: str, value: Any, minimum: int) -> int:
+    """Check that ``value`` is an integer ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{param}: got {value!r}; allowed: an integer >= {minimum}")
+    return value
+
+
+def check_in_range(
+    param: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_inclusive: bool = True,
+    high_inclusive: bool = False,
+) -> Any:
+    """Check ``low <= value < high`` (bounds' inclusivity configurable)."""
+    ok = _is_number(value)
+    if ok:
+        ok = (value >= low if low_inclusive else value > low) and (
+            value <= high if high_inclusive else value < high
+        )
+    if not ok:
+        interval = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+        raise ValueError(f"{param}: got {value!r}; allowed: a number in {interval}")
+    return value
+
+
+def check_betas(param: str, value: Any) -> tuple[float, ...]:
+    """Check a betas tuple: every beta in [0, 1)."""
+    try:
+        betas = tuple(value)
+    except TypeError:
+        raise ValueError(f"{param}: got {value!r}; allowed: a pair of numbers in [0, 1)") from None
+    for i, beta in enumerate(betas):
+        check_in_range(f"{param}[{i}]", beta, 0.0, 1.0)
+    return betas
