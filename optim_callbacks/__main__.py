@@ -52,7 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(optimizer_table())
     print()
     print(schedule_table())
-    print("\nEvery scheduler takes warmup (steps, or a fraction of total steps) and warmup_kind (linear|exponential).")
+    print(
+        "\nEvery scheduler takes warmup (steps, or a fraction of total steps) and warmup_kind (linear|exponential)."
+    )
     return 0
 
 

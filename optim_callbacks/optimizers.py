@@ -134,55 +134,111 @@ def _add(spec: OptimizerSpec, aliases: tuple[str, ...] = ()) -> None:
 _SGD_STATE = ("momentum_buffer",)
 _ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-_add(OptimizerSpec(
-    "sgd", torch.optim.SGD, "plain stochastic gradient descent: simple, generalizes well, LR-sensitive",
-    defaults={"lr": 0.01, "momentum": 0.0, "weight_decay": 0.0},
-    state_keys=_SGD_STATE, has_momentum=True,
-))
-_add(OptimizerSpec(
-    "momentum", torch.optim.SGD, "SGD with heavy-ball momentum 0.9: damps oscillation, the CNN workhorse",
-    defaults={"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0},
-    state_keys=_SGD_STATE, first_moment="momentum_buffer", has_momentum=True,
-))
-_add(OptimizerSpec(
-    "nesterov", torch.optim.SGD, "SGD with Nesterov momentum 0.9: gradient at the look-ahead point",
-    defaults={"lr": 0.01, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0},
-    state_keys=_SGD_STATE, first_moment="momentum_buffer", has_momentum=True,
-))
-_add(OptimizerSpec(
-    "adagrad", torch.optim.Adagrad, "accumulated squared gradients: per-parameter LR for sparse features",
-    defaults={"lr": 0.01, "eps": 1e-10, "weight_decay": 0.0},
-    state_keys=("sum",), second_moment="sum", has_eps=True,
-))
-_add(OptimizerSpec(
-    "adadelta", torch.optim.Adadelta, "windowed squared gradients with unit correction: no global LR decay",
-    defaults={"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0},
-    state_keys=("square_avg", "acc_delta"), second_moment="square_avg", has_eps=True,
-))
-_add(OptimizerSpec(
-    "rmsprop", torch.optim.RMSprop, "EMA of squared gradients (rho 0.9): non-stationary objectives, RNNs, RL",
-    defaults={"lr": 1e-3, "alpha": 0.9, "eps": 1e-8, "momentum": 0.0, "weight_decay": 0.0},
-    state_keys=("square_avg", "momentum_buffer", "grad_avg"), second_moment="square_avg",
-    has_eps=True, has_momentum=True,
-))
-_add(OptimizerSpec(
-    "adam", torch.optim.Adam, "first and second moments with bias correction: the robust default",
-    defaults={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
-    state_keys=_ADAM_STATE, first_moment="exp_avg", second_moment="exp_avg_sq",
-    has_eps=True, has_betas=True,
-))
-_add(OptimizerSpec(
-    "adamw", torch.optim.AdamW, "Adam with decoupled weight decay: the transformer standard",
-    defaults={"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
-    state_keys=_ADAM_STATE, first_moment="exp_avg", second_moment="exp_avg_sq",
-    has_eps=True, has_betas=True,
-))
-_add(OptimizerSpec(
-    "adabelief", AdaBelief, "second moment of (g - m), the belief in the gradient: smooth, stable steps",
-    defaults={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-16, "weight_decay": 0.0},
-    state_keys=("exp_avg", "exp_avg_var", "max_exp_avg_var"), first_moment="exp_avg",
-    second_moment="exp_avg_var", has_eps=True, has_betas=True,
-))
+_add(
+    OptimizerSpec(
+        "sgd",
+        torch.optim.SGD,
+        "plain stochastic gradient descent: simple, generalizes well, LR-sensitive",
+        defaults={"lr": 0.01, "momentum": 0.0, "weight_decay": 0.0},
+        state_keys=_SGD_STATE,
+        has_momentum=True,
+    )
+)
+_add(
+    OptimizerSpec(
+        "momentum",
+        torch.optim.SGD,
+        "SGD with heavy-ball momentum 0.9: damps oscillation, the CNN workhorse",
+        defaults={"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0},
+        state_keys=_SGD_STATE,
+        first_moment="momentum_buffer",
+        has_momentum=True,
+    )
+)
+_add(
+    OptimizerSpec(
+        "nesterov",
+        torch.optim.SGD,
+        "SGD with Nesterov momentum 0.9: gradient at the look-ahead point",
+        defaults={"lr": 0.01, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0},
+        state_keys=_SGD_STATE,
+        first_moment="momentum_buffer",
+        has_momentum=True,
+    )
+)
+_add(
+    OptimizerSpec(
+        "adagrad",
+        torch.optim.Adagrad,
+        "accumulated squared gradients: per-parameter LR for sparse features",
+        defaults={"lr": 0.01, "eps": 1e-10, "weight_decay": 0.0},
+        state_keys=("sum",),
+        second_moment="sum",
+        has_eps=True,
+    )
+)
+_add(
+    OptimizerSpec(
+        "adadelta",
+        torch.optim.Adadelta,
+        "windowed squared gradients with unit correction: no global LR decay",
+        defaults={"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0},
+        state_keys=("square_avg", "acc_delta"),
+        second_moment="square_avg",
+        has_eps=True,
+    )
+)
+_add(
+    OptimizerSpec(
+        "rmsprop",
+        torch.optim.RMSprop,
+        "EMA of squared gradients (rho 0.9): non-stationary objectives, RNNs, RL",
+        defaults={"lr": 1e-3, "alpha": 0.9, "eps": 1e-8, "momentum": 0.0, "weight_decay": 0.0},
+        state_keys=("square_avg", "momentum_buffer", "grad_avg"),
+        second_moment="square_avg",
+        has_eps=True,
+        has_momentum=True,
+    )
+)
+_add(
+    OptimizerSpec(
+        "adam",
+        torch.optim.Adam,
+        "first and second moments with bias correction: the robust default",
+        defaults={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+        state_keys=_ADAM_STATE,
+        first_moment="exp_avg",
+        second_moment="exp_avg_sq",
+        has_eps=True,
+        has_betas=True,
+    )
+)
+_add(
+    OptimizerSpec(
+        "adamw",
+        torch.optim.AdamW,
+        "Adam with decoupled weight decay: the transformer standard",
+        defaults={"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
+        state_keys=_ADAM_STATE,
+        first_moment="exp_avg",
+        second_moment="exp_avg_sq",
+        has_eps=True,
+        has_betas=True,
+    )
+)
+_add(
+    OptimizerSpec(
+        "adabelief",
+        AdaBelief,
+        "second moment of (g - m), the belief in the gradient: smooth, stable steps",
+        defaults={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-16, "weight_decay": 0.0},
+        state_keys=("exp_avg", "exp_avg_var", "max_exp_avg_var"),
+        first_moment="exp_avg",
+        second_moment="exp_avg_var",
+        has_eps=True,
+        has_betas=True,
+    )
+)
 
 
 def spec_for(optimizer: Optimizer) -> OptimizerSpec | None:
@@ -219,7 +275,9 @@ def _all_tensors(groups: list[dict[str, Any]]) -> list[torch.Tensor]:
     return [p for group in groups for p in group["params"]]
 
 
-def _choose_implementation(spec: OptimizerSpec, kwargs: dict[str, Any], groups: list[dict[str, Any]], impl: str) -> None:
+def _choose_implementation(
+    spec: OptimizerSpec, kwargs: dict[str, Any], groups: list[dict[str, Any]], impl: str
+) -> None:
     """Prefer torch's fused kernels, then foreach, where the class and the device allow it.
 
     Fused kernels need every parameter floating point and on a device torch has fused kernels
@@ -239,7 +297,10 @@ def _choose_implementation(spec: OptimizerSpec, kwargs: dict[str, Any], groups: 
         "fused" in accepted
         and spec.optimizer_class.__module__.startswith("torch.")
         and bool(tensors)
-        and all(t.is_floating_point() and t.device.type in _get_fused_kernels_supported_devices() for t in tensors)
+        and all(
+            t.is_floating_point() and t.device.type in _get_fused_kernels_supported_devices()
+            for t in tensors
+        )
         and not kwargs.get("differentiable", False)
     )
     if impl in ("auto", "fused") and fused_ok:
@@ -277,7 +338,9 @@ def build_optimizer(
     spec = OPTIMIZERS.get(name)
     check_choice("impl", impl, IMPLEMENTATIONS)
     allowed = spec.options()
-    check_unknown_options(f"{spec.name} options", options, [k for k in allowed if k not in ("lr", "weight_decay")])
+    check_unknown_options(
+        f"{spec.name} options", options, [k for k in allowed if k not in ("lr", "weight_decay")]
+    )
     kwargs: dict[str, Any] = {**spec.defaults, **options}
     if lr is not None:
         kwargs["lr"] = lr
@@ -285,7 +348,9 @@ def build_optimizer(
         kwargs["weight_decay"] = weight_decay
     _validate_hyperparameters(kwargs)
     if layer_decay is not None:
-        check_in_range("layer_decay", layer_decay, 0.0, 1.0, low_inclusive=False, high_inclusive=True)
+        check_in_range(
+            "layer_decay", layer_decay, 0.0, 1.0, low_inclusive=False, high_inclusive=True
+        )
 
     if isinstance(model_or_params, nn.Module):
         groups = param_groups(
@@ -296,7 +361,9 @@ def build_optimizer(
         )
     else:
         if layer_decay is not None:
-            raise ValueError("layer_decay: needs a model (nn.Module), got an iterable of parameters")
+            raise ValueError(
+                "layer_decay: needs a model (nn.Module), got an iterable of parameters"
+            )
         groups = _as_groups(model_or_params)
     base_lr = kwargs.get("lr")
     for group in groups:
@@ -306,7 +373,9 @@ def build_optimizer(
             if key in group:
                 _validate_hyperparameters({key: group[key]})
     if not _all_tensors(groups):
-        raise ValueError(f"model_or_params: got no parameters to optimize for optimizer {spec.name!r}")
+        raise ValueError(
+            f"model_or_params: got no parameters to optimize for optimizer {spec.name!r}"
+        )
     _choose_implementation(spec, kwargs, groups, impl)
     optimizer = spec.build(groups, **kwargs)
     optimizer.registry_name = spec.name  # lets spec_for() tell momentum from plain sgd
@@ -315,7 +384,9 @@ def build_optimizer(
 
 def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
     if isinstance(params, torch.Tensor):
-        raise ValueError("model_or_params: got a single tensor; allowed: an nn.Module or an iterable of parameters")
+        raise ValueError(
+            "model_or_params: got a single tensor; allowed: an nn.Module or an iterable of parameters"
+        )
     items = list(params)
     if items and isinstance(items[0], dict):
         return [dict(group, params=list(group["params"])) for group in items]

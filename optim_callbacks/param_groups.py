@@ -38,7 +38,9 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers?|blocks?|h|stages?)\.(\d+)(?:\.|$)")
-_EMBEDDING_HINT = re.compile(r"(?:^|\.)(?:embeddings?|embed\w*|patch_embed|pos_embed|cls_token|wte|wpe)(?:\.|$)")
+_EMBEDDING_HINT = re.compile(
+    r"(?:^|\.)(?:embeddings?|embed\w*|patch_embed|pos_embed|cls_token|wte|wpe)(?:\.|$)"
+)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -152,7 +154,9 @@ def global_batch_size(
     return batch_size * devices * num_nodes * accumulate_grad_batches
 
 
-def scale_lr(base_lr: float, global_batch: int, base_batch: int = 256, rule: str = "linear") -> float:
+def scale_lr(
+    base_lr: float, global_batch: int, base_batch: int = 256, rule: str = "linear"
+) -> float:
     """The LR scaling rule ``lr = base_lr * scale(global_batch / base_batch)``.
 
     ``linear`` (Goyal et al. 2017, for SGD), ``sqrt`` (Krizhevsky 2014; Hoffer et al. 2017, often

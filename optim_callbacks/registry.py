@@ -24,10 +24,14 @@ class Registry(Generic[Entry]):
         self._entries: dict[str, Entry] = {}
         self._aliases: dict[str, str] = {}
 
-    def register(self, name: str, entry: Entry, *, aliases: tuple[str, ...] = (), replace: bool = False) -> Entry:
+    def register(
+        self, name: str, entry: Entry, *, aliases: tuple[str, ...] = (), replace: bool = False
+    ) -> Entry:
         for key in (name, *aliases):
             if not replace and (key in self._entries or key in self._aliases):
-                raise ValueError(f"{self.kind}: {key!r} is already registered; pass replace=True to override it")
+                raise ValueError(
+                    f"{self.kind}: {key!r} is already registered; pass replace=True to override it"
+                )
         self._entries[name] = entry
         for alias in aliases:
             self._aliases[alias] = name

@@ -64,17 +64,23 @@ def constant(step: int, horizon: int) -> float:
     return 1.0
 
 
-def step_decay(step: int, horizon: int, *, step_size: int | None = None, gamma: float = 0.1) -> float:
+def step_decay(
+    step: int, horizon: int, *, step_size: int | None = None, gamma: float = 0.1
+) -> float:
     size = step_size or max(1, horizon // 3)
     return gamma ** (max(step, 0) // size)
 
 
-def multistep(step: int, horizon: int, *, milestones: Sequence[int] | None = None, gamma: float = 0.1) -> float:
+def multistep(
+    step: int, horizon: int, *, milestones: Sequence[int] | None = None, gamma: float = 0.1
+) -> float:
     marks = sorted(milestones) if milestones is not None else [horizon // 2, (3 * horizon) // 4]
     return gamma ** bisect.bisect_right(marks, max(step, 0))
 
 
-def exponential(step: int, horizon: int, *, gamma: float | None = None, min_lr_ratio: float = 0.01) -> float:
+def exponential(
+    step: int, horizon: int, *, gamma: float | None = None, min_lr_ratio: float = 0.01
+) -> float:
     rate = gamma if gamma is not None else min_lr_ratio ** (1.0 / horizon)
     return rate ** min(max(step, 0), horizon)
 
@@ -99,12 +105,18 @@ def cosine_restarts(
         index, length = s // first, first
         position = s - index * first
     else:
-        index = int(math.floor(math.log(1 + s / first * (cycle_mult - 1), cycle_mult)))
-        start = first * (cycle_mult**index - 1) / (cycle_mult - 1)
-        length = first * cycle_mult**index
+        # Walk the cycles (their count grows only logarithmically); a closed-form log would
+        # misplace exact cycle boundaries by rounding.
+        index, start, length = 0, 0.0, float(first)
+        while s >= start + length:
+            start += length
+            length *= cycle_mult
+            index += 1
         position = s - start
     peak = cycle_decay**index
-    return min_lr_ratio + (peak - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * position / length))
+    return min_lr_ratio + (peak - min_lr_ratio) * 0.5 * (
+        1.0 + math.cos(math.pi * position / length)
+    )
 
 
 def linear(step: int, horizon: int, *, min_lr_ratio: float = 0.0) -> float:
@@ -173,7 +185,9 @@ class ScheduleSpec:
 SCHEDULES: Registry[ScheduleSpec] = Registry("scheduler")
 
 
-def register_schedule(spec: ScheduleSpec, *, aliases: tuple[str, ...] = (), replace: bool = False) -> ScheduleSpec:
+def register_schedule(
+    spec: ScheduleSpec, *, aliases: tuple[str, ...] = (), replace: bool = False
+) -> ScheduleSpec:
     """Add a schedule; ``spec.function(step, horizon, **options)`` must be a module-level
     function (so schedulers pickle into checkpoints)."""
     return SCHEDULES.register(spec.name, spec, aliases=aliases, replace=replace)
@@ -181,22 +195,76 @@ def register_schedule(spec: ScheduleSpec, *, aliases: tuple[str, ...] = (), repl
 
 for _spec, _aliases in (
     (ScheduleSpec("constant", constant, "the base LR throughout (after any warmup)"), ("none",)),
-    (ScheduleSpec("step", step_decay, "x gamma every step_size steps: the simple baseline",
-                  {"step_size": None, "gamma": 0.1}, ("step_size",)), ()),
-    (ScheduleSpec("multistep", multistep, "x gamma at each milestone",
-                  {"milestones": None, "gamma": 0.1}, ("milestones",)), ()),
-    (ScheduleSpec("exponential", exponential, "x gamma every step (default: to min_lr_ratio at the end)",
-                  {"gamma": None, "min_lr_ratio": 0.01}), ()),
-    (ScheduleSpec("cosine", cosine, "half cosine down to min_lr_ratio: smooth, usually ends lowest",
-                  {"min_lr_ratio": 0.0}), ()),
-    (ScheduleSpec("cosine_restarts", cosine_restarts, "SGDR: cosine cycles, each cycle_mult times longer",
-                  {"cycle_steps": None, "cycle_mult": 1.0, "cycle_decay": 1.0, "min_lr_ratio": 0.0},
-                  ("cycle_steps",)), ("sgdr",)),
-    (ScheduleSpec("linear", linear, "straight line down to min_lr_ratio", {"min_lr_ratio": 0.0}), ()),
-    (ScheduleSpec("polynomial", polynomial, "(1 - progress) ** power down to min_lr_ratio",
-                  {"power": 0.9, "min_lr_ratio": 0.0}), ("poly",)),
-    (ScheduleSpec("wsd", warmup_stable_decay, "warmup-stable-decay: flat, then decay over the last fraction",
-                  {"decay_fraction": 0.2, "decay_shape": "linear", "min_lr_ratio": 0.0}), ()),
+    (
+        ScheduleSpec(
+            "step",
+            step_decay,
+            "x gamma every step_size steps: the simple baseline",
+            {"step_size": None, "gamma": 0.1},
+            ("step_size",),
+        ),
+        (),
+    ),
+    (
+        ScheduleSpec(
+            "multistep",
+            multistep,
+            "x gamma at each milestone",
+            {"milestones": None, "gamma": 0.1},
+            ("milestones",),
+        ),
+        (),
+    ),
+    (
+        ScheduleSpec(
+            "exponential",
+            exponential,
+            "x gamma every step (default: to min_lr_ratio at the end)",
+            {"gamma": None, "min_lr_ratio": 0.01},
+        ),
+        (),
+    ),
+    (
+        ScheduleSpec(
+            "cosine",
+            cosine,
+            "half cosine down to min_lr_ratio: smooth, usually ends lowest",
+            {"min_lr_ratio": 0.0},
+        ),
+        (),
+    ),
+    (
+        ScheduleSpec(
+            "cosine_restarts",
+            cosine_restarts,
+            "SGDR: cosine cycles, each cycle_mult times longer",
+            {"cycle_steps": None, "cycle_mult": 1.0, "cycle_decay": 1.0, "min_lr_ratio": 0.0},
+            ("cycle_steps",),
+        ),
+        ("sgdr",),
+    ),
+    (
+        ScheduleSpec("linear", linear, "straight line down to min_lr_ratio", {"min_lr_ratio": 0.0}),
+        (),
+    ),
+    (
+        ScheduleSpec(
+            "polynomial",
+            polynomial,
+            "(1 - progress) ** power down to min_lr_ratio",
+            {"power": 0.9, "min_lr_ratio": 0.0},
+        ),
+        ("poly",),
+    ),
+    (
+        ScheduleSpec(
+            "wsd",
+            warmup_stable_decay,
+            "warmup-stable-decay: flat, then decay over the last fraction",
+            {"decay_fraction": 0.2, "decay_shape": "linear", "min_lr_ratio": 0.0},
+        ),
+        (),
+    ),
 ):
     register_schedule(_spec, aliases=_aliases)
 
@@ -206,7 +274,9 @@ WARMUP_KINDS = ("linear", "exponential")
 def resolve_warmup_steps(warmup: int | float, total_steps: int) -> int:
     """Warmup given as steps (an int) or as a fraction of ``total_steps`` (a float in [0, 1))."""
     if isinstance(warmup, bool) or not isinstance(warmup, (int, float)):
-        raise ValueError(f"warmup: got {warmup!r}; allowed: steps (an int >= 0) or a fraction in [0, 1)")
+        raise ValueError(
+            f"warmup: got {warmup!r}; allowed: steps (an int >= 0) or a fraction in [0, 1)"
+        )
     if isinstance(warmup, float):
         check_in_range("warmup", warmup, 0.0, 1.0)
         steps = round(warmup * total_steps)
@@ -228,7 +298,14 @@ def _validate_options(spec: ScheduleSpec, options: dict[str, Any]) -> None:
     if "min_lr_ratio" in options:
         check_in_range("min_lr_ratio", options["min_lr_ratio"], 0.0, 1.0, high_inclusive=True)
     if "decay_fraction" in options:
-        check_in_range("decay_fraction", options["decay_fraction"], 0.0, 1.0, low_inclusive=False, high_inclusive=True)
+        check_in_range(
+            "decay_fraction",
+            options["decay_fraction"],
+            0.0,
+            1.0,
+            low_inclusive=False,
+            high_inclusive=True,
+        )
     if "decay_shape" in options:
         check_choice("decay_shape", options["decay_shape"], ("linear", "cosine", "sqrt"))
     for key in ("step_size", "cycle_steps"):
@@ -253,7 +330,9 @@ def schedule_multiplier(
     spec = SCHEDULES.get(name)
     check_at_least("total_steps", total_steps, 1)
     check_choice("warmup_kind", warmup_kind, WARMUP_KINDS)
-    check_in_range("warmup_start_ratio", warmup_start_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=True)
+    check_in_range(
+        "warmup_start_ratio", warmup_start_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=True
+    )
     epoch_keys = [f"{k}_epochs" for k in spec.epoch_options]
     check_unknown_options(f"{spec.name} scheduler options", options, [*spec.defaults, *epoch_keys])
     resolved = {k: v for k, v in options.items() if k not in epoch_keys}

@@ -42,7 +42,9 @@ class TinyRegressor(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = nn.Sequential(nn.Linear(features, hidden), nn.LayerNorm(hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.net = nn.Sequential(
+            nn.Linear(features, hidden), nn.LayerNorm(hidden), nn.Tanh(), nn.Linear(hidden, 1)
+        )
         self.losses: list[float] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,188 @@
+import pytest
+import torch
+from torch import nn
+
+from optim_callbacks import OPTIMIZERS, AdaBelief, build_optimizer, register_optimizer, spec_for
+
+TORCH_CLASSES = {
+    "sgd": torch.optim.SGD,
+    "momentum": torch.optim.SGD,
+    "nesterov": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "adadelta": torch.optim.Adadelta,
+    "rmsprop": torch.optim.RMSprop,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "adabelief": AdaBelief,
+}
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _train(
+    model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 25
+) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(32, 8, generator=generator)
+        y = torch.randint(0, 3, (32,), generator=generator)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_registry_holds_the_practitioners_optimizers():
+    assert OPTIMIZERS.names() == list(TORCH_CLASSES)
+
+
+@pytest.mark.parametrize("name", list(TORCH_CLASSES))
+def test_every_optimizer_matches_its_torch_class(name):
+    spec = OPTIMIZERS.get(name)
+    ours_model, ref_model = _model(), _model()
+    ours = build_optimizer(name, ours_model.parameters(), impl="auto")
+    reference_kwargs = dict(spec.defaults)
+    if name != "adabelief":
+        reference_kwargs["foreach"] = False
+    reference = TORCH_CLASSES[name](ref_model.parameters(), **reference_kwargs)
+    for got, want in zip(_train(ours_model, ours), _train(ref_model, reference), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(TORCH_CLASSES))
+def test_state_tensors_are_the_ones_the_entry_names(name):
+    spec = OPTIMIZERS.get(name)
+    model = _model()
+    optimizer = build_optimizer(name, model)
+    _train(model, optimizer, steps=2)
+    for state in optimizer.state.values():
+        tensors = {k for k, v in state.items() if isinstance(v, torch.Tensor) and k != "step"}
+        assert tensors <= set(spec.state_keys), tensors
+        for role in (spec.first_moment, spec.second_moment):
+            if role is not None:
+                assert role in state
+
+
+def test_fast_kernels_are_chosen_where_torch_supports_them():
+    params = list(_model().parameters())
+    assert build_optimizer("adamw", params).defaults["fused"] is True
+    assert build_optimizer("nesterov", params).defaults["fused"] is True
+    assert build_optimizer("rmsprop", params).defaults["foreach"] is True
+    loop = build_optimizer("adam", params, impl="for-loop").defaults
+    assert loop["fused"] is False and loop["foreach"] is False
+    # An explicit choice by the user wins.
+    assert build_optimizer("adam", params, foreach=True).defaults["fused"] in (None, False)
+
+
+def test_defaults_follow_practice():
+    adam = build_optimizer("adam", _model()).defaults
+    assert adam["betas"] == (0.9, 0.999) and adam["eps"] == 1e-8 and adam["lr"] == 1e-3
+    assert build_optimizer("adamw", _model()).defaults["weight_decay"] == 0.01
+    momentum = build_optimizer("momentum", _model()).defaults
+    assert momentum["momentum"] == 0.9 and momentum["nesterov"] is False
+    nesterov = build_optimizer("nesterov", _model()).defaults
+    assert nesterov["momentum"] == 0.9 and nesterov["nesterov"] is True
+    assert build_optimizer("rmsprop", _model()).defaults["alpha"] == 0.9
+
+
+def test_capability_flags_and_roles():
+    adam = OPTIMIZERS.get("adam")
+    assert adam.has_eps and adam.has_betas and not adam.has_momentum and adam.adaptive
+    assert adam.first_moment == "exp_avg" and adam.second_moment == "exp_avg_sq"
+    sgd = OPTIMIZERS.get("momentum")
+    assert sgd.has_momentum and not sgd.has_eps and not sgd.adaptive
+    assert OPTIMIZERS.get("adabelief").second_moment == "exp_avg_var"
+
+
+def test_spec_for_tells_registry_entries_apart():
+    model = _model()
+    assert spec_for(build_optimizer("nesterov", model)).name == "nesterov"
+    assert spec_for(torch.optim.AdamW(model.parameters())).name == "adamw"
+
+    class Unknown(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {})
+
+    assert spec_for(Unknown(model.parameters())) is None
+
+
+def test_lr_and_weight_decay_override_defaults_and_no_decay_groups_exist():
+    optimizer = build_optimizer("adamw", _model(), lr=5e-5, weight_decay=0.1)
+    by_name = {g["name"]: g for g in optimizer.param_groups}
+    assert by_name["decay"]["weight_decay"] == 0.1 and by_name["no_decay"]["weight_decay"] == 0.0
+    assert all(g["lr"] == 5e-5 for g in optimizer.param_groups)
+
+
+def test_group_lr_scale_multiplies_the_learning_rate():
+    model = _model()
+    groups = [
+        {"params": list(model[0].parameters()), "lr_scale": 0.5},
+        {"params": list(model[3].parameters())},
+    ]
+    optimizer = build_optimizer("adam", groups, lr=0.1)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.05, 0.1]
+
+
+def test_register_optimizer_adds_a_user_optimizer():
+    @register_optimizer("signsgd_test", description="sign of the gradient", defaults={"lr": 0.01})
+    class SignSGD(torch.optim.Optimizer):
+        def __init__(self, params, lr: float = 0.01):
+            super().__init__(params, {"lr": lr})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad.sign(), alpha=-group["lr"])
+
+    try:
+        model = _model()
+        optimizer = build_optimizer("signsgd_test", model)
+        assert (
+            isinstance(optimizer, SignSGD)
+            and spec_for(optimizer).description == "sign of the gradient"
+        )
+        assert not OPTIMIZERS.get("signsgd_test").has_eps
+        with pytest.raises(ValueError, match="already registered"):
+            register_optimizer("signsgd_test")(SignSGD)
+    finally:
+        OPTIMIZERS._entries.pop("signsgd_test", None)
+
+
+@pytest.mark.parametrize(
+    ("call", "pattern"),
+    [
+        (
+            lambda m: build_optimizer("adamx", m),
+            r"optimizer: unknown value 'adamx'.*did you mean 'adam",
+        ),
+        (lambda m: build_optimizer("adam", m, lr=0), r"lr: got 0; allowed: a number > 0"),
+        (lambda m: build_optimizer("adam", m, lr=-1e-3), r"lr: got -0.001"),
+        (
+            lambda m: build_optimizer("adam", m, betas=(0.9, 1.0)),
+            r"betas\[1\]: got 1.0; allowed: a number in \[0.0, 1.0\)",
+        ),
+        (lambda m: build_optimizer("adam", m, betas=(-0.1, 0.9)), r"betas\[0\]"),
+        (lambda m: build_optimizer("adam", m, eps=0.0), r"eps: got 0.0; allowed: a number > 0"),
+        (
+            lambda m: build_optimizer("momentum", m, momentum=-0.9),
+            r"momentum: got -0.9; allowed: a number >= 0",
+        ),
+        (lambda m: build_optimizer("adamw", m, weight_decay=-0.01), r"weight_decay: got -0.01"),
+        (
+            lambda m: build_optimizer("adam", m, bettas=(0.9, 0.99)),
+            r"adam options: unknown option 'bettas'.*did you mean 'betas'",
+        ),
+        (lambda m: build_optimizer("sgd", m, impl="fastest"), r"impl: unknown value 'fastest'"),
+        (lambda m: build_optimizer("rmsprop", m, impl="fused"), r"impl: 'fused' is not available"),
+        (lambda m: build_optimizer("adam", m, layer_decay=1.5), r"layer_decay: got 1.5"),
+        (lambda m: build_optimizer("adam", []), r"model_or_params: got no parameters"),
+    ],
+)
+def test_bad_input_names_the_parameter(call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call(_model())
