@@ -1,0 +1,447 @@
+r"""Gradient clipping that keeps the pre-clip norm, adapts its threshold and survives NaNs.
+
+Modes (``g`` = all gradients of the optimizer's parameters, ``||.||_p`` the global p-norm over
+every element of ``g``):
+
+- ``norm``: ``g <- g * max_norm / ||g||_p`` when ``||g||_p > max_norm`` (any ``p``, ``inf``
+  included: the largest absolute element). The transformer default, threshold 1.0.
+- ``value``: every element clamped to ``[-max_value, max_value]``.
+- ``agc``: adaptive gradient clipping (Brock et al. 2021, "High-Performance Large-Scale Image
+  Recognition Without Normalization", https://arxiv.org/abs/2102.06171). For every *unit* ``i``
+  of a parameter ``W`` (a row of a Linear weight, an output filter of a Conv; a whole tensor when
+  it has one dimension) with gradient ``G``::
+
+      ||W_i||* = max(||W_i||_F, agc_eps)
+      G_i <- clip_factor * ||W_i||* / ||G_i||_F * G_i    if ||G_i||_F / ||W_i||* > clip_factor
+
+  The paper leaves the final classifier unclipped: name it in ``exclude``.
+- ``auto``: AutoClip (Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for Source
+  Separation Networks", https://arxiv.org/abs/2007.14469): the norm of this step joins a history
+  of the last ``history_size`` finite norms and the step is clipped as in ``norm`` mode with
+  ``max_norm`` = the ``percentile``-th percentile of that history (linear interpolation between
+  ranks, like ``numpy.percentile``). With the paper's ``percentile=10`` most steps are clipped
+  (to a typical small norm): that is the method, not a bug.
+
+Logged every step through ``pl_module.log`` (so ``Trainer(log_every_n_steps=...)`` applies):
+``grad_clip/pre_clip_norm`` (global ``norm_type``-norm before clipping), ``grad_clip/coefficient``
+(``||g_clipped|| / ||g||``, 1 when nothing was clipped), ``grad_clip/clipped_fraction`` (clipped
+steps / finite steps since the start of training, resumes included), ``grad_clip/nonfinite_steps``
+and, in ``auto`` mode, ``grad_clip/threshold``. Norms are computed in float32 whatever the
+gradients' dtype (an fp16 sum of squares overflows at a norm of 256).
+
+Cost: one host synchronisation per step (two in ``value`` and ``agc`` modes) to read the norm,
+because skipping a step for non-finite gradients is a decision the host must take.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.optim import Optimizer
+
+from optim_callbacks.validation import (
+    check_at_least,
+    check_choice,
+    check_in_range,
+    check_non_negative,
+    check_positive,
+)
+
+__all__ = ["GradientClipping", "percentile"]
+
+MODES = ("norm", "value", "agc", "auto")
+
+# Options that only one mode reads; giving one to another mode is an error, not a silent no-op.
+_MODE_OF_OPTION = {
+    "max_norm": "norm",
+    "max_value": "value",
+    "clip_factor": "agc",
+    "agc_eps": "agc",
+    "exclude": "agc",
+    "percentile": "auto",
+    "history_size": "auto",
+}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (``0 < q <= 100``) of ``values`` with linear interpolation between
+    the two nearest ranks (``numpy.percentile``'s default): rank ``r = q / 100 * (n - 1)``."""
+    ordered = sorted(values)
+    rank = q / 100.0 * (len(ordered) - 1)
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """``||concat(tensors)||_p`` as a float32 scalar tensor (``p = inf``: the largest |element|)."""
+    per_tensor = torch.stack(torch._foreach_norm(tensors, norm_type, dtype=torch.float32))
+    return torch.linalg.vector_norm(per_tensor, norm_type)
+
+
+def _unitwise_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm per output unit (dim 0), shaped to broadcast against ``tensor``."""
+    if tensor.ndim <= 1:
+        return torch.linalg.vector_norm(tensor, dtype=torch.float32)
+    dims = tuple(range(1, tensor.ndim))
+    return torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=torch.float32)
+
+
+class GradientClipping(Callback):
+    """Clip gradients in ``on_before_optimizer_step``, log what happened, skip non-finite steps.
+
+    Args:
+        mode: ``norm`` (default), ``value``, ``agc`` or ``auto`` (see the module docstring).
+        max_norm: ``norm`` mode's threshold on the global ``norm_type``-norm (default 1.0).
+        norm_type: the ``p`` of the global norm that is clipped (``norm``, ``auto``) and logged
+            (all modes); ``math.inf`` for the largest absolute element. Default 2.
+        max_value: ``value`` mode's bound on every element's absolute value (default 1.0).
+        clip_factor: ``agc`` mode's lambda, the largest allowed ``||G_i|| / ||W_i||`` (default
+            0.01, the paper's value for large batches; it used up to 0.16 for small ones).
+        agc_eps: ``agc`` mode's floor on parameter norms, so zero-initialised units can move
+            (default 1e-3, the paper's).
+        exclude: ``agc`` mode: parameters whose qualified name starts with one of these prefixes
+            are left unclipped (the paper excludes the final linear layer, e.g. ``"classifier"``).
+        percentile: ``auto`` mode's percentile of the norm history, in (0, 100] (default 10).
+        history_size: ``auto`` mode's number of recent finite norms kept (default 1000).
+        max_consecutive_nonfinite: stop training after this many steps in a row with non-finite
+            gradients (default 10).
+        save_checkpoint_on_stop: when stopping for non-finite gradients, first save a checkpoint
+            (of the last finite state: skipped steps never touch the parameters) to the
+            ``ModelCheckpoint`` directory, else ``<default_root_dir>/checkpoints``.
+
+    Non-finite gradients (inf or NaN anywhere, seen as a non-finite global norm):
+
+    - Without a gradient scaler (``32-true``, ``bf16-mixed``, ``16-true``, ...): every gradient
+      of the optimizer is set to ``None``, so torch optimizers leave those parameters and their
+      state untouched (Adam's step count and moments included; zero gradients would not do:
+      momentum would still move the parameters). Lightning still calls ``optimizer.step()``,
+      counts the step in ``trainer.global_step`` and steps a step-interval LR scheduler, so the
+      schedule stays aligned with ``global_step``; the batch's update is simply lost. The first
+      such step gives one warning.
+    - With ``16-mixed``'s ``GradScaler``: the scaler itself skips the step and lowers its scale
+      (normal while the scale calibrates, so this is reported once as information); the
+      callback leaves the gradients to it and only counts and logs the step.
+
+    Either way the steps are counted (``grad_clip/nonfinite_steps``), and after
+    ``max_consecutive_nonfinite`` in a row training stops at the end of that batch, after
+    saving a checkpoint, with a message naming it.
+
+    AMP: Lightning unscales ``16-mixed`` gradients before this hook, except for optimizers
+    that unscale inside their own step (torch's ``fused=True`` kernels, which the registry picks
+    on CPU); for those the callback calls ``scaler.unscale_(optimizer)`` itself, which the
+    scaler supports (the fused step then receives ``found_inf`` and no scale). Either way the
+    clipped gradients are the unscaled ones.
+
+    Distributed: under DDP every rank holds the same all-reduced gradients, so every rank
+    computes the same norm and takes the same decision without any extra communication.
+    Sharded strategies (FSDP, DeepSpeed, model parallel) hold only a shard of the gradients
+    per rank; the callback refuses them (use their own ``gradient_clip_val`` support).
+
+    Manual optimization is refused, as Lightning refuses ``gradient_clip_val`` there.
+    """
+
+    def __init__(
+        self,
+        mode: str = "norm",
+        *,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        max_value: float | None = None,
+        clip_factor: float | None = None,
+        agc_eps: float | None = None,
+        exclude: Sequence[str] | None = None,
+        percentile: float | None = None,
+        history_size: int | None = None,
+        max_consecutive_nonfinite: int = 10,
+        save_checkpoint_on_stop: bool = True,
+    ) -> None:
+        self.mode = check_choice("mode", mode, MODES)
+        given = {
+            "max_norm": max_norm,
+            "max_value": max_value,
+            "clip_factor": clip_factor,
+            "agc_eps": agc_eps,
+            "exclude": exclude,
+            "percentile": percentile,
+            "history_size": history_size,
+        }
+        for option, value in given.items():
+            if value is not None and _MODE_OF_OPTION[option] != mode:
+                owner = _MODE_OF_OPTION[option]
+                raise ValueError(
+                    f"{option}: got {value!r}, but it is only used by mode={owner!r}; "
+                    f"allowed with mode={mode!r}: {', '.join(self._options_of(mode)) or 'none'}"
+                )
+        self.max_norm = check_positive("max_norm", 1.0 if max_norm is None else max_norm)
+        self.norm_type = float(check_positive("norm_type", norm_type))
+        self.max_value = check_positive("max_value", 1.0 if max_value is None else max_value)
+        self.clip_factor = check_positive(
+            "clip_factor", 0.01 if clip_factor is None else clip_factor
+        )
+        self.agc_eps = check_non_negative("agc_eps", 1e-3 if agc_eps is None else agc_eps)
+        if isinstance(exclude, str):
+            raise ValueError(
+                f"exclude: got {exclude!r}; allowed: a list of parameter-name prefixes"
+            )
+        self.exclude = tuple(exclude or ())
+        self.percentile = check_in_range(
+            "percentile",
+            10.0 if percentile is None else percentile,
+            0.0,
+            100.0,
+            low_inclusive=False,
+            high_inclusive=True,
+        )
+        self.history_size = check_at_least(
+            "history_size", 1000 if history_size is None else history_size, 1
+        )
+        self.max_consecutive_nonfinite = check_at_least(
+            "max_consecutive_nonfinite", max_consecutive_nonfinite, 1
+        )
+        self.save_checkpoint_on_stop = bool(save_checkpoint_on_stop)
+
+        self.history: deque[float] = deque(maxlen=self.history_size)
+        self.finite_steps = 0
+        self.clipped_steps = 0
+        self.nonfinite_steps = 0
+        self.consecutive_nonfinite = 0
+        self.stop_checkpoint_path: str | None = None
+        self._stop_requested = False
+        self._reported_nonfinite = False
+        self._excluded_params: set[int] = set()
+
+    @staticmethod
+    def _options_of(mode: str) -> list[str]:
+        return [option for option, owner in _MODE_OF_OPTION.items() if owner == mode]
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(mode=self.mode)
+
+    @property
+    def clipped_fraction(self) -> float:
+        """Clipped steps / finite steps so far (0 before the first finite step)."""
+        return self.clipped_steps / self.finite_steps if self.finite_steps else 0.0
+
+    # ----------------------------------------------------------------------------- trainer checks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.gradient_clip_val is not None:
+            raise ValueError(
+                f"gradient_clip_val: got Trainer(gradient_clip_val={trainer.gradient_clip_val!r}) "
+                f"together with GradientClipping(mode={self.mode!r}); both would clip the same "
+                "gradients. Keep one: drop gradient_clip_val from the Trainer (GradientClipping("
+                "mode='norm', max_norm=...) does the same and logs the pre-clip norm), or drop "
+                "the callback."
+            )
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "automatic_optimization: got False; GradientClipping needs automatic "
+                "optimization (as Trainer(gradient_clip_val=...) does); with manual optimization "
+                "call self.clip_gradients(...) in training_step"
+            )
+        strategy = trainer.strategy
+        replicated = isinstance(strategy, SingleDeviceStrategy) or (
+            isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+        )
+        if not replicated:
+            raise ValueError(
+                f"strategy: got {type(strategy).__name__}, which shards gradients across ranks, "
+                "so a norm of the local gradients is not the global norm; GradientClipping "
+                "supports single-device and DDP strategies. For sharded training use the "
+                "strategy's own clipping (Trainer(gradient_clip_val=...))."
+            )
+        if self.mode == "agc":
+            self._excluded_params = (
+                {id(p) for name, p in pl_module.named_parameters() if name.startswith(self.exclude)}
+                if self.exclude
+                else set()
+            )
+            if self.exclude and not self._excluded_params:
+                names = [name for name, _ in pl_module.named_parameters()]
+                raise ValueError(
+                    f"exclude: got {list(self.exclude)!r}, which matches no parameter; "
+                    f"parameter names start with e.g. {names[:5]!r}"
+                )
+
+    # ------------------------------------------------------------------------------ the step
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        params = [
+            p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+        ]
+        if not params:  # training_step returned None: nothing was computed, nothing to clip
+            return
+        scaler = self._active_scaler(trainer)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Lightning leaves the unscaling of fused optimizers to their step; clip unscaled
+            # gradients anyway. The scaler then hands the fused step found_inf and no scale.
+            scaler.unscale_(optimizer)
+        grads = [p.grad for p in params]
+        norm = float(global_norm(grads, self.norm_type))
+        if not math.isfinite(norm):
+            self._skip_nonfinite(trainer, params, norm, scaler is not None)
+            return
+        self.consecutive_nonfinite = 0
+        self.finite_steps += 1
+
+        threshold = None
+        if self.mode == "norm":
+            clipped = self._clip_to_norm(grads, norm, self.max_norm)
+        elif self.mode == "auto":
+            self.history.append(norm)
+            threshold = percentile(self.history, self.percentile)
+            clipped = self._clip_to_norm(grads, norm, threshold)
+        elif self.mode == "value":
+            clipped = self._clip_by_value(grads, norm)
+        else:
+            clipped = self._clip_adaptively(params)
+        coefficient = 1.0
+        if clipped:
+            self.clipped_steps += 1
+            coefficient = self._coefficient_after(grads, norm, threshold)
+
+        log = pl_module.log
+        log("grad_clip/pre_clip_norm", norm, on_step=True, on_epoch=False)
+        log("grad_clip/coefficient", coefficient, on_step=True, on_epoch=False)
+        log("grad_clip/clipped_fraction", self.clipped_fraction, on_step=True, on_epoch=False)
+        log("grad_clip/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
+        if threshold is not None:
+            log("grad_clip/threshold", threshold, on_step=True, on_epoch=False)
+
+    # Each clipper changes the gradients in place and says whether it changed any.
+    @staticmethod
+    def _clip_to_norm(grads: list[torch.Tensor], norm: float, max_norm: float) -> bool:
+        if norm <= max_norm:
+            return False
+        torch._foreach_mul_(grads, max_norm / norm)
+        return True
+
+    def _clip_by_value(self, grads: list[torch.Tensor], norm: float) -> bool:
+        largest = norm if self.norm_type == math.inf else float(global_norm(grads, math.inf))
+        if largest <= self.max_value:
+            return False
+        torch._foreach_clamp_min_(grads, -self.max_value)
+        torch._foreach_clamp_max_(grads, self.max_value)
+        return True
+
+    def _clip_adaptively(self, params: list[torch.Tensor]) -> bool:
+        clipped_any = torch.zeros((), dtype=torch.bool, device=params[0].device)
+        for p in params:
+            if id(p) in self._excluded_params:
+                continue
+            weight_norm = _unitwise_norm(p.detach()).clamp_min(self.agc_eps)
+            grad_norm = _unitwise_norm(p.grad)
+            allowed = self.clip_factor * weight_norm
+            too_large = grad_norm > allowed
+            scale = torch.where(too_large, allowed / grad_norm.clamp_min(1e-6), 1.0)
+            p.grad.mul_(scale.to(p.grad.dtype))
+            clipped_any |= too_large.any().to(clipped_any.device)
+        return bool(clipped_any)
+
+    def _coefficient_after(
+        self, grads: list[torch.Tensor], norm_before: float, threshold: float | None
+    ) -> float:
+        """``||g_clipped|| / ||g||``: known in closed form for norm clipping, measured otherwise."""
+        if self.mode == "norm":
+            return self.max_norm / norm_before
+        if self.mode == "auto":
+            return threshold / norm_before
+        return float(global_norm(grads, self.norm_type)) / norm_before
+
+    @staticmethod
+    def _active_scaler(trainer: pl.Trainer) -> Any:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    # ----------------------------------------------------------------------- non-finite steps
+    def _skip_nonfinite(
+        self, trainer: pl.Trainer, params: list[torch.Tensor], norm: float, scaled: bool
+    ) -> None:
+        self.nonfinite_steps += 1
+        self.consecutive_nonfinite += 1
+        step = trainer.global_step
+        if scaled:
+            if not self._reported_nonfinite:
+                rank_zero_info(
+                    f"GradientClipping: non-finite gradients (norm {norm}) at global step {step}; "
+                    "the GradScaler skips this step and lowers its scale (normal while the scale "
+                    "calibrates). Such steps are counted in grad_clip/nonfinite_steps; training "
+                    f"stops after {self.max_consecutive_nonfinite} in a row."
+                )
+        else:
+            for p in params:
+                p.grad = None
+            if not self._reported_nonfinite:
+                rank_zero_warn(
+                    f"GradientClipping: non-finite gradients (norm {norm}) at global step {step}; "
+                    "the step is skipped (gradients dropped, optimizer state untouched). Later "
+                    "ones are counted in grad_clip/nonfinite_steps without a warning; training "
+                    f"stops after {self.max_consecutive_nonfinite} in a row."
+                )
+        self._reported_nonfinite = True
+        trainer.lightning_module.log(
+            "grad_clip/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False
+        )
+        if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            self._stop_requested = True
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not self._stop_requested:
+            return
+        self._stop_requested = False
+        where = ""
+        if self.save_checkpoint_on_stop:
+            self.stop_checkpoint_path = self._stop_checkpoint_path(trainer)
+            trainer.save_checkpoint(self.stop_checkpoint_path)
+            where = f" Checkpoint of the last finite state: {self.stop_checkpoint_path}."
+        trainer.should_stop = True
+        rank_zero_warn(
+            f"GradientClipping: {self.consecutive_nonfinite} steps in a row had non-finite "
+            f"gradients (last at global step {trainer.global_step}); stopping training.{where} "
+            "Lower the learning rate, check the data and the loss for inf/NaN, or raise "
+            "max_consecutive_nonfinite, then resume with Trainer.fit(..., ckpt_path=...)."
+        )
+
+    def _stop_checkpoint_path(self, trainer: pl.Trainer) -> str:
+        checkpoint_callback = trainer.checkpoint_callback
+        directory = getattr(checkpoint_callback, "dirpath", None) or os.path.join(
+            trainer.default_root_dir, "checkpoints"
+        )
+        return os.path.join(directory, f"nonfinite-stop-step={trainer.global_step}.ckpt")
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": list(self.history),
+            "finite_steps": self.finite_steps,
+            "clipped_steps": self.clipped_steps,
+            "nonfinite_steps": self.nonfinite_steps,
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = deque(state_dict["history"], maxlen=self.history_size)
+        self.finite_steps = state_dict["finite_steps"]
+        self.clipped_steps = state_dict["clipped_steps"]
+        self.nonfinite_steps = state_dict["nonfinite_steps"]
+        self.consecutive_nonfinite = state_dict["consecutive_nonfinite"]
