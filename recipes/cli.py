@@ -1,0 +1,345 @@
+"""The command line every recipe shares: LightningCLI with this project's optimizer registry.
+
+``python -m recipes.<recipe> --optimizer adamw --scheduler cosine --lr 5e-5 --warmup 0.06``:
+
+- ``--optimizer`` / ``--scheduler`` take registry names (``python -m optim_callbacks list``);
+  they, ``--lr``, ``--weight_decay`` and ``--warmup`` are top-level flags linked to the model.
+  LightningCLI's own ``--optimizer``/``--lr_scheduler`` (torch classes) are switched off.
+- every Trainer, model and data option: ``--trainer.devices 2 --trainer.strategy ddp``,
+  ``--trainer.precision 16-mixed``, ``--model.layer_decay 0.8``, ``--data.batch_size 32``;
+- ``--config FILE`` (YAML), ``--print_config`` (the full configuration, then exit),
+  ``--ckpt_path FILE`` (resume), ``--logger wandb|csv|tensorboard|none``, ``--project NAME``;
+- one flag or YAML block per callback: ``--clipping.max_norm 0.5`` configures one,
+  ``--clipping null`` switches it off, ``--adam_to_sgd.switch_at 0.5`` switches one on.
+
+A run fits, tests the best checkpoint, prints a test table and where the logs and checkpoints
+are. A usage error (unknown optimizer, missing file or column, ...) prints one line and exits
+with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from jsonargparse import lazy_instance
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
+
+import optim_callbacks
+from optim_callbacks import OPTIMIZERS, SCHEDULES
+from optim_callbacks.validation import check_choice
+from recipes.classification import check_optimizer_settings
+from recipes.errors import UsageError
+from recipes.loggers import LOGGERS, build_logger, run_locations
+
+__all__ = ["STANDARD_CALLBACKS", "CallbackOption", "RecipeCLI", "format_test_table", "main"]
+
+OPTIMIZER_FLAGS = ("optimizer", "scheduler", "lr", "weight_decay", "warmup")
+
+
+@dataclass(frozen=True)
+class CallbackOption:
+    """A callback the recipe CLI offers as ``--<key>`` (and a ``<key>:`` YAML block).
+
+    ``callback`` is a class, or the name of one exported by ``optim_callbacks`` (offered only
+    once it exists there). ``init_args`` switches it on by default with those arguments;
+    ``None`` leaves it off until the user configures it. ``needs_logger`` drops it (with a
+    note) when the run has no logger.
+    """
+
+    key: str
+    callback: type[Callback] | str
+    init_args: Mapping[str, Any] | None = field(default_factory=dict)
+    needs_logger: bool = False
+    help: str = ""
+
+    def resolve(self) -> type[Callback] | None:
+        if isinstance(self.callback, str):
+            return getattr(optim_callbacks, self.callback, None)
+        return self.callback
+
+
+STANDARD_CALLBACKS: tuple[CallbackOption, ...] = (
+    CallbackOption("clipping", "GradientClipping", help="global-norm gradient clipping"),
+    CallbackOption(
+        "amp_epsilon", "AmpEpsilon", help="optimizer epsilon that survives the run's precision"
+    ),
+    CallbackOption(
+        "moment_stats", "MomentStatistics", needs_logger=True, help="optimizer moment statistics"
+    ),
+    CallbackOption(
+        "adam_to_sgd", "AdamToSGD", init_args=None, help="switch from Adam to SGD (off by default)"
+    ),
+    CallbackOption(
+        "lr_monitor",
+        LearningRateMonitor,
+        {"logging_interval": "step"},
+        needs_logger=True,
+        help="log the learning rate of every parameter group",
+    ),
+    CallbackOption(
+        "checkpoint",
+        ModelCheckpoint,
+        {
+            "monitor": "val_acc",
+            "mode": "max",
+            "save_last": "link",
+            "filename": "epoch{epoch}-step{step}-val_acc{val_acc:.4f}",
+            "auto_insert_metric_name": False,
+        },
+        help="keep the checkpoint with the best validation accuracy and the last one",
+    ),
+)
+
+# Used only while optim_callbacks has no GradientClipping: Lightning's own global-norm clipping.
+FALLBACK_CLIPPING = {"gradient_clip_val": 1.0, "gradient_clip_algorithm": "norm"}
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves the run's full configuration as ``config.yaml`` in the run's own folder (beside its
+    ``checkpoints/``), not in a log folder that W&B runs share."""
+
+    def __init__(self, parser: LightningArgumentParser, config: Any, **kwargs: Any) -> None:
+        super().__init__(parser, config, save_to_log_dir=False, **kwargs)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Nothing yet: the checkpoint folder is known once ModelCheckpoint is set up (it runs last)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and not self.already_saved:
+            self.save_config(trainer, pl_module, "fit")
+            self.already_saved = True
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        checkpoint = trainer.checkpoint_callback
+        dirpath = getattr(checkpoint, "dirpath", None)
+        folder = Path(dirpath).parent if dirpath else Path(trainer.log_dir or ".")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.parser.save(
+            self.config, str(folder / self.config_filename), skip_none=False, overwrite=True
+        )
+
+
+class RecipeCLI(LightningCLI):
+    """LightningCLI for one recipe: ``model_class`` must accept the registry settings of
+    :class:`recipes.classification.ClassificationModule` plus ``num_classes`` and
+    ``class_names``, which are linked from ``datamodule_class``'s attributes of those names.
+
+    Args:
+        model_class: the recipe's LightningModule; the defaults of its ``optimizer``,
+            ``scheduler``, ``lr``, ``weight_decay`` and ``warmup`` become the top-level flags'.
+        datamodule_class: the recipe's LightningDataModule.
+        name: the recipe's name: W&B project / log folder, and ``runs/<name>`` as root folder.
+        callbacks: the callbacks offered as flags (default :data:`STANDARD_CALLBACKS`).
+        data_to_model: data options the model also receives (e.g. ``model_name_or_path``).
+        trainer_defaults: Trainer defaults of this recipe (still overridable).
+        args: arguments instead of ``sys.argv[1:]``.
+    """
+
+    def __init__(
+        self,
+        model_class: type[L.LightningModule],
+        datamodule_class: type[L.LightningDataModule],
+        *,
+        name: str,
+        callbacks: Sequence[CallbackOption] = STANDARD_CALLBACKS,
+        data_to_model: Sequence[str] = (),
+        trainer_defaults: Mapping[str, Any] | None = None,
+        description: str | None = None,
+        args: Sequence[str] | None = None,
+    ) -> None:
+        self.recipe_name = name
+        self.callback_options = [(option, option.resolve()) for option in callbacks]
+        self.data_to_model = tuple(data_to_model)
+        self.test_results: dict[str, float] = {}
+        defaults: dict[str, Any] = {
+            "default_root_dir": f"runs/{name}",
+            "max_epochs": 1,
+            "log_every_n_steps": 10,
+        }
+        if any(
+            o.key == "clipping" and cls is None and o.init_args is not None
+            for o, cls in self.callback_options
+        ):
+            defaults.update(FALLBACK_CLIPPING)
+        defaults.update(trainer_defaults or {})
+        super().__init__(
+            model_class,
+            datamodule_class,
+            save_config_callback=RunConfigSaver,
+            trainer_defaults=defaults,
+            seed_everything_default=42,
+            parser_kwargs={"prog": f"python -m recipes.{name}", "description": description},
+            args=list(args) if args is not None else None,
+            run=False,
+            auto_configure_optimizers=False,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        model_defaults = _init_defaults(self.model_class)
+        flags: dict[str, tuple[Any, str]] = {
+            "optimizer": (str, f"optimizer name; one of: {', '.join(OPTIMIZERS.names())}"),
+            "scheduler": (str, f"learning-rate schedule; one of: {', '.join(SCHEDULES.names())}"),
+            "lr": (float | None, "peak learning rate (null: the optimizer's default)"),
+            "weight_decay": (
+                float | None,
+                "weight decay, never on biases and norms (null: the optimizer's default)",
+            ),
+            "warmup": (
+                int | float,
+                "linear warmup: steps (an int) or a fraction of all steps (a float)",
+            ),
+        }
+        for flag, (kind, help_text) in flags.items():
+            parser.add_argument(
+                f"--{flag}", type=kind, default=model_defaults.get(flag), help=help_text
+            )
+            parser.link_arguments(flag, f"model.{flag}")
+        parser.add_argument(
+            "--logger",
+            type=str,
+            default="wandb",
+            help=f"experiment logger; one of: {', '.join(LOGGERS)}",
+        )
+        parser.add_argument(
+            "--project", type=str, default=self.recipe_name, help="W&B project / log folder name"
+        )
+        parser.add_argument(
+            "--ckpt_path", type=str | None, default=None, help="checkpoint to resume training from"
+        )
+        for option, cls in self.callback_options:
+            if cls is None:  # not in optim_callbacks (yet)
+                continue
+            default = (
+                lazy_instance(cls, **option.init_args) if option.init_args is not None else None
+            )
+            state = "on" if default is not None else "off"
+            parser.add_argument(
+                f"--{option.key}",
+                type=cls | None,
+                default=default,
+                help=f"{option.help} ({state} by default; null: off)",
+            )
+        for name in ("num_classes", "class_names"):
+            parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+        for name in self.data_to_model:
+            parser.link_arguments(f"data.{name}", f"model.{name}")
+
+    def before_instantiate_classes(self) -> None:
+        """Check names and settings before any data or weights are loaded."""
+        config = self.config
+        check_choice("logger", config.logger, LOGGERS)
+        model = config.model
+        check_optimizer_settings(
+            model.optimizer,
+            model.scheduler,
+            model.lr,
+            model.weight_decay,
+            model.warmup,
+            model.get("layer_decay"),
+            model.get("optimizer_options") or {},
+            model.get("scheduler_options") or {},
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer_config = self.config_init.trainer
+        logger = trainer_config.get("logger")
+        if logger is None:  # --trainer.logger not given: --logger decides
+            logger = build_logger(
+                self.config_init.logger,
+                trainer_config.default_root_dir or ".",
+                self.config_init.project,
+            )
+        callbacks = list(trainer_config.get("callbacks") or [])
+        for option, cls in self.callback_options:
+            callback = self.config_init.get(option.key) if cls is not None else None
+            if callback is None:
+                continue
+            if option.needs_logger and not logger:
+                rank_zero_info(f"{option.key}: off, because the run has no logger")
+                continue
+            if (
+                isinstance(callback, ModelCheckpoint)
+                and trainer_config.get("enable_checkpointing") is False
+            ):
+                continue
+            callbacks.append(callback)
+        return super().instantiate_trainer(logger=logger, callbacks=callbacks, **kwargs)
+
+    def fit_and_test(self) -> dict[str, float]:
+        """Fit (resuming from ``--ckpt_path`` if given), test the best checkpoint, report."""
+        trainer = self.trainer
+        trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=self.config.ckpt_path)
+        locations = (
+            run_locations(trainer) if trainer.is_global_zero else []
+        )  # before test() reloads state
+        checkpoint = trainer.checkpoint_callback
+        best = (
+            "best"
+            if checkpoint is not None and getattr(checkpoint, "best_model_path", "")
+            else None
+        )
+        self.test_results = trainer.test(
+            self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False
+        )[0]
+        if trainer.is_global_zero:
+            examples = len(trainer.test_dataloaders.dataset)
+            source = "best checkpoint" if best else "final weights"
+            print(
+                format_test_table(
+                    self.test_results, f"Test results ({examples} examples, {source})"
+                )
+            )
+            print("\n".join(locations))
+        return self.test_results
+
+
+def _init_defaults(cls: type) -> dict[str, Any]:
+    import inspect
+
+    return {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def format_test_table(results: Mapping[str, float], title: str) -> str:
+    """Accuracy, macro F1 and loss as a small table."""
+    rows = [("accuracy", "test_acc"), ("macro F1", "test_f1"), ("loss", "test_loss")]
+    lines = [title, f"{'metric':<10} {'value':>8}", f"{'-' * 10} {'-' * 8}"]
+    lines += [f"{label:<10} {float(results[key]):>8.4f}" for label, key in rows if key in results]
+    return "\n".join(lines)
+
+
+def _usage_error(prog: str, error: BaseException) -> SystemExit:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def main(
+    model_class: type[L.LightningModule],
+    datamodule_class: type[L.LightningDataModule],
+    *,
+    name: str,
+    args: Sequence[str] | None = None,
+    **cli_options: Any,
+) -> RecipeCLI:
+    """Parse, build, fit and test; a usage error exits with status 2 and one line on stderr."""
+    prog = f"python -m recipes.{name}"
+    try:  # everything the user gave is checked here: names, files, columns, classes, options
+        cli = RecipeCLI(model_class, datamodule_class, name=name, args=args, **cli_options)
+    except (ValueError, OSError) as error:
+        raise _usage_error(prog, error) from None
+    try:
+        cli.fit_and_test()
+    except UsageError as error:
+        raise _usage_error(prog, error) from None
+    return cli

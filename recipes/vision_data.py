@@ -1,0 +1,477 @@
+"""Image data for the vision recipes: Fashion-MNIST idx files, image folders, one DataModule.
+
+Sources
+    ``fashion_mnist``: the four idx files of Fashion-MNIST (Xiao et al. 2017; 60,000 training
+    and 10,000 test images, 28 x 28 grey, 10 classes), gzipped or not, from ``root`` or, by
+    default, from Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``).
+    ``image_folder``: one subfolder per class (``root/<class>/*.png``); with ``root/train`` and
+    ``root/test`` subfolders those are the splits, otherwise a seeded share becomes the test set.
+
+Validation images are a seeded random share of the training images; the test set stays the
+official one. Batches travel as ``uint8`` and are augmented, matched to the model's channels and
+size, and normalized on the device by :class:`~recipes.vision_transforms.ImageTransform`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+
+from optim_callbacks.validation import (
+    check_at_least,
+    check_choice,
+    check_in_range,
+    check_non_negative,
+)
+from recipes.vision_transforms import ImageTransform, resize
+
+__all__ = [
+    "DEBIAN_FASHION_MNIST",
+    "FASHION_MNIST_CLASSES",
+    "EpochSeededSampler",
+    "ImageFolderDataset",
+    "ImageInput",
+    "ImageSplits",
+    "TensorImageDataset",
+    "VisionDataModule",
+    "load_fashion_mnist",
+    "load_image_folder",
+    "read_idx",
+]
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+_FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_HOW_TO_GET_FASHION_MNIST = (
+    "install Debian's package (`sudo apt-get install dataset-fashion-mnist`, files land in "
+    f"{DEBIAN_FASHION_MNIST}) or download the four files from "
+    "https://github.com/zalandoresearch/fashion-mnist and pass their folder as --data.root"
+)
+# idx type codes (http://yann.lecun.com/exdb/mnist/): big-endian numbers after the header.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SOURCES = ("fashion_mnist", "image_folder")
+
+
+def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Read one idx file (gzipped when its name ends in ``.gz``) into a tensor.
+
+    Layout: two zero bytes, a type code, the number of dimensions ``n``, ``n`` big-endian
+    int32 sizes, then the values in C order.
+    """
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(
+            f"data.root: {str(path)!r} is not an idx file (bad magic number {raw[:4]!r})"
+        )
+    ndim = raw[3]
+    shape = tuple(int(n) for n in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = 4 + 4 * ndim + dtype.itemsize * int(np.prod(shape))
+    if len(raw) != expected:
+        raise ValueError(
+            f"data.root: {str(path)!r} is truncated ({len(raw)} bytes, expected {expected})"
+        )
+    values = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim).reshape(shape)
+    return torch.from_numpy(values.astype(dtype.newbyteorder("="), copy=True))
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for name in (
+        stem,
+        f"{stem}.gz",
+        stem.replace("-idx", ".idx"),
+        f"{stem.replace('-idx', '.idx')}.gz",
+    ):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+@dataclass(frozen=True)
+class ImageSplits:
+    """A source's datasets (``val`` is carved out of ``train`` by the DataModule)."""
+
+    train: Dataset
+    test: Dataset
+    classes: tuple[str, ...]
+    num_channels: int
+
+
+class TensorImageDataset(Dataset):
+    """In-memory ``uint8`` images ``[N, C, H, W]`` with integer labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.ndim == 3:
+            images = images[:, None]
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"labels: got {labels.shape[0]} labels for {images.shape[0]} images")
+        self.images = images
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+
+def load_fashion_mnist(root: str | os.PathLike[str] | None = None) -> ImageSplits:
+    """Fashion-MNIST from ``root`` (default: Debian's folder). Missing files give one
+    ``ValueError`` that says how to get them."""
+    folder = Path(root) if root is not None else Path(DEBIAN_FASHION_MNIST)
+    found = {key: _find_idx(folder, stem) for key, stem in _FASHION_MNIST_FILES.items()}
+    missing = [_FASHION_MNIST_FILES[key] for key, path in found.items() if path is None]
+    if missing:
+        where = "--data.root" if root is not None else "the default folder"
+        raise ValueError(
+            f"data.root: Fashion-MNIST not found in {str(folder)!r} ({where}); missing "
+            f"{', '.join(missing)} (.gz or not); to get it, {_HOW_TO_GET_FASHION_MNIST}"
+        )
+    tensors = {key: read_idx(path) for key, path in found.items()}
+    return ImageSplits(
+        train=TensorImageDataset(tensors["train_images"], tensors["train_labels"]),
+        test=TensorImageDataset(tensors["test_images"], tensors["test_labels"]),
+        classes=FASHION_MNIST_CLASSES,
+        num_channels=1,
+    )
+
+
+def _decode_image(path: Path, num_channels: int, size: int | None) -> torch.Tensor:
+    from PIL import Image  # Pillow comes with the recipes' extras (matplotlib needs it)
+
+    with Image.open(path) as image:
+        mode = "L" if num_channels == 1 else "RGB"
+        array = np.asarray(image.convert(mode), dtype=np.uint8)
+    tensor = torch.from_numpy(array.copy())
+    tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+    if size is not None and tuple(tensor.shape[-2:]) != (size, size):
+        tensor = resize(tensor[None].float(), size)[0].round().clamp(0, 255).to(torch.uint8)
+    return tensor
+
+
+class ImageFolderDataset(Dataset):
+    """Images decoded on access (Pillow), converted to ``num_channels`` and resized to
+    ``size x size`` so they stack into batches."""
+
+    def __init__(
+        self, files: Sequence[Path], labels: Sequence[int], num_channels: int, size: int
+    ) -> None:
+        self.files = list(files)
+        self.labels = torch.tensor(list(labels), dtype=torch.long)
+        self.num_channels = num_channels
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _decode_image(self.files[index], self.num_channels, self.size), self.labels[index]
+
+
+def _class_files(folder: Path, classes: Sequence[str]) -> tuple[list[Path], list[int]]:
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((folder / name).rglob("*")):
+            if path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES:
+                files.append(path)
+                labels.append(label)
+    return files, labels
+
+
+def load_image_folder(
+    root: str | os.PathLike[str],
+    *,
+    num_channels: int = 3,
+    size: int | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> ImageSplits:
+    """Images from ``root/<class>/...`` (class names sorted, so label numbers do not depend on
+    the file system). ``root/train`` + ``root/test`` are used as given; otherwise a seeded
+    ``test_fraction`` of each folder's images becomes the test set. ``size`` defaults to the
+    first image's larger side."""
+    folder = Path(root)
+    train_dir, test_dir = folder / "train", folder / "test"
+    split_given = train_dir.is_dir() and test_dir.is_dir()
+    class_root = train_dir if split_given else folder
+    classes = (
+        sorted(p.name for p in class_root.iterdir() if p.is_dir()) if class_root.is_dir() else []
+    )
+    files, labels = _class_files(class_root, classes)
+    if len(classes) < 2 or not files:
+        raise ValueError(
+            f"data.root: {str(folder)!r} holds no image folder; allowed: a folder with one "
+            f"subfolder per class (at least 2) of {'/'.join(_IMAGE_SUFFIXES)} images, "
+            "optionally split into train/ and test/"
+        )
+    if size is None:
+        size = max(_decode_image(files[0], num_channels, None).shape[-2:])
+    if split_given:
+        test_files, test_labels = _class_files(test_dir, classes)
+        train = ImageFolderDataset(files, labels, num_channels, size)
+        test = ImageFolderDataset(test_files, test_labels, num_channels, size)
+    else:
+        check_in_range("data.test_fraction", test_fraction, 0.0, 1.0, low_inclusive=False)
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+        cut = max(1, round(test_fraction * len(files)))
+        pick = lambda idx: ([files[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
+        train = ImageFolderDataset(*pick(sorted(order[cut:])), num_channels, size)
+        test = ImageFolderDataset(*pick(sorted(order[:cut])), num_channels, size)
+    return ImageSplits(train=train, test=test, classes=tuple(classes), num_channels=num_channels)
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """What a model expects to see: channels, side length (``None``: any) and, when its
+    checkpoint says so, normalization statistics."""
+
+    num_channels: int
+    image_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+class EpochSeededSampler(RandomSampler):
+    """A random order that depends only on ``seed`` and the epoch Lightning sets, so a run
+    resumed from a checkpoint sees the same batches as one that never stopped. (Under DDP
+    Lightning swaps it for a ``DistributedSampler``, which is epoch-seeded the same way.)"""
+
+    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
+        super().__init__(data_source, generator=torch.Generator().manual_seed(seed))
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed + epoch)
+
+
+def _dataset_statistics(
+    dataset: Dataset, limit: int = 10_000
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of up to ``limit`` images, on the [0, 1] scale."""
+    if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorImageDataset):
+        images = dataset.dataset.images[torch.as_tensor(dataset.indices[:limit])]
+    else:
+        images = torch.stack([dataset[i][0] for i in range(min(limit // 20, len(dataset)))])
+    pixels = images.float().div(255.0).transpose(0, 1).reshape(images.shape[1], -1)
+    return tuple(pixels.mean(dim=1).tolist()), tuple(pixels.std(dim=1).clamp_min(1e-3).tolist())
+
+
+class VisionDataModule(L.LightningDataModule):
+    """Fashion-MNIST (default) or an image folder, split train/val/test, transformed per batch.
+
+    Args:
+        source: ``fashion_mnist`` or ``image_folder``.
+        root: folder with the four Fashion-MNIST idx files (gz or not; default: Debian's
+            ``/usr/share/datasets/fashion-mnist``) or the image folder (required for it).
+        batch_size: images per batch and device.
+        val_size: training images held out for validation: a count (int) or a fraction (float).
+        seed: seeds the validation split, the shuffling and the augmentation.
+        augment: random crop with ``crop_padding`` and (with ``horizontal_flip``) mirroring of
+            training batches.
+        image_size: side length fed to the model; ``None`` = what the model expects (a
+            checkpoint's size, e.g. 224), else the source's own size (28 for Fashion-MNIST).
+        num_channels: channels fed to the model; ``None`` = what the model expects.
+        mean, std: normalization; ``None`` = the checkpoint's statistics when it has them, else
+            those of the training images.
+        max_train_images: train on only the first N training images (quick trials, tests).
+        max_eval_images: validate and test on only the first N images of each split.
+        test_fraction: image folders without train/test subfolders: share used as test set.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        source: Literal["fashion_mnist", "image_folder"] = "fashion_mnist",
+        root: str | None = None,
+        batch_size: int = 128,
+        val_size: int | float = 5000,
+        seed: int = 0,
+        augment: bool = True,
+        crop_padding: int = 4,
+        horizontal_flip: bool = True,
+        image_size: int | None = None,
+        num_channels: int | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        max_train_images: int | None = None,
+        max_eval_images: int | None = None,
+        test_fraction: float = 0.2,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        check_choice("data.source", source, SOURCES)
+        if source == "image_folder" and root is None:
+            raise ValueError(
+                "data.root: got None; allowed: a folder with one subfolder per class (needed for source 'image_folder')"
+            )
+        check_at_least("data.batch_size", batch_size, 1)
+        if isinstance(val_size, float):
+            check_in_range("data.val_size", val_size, 0.0, 1.0)
+        else:
+            check_at_least("data.val_size", val_size, 0)
+        check_at_least("data.crop_padding", crop_padding, 0)
+        check_non_negative("data.num_workers", num_workers)
+        for name, value in (
+            ("data.image_size", image_size),
+            ("data.num_channels", num_channels),
+            ("data.max_train_images", max_train_images),
+            ("data.max_eval_images", max_eval_images),
+        ):
+            if value is not None:
+                check_at_least(name, value, 1)
+        self.save_hyperparameters()
+        self.model_input: ImageInput | None = None
+        self.classes: tuple[str, ...] = ()
+        self.transform: ImageTransform | None = None
+        self.train_batches_seen = 0
+        self._splits: ImageSplits | None = None
+
+    # --- what the model expects -----------------------------------------------------------
+    def adapt_to(self, model_input: ImageInput) -> None:
+        """Match channels, size and normalization to a model (explicit options still win)."""
+        self.model_input = model_input
+        self.transform = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the source (reads the data on first use)."""
+        return len(self._load().classes)
+
+    def _load(self) -> ImageSplits:
+        if self._splits is None:
+            hp = self.hparams
+            if hp.source == "fashion_mnist":
+                self._splits = load_fashion_mnist(hp.root)
+            else:
+                wanted = self.model_input
+                channels = hp.num_channels or (wanted.num_channels if wanted else 3)
+                self._splits = load_image_folder(
+                    hp.root,
+                    num_channels=channels,
+                    size=hp.image_size or (wanted.image_size if wanted else None),
+                    test_fraction=hp.test_fraction,
+                    seed=hp.seed,
+                )
+            self.classes = self._splits.classes
+        return self._splits
+
+    # --- Lightning hooks ------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        splits = self._load()
+        train_all = splits.train
+        order = torch.randperm(len(train_all), generator=torch.Generator().manual_seed(hp.seed))
+        val_count = (
+            round(hp.val_size * len(train_all)) if isinstance(hp.val_size, float) else hp.val_size
+        )
+        if val_count >= len(train_all):
+            raise ValueError(
+                f"data.val_size: got {hp.val_size!r} ({val_count} images); allowed: fewer than the "
+                f"{len(train_all)} training images"
+            )
+        train_idx = order[val_count:].tolist()
+        val_idx = order[:val_count].tolist()
+        train_idx = train_idx[: hp.max_train_images]
+        val_idx = val_idx[: hp.max_eval_images]
+        test_idx = list(range(len(splits.test)))[: hp.max_eval_images]
+        self.train_set = Subset(train_all, train_idx)
+        self.val_set = Subset(train_all, val_idx)
+        self.test_set = Subset(splits.test, test_idx)
+        if self.transform is None:
+            self.transform = self._make_transform(splits)
+
+    def _make_transform(self, splits: ImageSplits) -> ImageTransform:
+        hp = self.hparams
+        wanted = self.model_input
+        channels = hp.num_channels or (wanted.num_channels if wanted else splits.num_channels)
+        size = hp.image_size or (wanted.image_size if wanted else None)
+        mean, std = hp.mean, hp.std
+        if mean is None or std is None:
+            if wanted is not None and wanted.mean is not None and wanted.std is not None:
+                own_mean, own_std = wanted.mean, wanted.std
+            else:
+                own_mean, own_std = _dataset_statistics(self.train_set)
+                if len(own_mean) == 1 or channels == 1:
+                    # statistics of grey images stay valid when the channel is repeated
+                    own_mean, own_std = (
+                        (sum(own_mean) / len(own_mean),),
+                        (sum(own_std) / len(own_std),),
+                    )
+            mean = mean if mean is not None else own_mean
+            std = std if std is not None else own_std
+        return ImageTransform(
+            num_channels=channels,
+            mean=tuple(mean),
+            std=tuple(std),
+            image_size=size,
+            crop_padding=hp.crop_padding if hp.augment else 0,
+            horizontal_flip=hp.horizontal_flip and hp.augment,
+        )
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size,
+            sampler=EpochSeededSampler(dataset, hp.seed) if shuffle else None,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, torch.Tensor]:
+        """uint8 images -> the model's ``pixel_values``; training batches are augmented with a
+        generator seeded by (seed, rank, batches seen), so resumed runs augment identically."""
+        images, labels = batch
+        assert self.transform is not None, "setup() builds the transform"
+        train = self.trainer is not None and self.trainer.training
+        generator = None
+        if train:
+            rank = self.trainer.global_rank
+            entropy = [self.hparams.seed, rank, self.train_batches_seen]
+            generator = torch.Generator().manual_seed(
+                int(np.random.SeedSequence(entropy).generate_state(1)[0])
+            )
+            self.train_batches_seen += 1
+        return {
+            "pixel_values": self.transform(images, train=train, generator=generator),
+            "labels": labels,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_batches_seen": self.train_batches_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_batches_seen = int(state_dict["train_batches_seen"])
