@@ -206,7 +206,8 @@ class AmpEpsilon(Callback):
                 continue
             new = max(old, safe)
             if new == old:
-                left_alone.setdefault(str(dtype).removeprefix("torch."), []).append(group_index)
+                if not self._adjusted_to(index, group_index, old):
+                    left_alone.setdefault(str(dtype).removeprefix("torch."), []).append(group_index)
                 continue
             group["eps"] = new
             record = {
@@ -227,6 +228,12 @@ class AmpEpsilon(Callback):
                 f"precision {precision!r}; eps left at {', '.join(f'{e:g}' for e in eps_values)} "
                 f"in group(s) {groups} (policy={self.policy!r})"
             )
+
+    def _adjusted_to(self, index: int, group_index: int, eps: float) -> bool:
+        return any(
+            (r["optimizer"], r["group"], r["new"]) == (index, group_index, eps)
+            for r in self.adjustments
+        )
 
     def _report(self, message: str, warn: bool = False) -> None:
         if message in self._reported:
