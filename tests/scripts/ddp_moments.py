@@ -1,0 +1,49 @@
+"""Two-process DDP run of MomentStatistics (run by tests/test_moment_stats.py, not collected).
+
+Usage: ``python tests/scripts/ddp_moments.py OUT_DIR``. Each rank writes ``rank<r>.json``: the
+rows its logger received from the callback (a logger that records on every rank), the statistics
+computed directly from its own replicated optimizer state, and whether wandb was imported.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from optim_callbacks import MomentStatistics
+from tests.test_moment_stats import Recorder, RecordingLogger, expected_statistics
+from tests.tiny import TinyRegressor, tiny_trainer
+
+
+def main(out_dir: Path) -> None:
+    logger, recorder = RecordingLogger(), Recorder()
+    trainer = tiny_trainer(
+        out_dir,
+        strategy="ddp",
+        devices=2,
+        max_steps=6,
+        logger=logger,
+        callbacks=[MomentStatistics(every_n_steps=3), recorder],
+    )
+    trainer.fit(TinyRegressor(optimizer="adam"))
+    rows = [
+        {"step": step, "metrics": metrics}
+        for step, metrics in logger.rows
+        if any(k.startswith("moments/") for k in metrics)
+    ]
+    result = {
+        "rank": trainer.global_rank,
+        "rows": rows,
+        "expected": {
+            str(step): expected_statistics(recorder.records[step], "adam") for step in (2, 5)
+        },
+        "wandb_imported": "wandb" in sys.modules,
+    }
+    (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

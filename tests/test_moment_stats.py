@@ -1,0 +1,534 @@
+"""MomentStatistics: logged values equal statistics computed here directly from optimizer state.
+
+Every run is a real Lightning fit on CPU. A ``Recorder`` callback copies, on every step, the
+parameters before the step and the optimizer state, gradients and hyperparameters after it; the
+expected statistics are then computed from those copies with plain float64 torch code, written
+independently of ``optim_callbacks.moment_math`` (the roles of the state tensors are spelled out
+below rather than read from the registry).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy
+
+from optim_callbacks import MomentStatistics, build_optimizer
+from optim_callbacks.moment_math import ParamMoments, moment_statistics
+from tests.tiny import TinyRegressor, tiny_trainer
+
+REPO = Path(__file__).resolve().parents[1]
+PERCENTILES = (5, 50, 95)
+
+# name -> (first moment key, second moment key, bias-corrected, state tensors the optimizer keeps)
+ROLES: dict[str, tuple[str | None, str | None, bool]] = {
+    "adam": ("exp_avg", "exp_avg_sq", True),
+    "adamw": ("exp_avg", "exp_avg_sq", True),
+    "adabelief": ("exp_avg", "exp_avg_var", True),
+    "momentum": ("momentum_buffer", None, False),
+    "rmsprop": (None, "square_avg", False),
+}
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_var", "max_exp_avg_var",
+              "momentum_buffer", "square_avg", "grad_avg", "acc_delta", "sum")  # fmt: skip
+
+
+class Recorder(Callback):
+    """Copies what the expected statistics need, keyed by the step Lightning logs the batch at."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, dict[str, Any]] = {}
+        self._before: dict[str, Any] | None = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        hyper = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                hyper[names[id(p)]] = {k: group.get(k) for k in ("lr", "eps", "betas")}
+        params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        self._before = {"optimizer": optimizer, "params": params, "hyper": hyper}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        optimizer = self._before["optimizer"]
+        state = {}
+        for name, p in pl_module.named_parameters():
+            s = optimizer.state.get(p, {})
+            state[name] = {
+                k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in s.items()
+            }
+        self.records[trainer.fit_loop.epoch_loop._batches_that_stepped] = {
+            "before": self._before["params"],
+            "after": {n: p.detach().clone() for n, p in pl_module.named_parameters()},
+            "grad": {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()},
+            "state": state,
+            "hyper": self._before["hyper"],
+        }
+
+
+class RecordingLogger(Logger):
+    """A Lightning logger that records every call on every rank (no rank-zero filter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+
+def _norm(tensors) -> float:
+    return math.sqrt(sum(float(t.double().square().sum()) for t in tensors))
+
+
+def _layer(name: str) -> str:
+    return name.rpartition(".")[0] or name
+
+
+def expected_statistics(
+    record: dict[str, Any], optimizer: str, prefix: str = "moments"
+) -> dict[str, float]:
+    """Every statistic of every layer and of all parameters, in float64, from a record."""
+    first, second, corrected = ROLES[optimizer]
+    layers: dict[str, list[str]] = {}
+    for name in record["after"]:
+        layers.setdefault(_layer(name), []).append(name)
+    expected = {}
+    for group, names in [*layers.items(), ("global", list(record["after"]))]:
+        state = {n: record["state"][n] for n in names}
+        out = {}
+        for key in STATE_KEYS:
+            present = [state[n][key] for n in names if torch.is_tensor(state[n].get(key))]
+            if present:
+                out[f"{key}_norm"] = _norm(present)
+        delta = [record["after"][n].double() - record["before"][n].double() for n in names]
+        out["update_to_weight"] = _norm(delta) / _norm(record["before"][n] for n in names)
+        if first:
+            m = torch.cat([state[n][first].double().flatten() for n in names])
+            g = torch.cat([record["grad"][n].double().flatten() for n in names])
+            out["grad_cosine"] = float(m @ g / (m.norm() * g.norm()))
+        if second:
+            roots, steps, below, total = [], [], 0, 0
+            hat = []
+            for n in names:
+                hyper, v = record["hyper"][n], state[n][second].double()
+                below += int((v < hyper["eps"] ** 2).sum())
+                total += v.numel()
+                if corrected:
+                    beta1, beta2 = hyper["betas"]
+                    t = float(state[n]["step"])
+                    v = v / (1 - beta2**t)
+                    hat.append(state[n][first].double() / (1 - beta1**t))
+                    steps.append(hyper["lr"] / (v.sqrt() + hyper["eps"]))
+                roots.append(v.sqrt())
+            out["second_moment_underflow"] = below / total
+            q = torch.tensor([p / 100 for p in PERCENTILES], dtype=torch.float64)
+            for label, values in [("sqrt_second_moment", roots), ("step_size", steps)]:
+                if values:
+                    flat = torch.cat([x.flatten() for x in values])
+                    for p, value in zip(PERCENTILES, torch.quantile(flat, q).tolist(), strict=True):
+                        out[f"{label}_p{p:02d}"] = value
+            if hat:
+                out["first_moment_hat_norm"] = _norm(hat)
+        expected.update({f"{prefix}/{group}/{k}": v for k, v in out.items()})
+    return expected
+
+
+def assert_statistics_equal(
+    logged: dict[str, float], expected: dict[str, float], rel: float = 2e-5
+) -> None:
+    assert set(logged) == set(expected)
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value, rel=rel, abs=1e-9), key
+
+
+def moment_scalars(row: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in row.items() if k.startswith("moments/") and v not in ("", None)}
+
+
+def read_csv_rows(logger: CSVLogger) -> dict[int, dict[str, float]]:
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [
+            r
+            for r in csv.DictReader(f)
+            if any(k.startswith("moments/") and v for k, v in r.items())
+        ]
+    return {int(r["step"]): moment_scalars(r) for r in rows}
+
+
+def read_wandb_records(save_dir: Path) -> list[dict[str, Any]]:
+    """Every record of the one offline run under ``save_dir``, via ``wandb leet inspect --json``."""
+    (path,) = save_dir.glob("wandb/offline-run-*/run-*.wandb")
+    out = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# The acceptance run: W&B offline + CSV in one Trainer, read back, equal to direct computation
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "adabelief", "momentum", "rmsprop"])
+def test_wandb_and_csv_log_the_statistics_of_the_optimizer_state(tmp_path, optimizer):
+    options = {"momentum": 0.9} if optimizer == "rmsprop" else None  # a momentum_buffer too
+    model = TinyRegressor(optimizer=optimizer, optimizer_options=options)
+    wandb_logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="moment-stats")
+    csv_logger = CSVLogger(str(tmp_path))
+    recorder = Recorder()
+    trainer = tiny_trainer(
+        tmp_path,
+        max_steps=6,
+        logger=[wandb_logger, csv_logger],
+        callbacks=[MomentStatistics(every_n_steps=3), recorder],
+    )
+    trainer.fit(model)
+    wandb_logger.experiment.finish()
+
+    records = read_wandb_records(tmp_path)
+    history = [r["history"]["item"] for r in records if r.get("type") == "history"]
+    logged = {
+        int(item["trainer/global_step"]): item
+        for item in history
+        if any(k.startswith("moments/") for k in item)
+    }
+    assert sorted(logged) == [2, 5]  # after optimizer steps 3 and 6
+    csv_rows = read_csv_rows(csv_logger)
+    assert sorted(csv_rows) == [2, 5]
+    for step, item in logged.items():
+        expected = expected_statistics(recorder.records[step], optimizer)
+        scalars = {
+            k: v for k, v in item.items() if k.startswith("moments/") and "log10_step_size" not in k
+        }
+        assert_statistics_equal(scalars, expected)
+        assert csv_rows[step] == pytest.approx(scalars, rel=1e-12)
+
+    # Histograms of log10(step size) for Adam-family optimizers: every element of the layer counted,
+    # between the smallest and largest step size.
+    item = logged[5]
+    hist_keys = sorted({k.rsplit(".", 1)[0] for k in item if k.endswith("._type")})
+    if ROLES[optimizer][2]:
+        assert hist_keys == [
+            f"moments/{layer}/log10_step_size" for layer in ("global", "net.0", "net.1", "net.3")
+        ]
+        record, (_, second, _) = recorder.records[5], ROLES[optimizer]
+        step_sizes = []
+        for name in record["after"]:
+            hyper, t = record["hyper"][name], float(record["state"][name]["step"])
+            v_hat = record["state"][name][second].double() / (1 - hyper["betas"][1] ** t)
+            step_sizes.append((hyper["lr"] / (v_hat.sqrt() + hyper["eps"])).log10().flatten())
+        everything = torch.cat(step_sizes)
+        bins = item["moments/global/log10_step_size.bins"]
+        assert sum(item["moments/global/log10_step_size.values"]) == everything.numel()
+        assert bins[0] == pytest.approx(float(everything.min()), rel=1e-5)
+        assert bins[-1] == pytest.approx(float(everything.max()), rel=1e-5)
+    else:
+        assert hist_keys == []
+
+    # define_metric: each key is declared once, against trainer/global_step, with a summary.
+    defined = {
+        r["metric"]["name"]: r["metric"]
+        for r in records
+        if r.get("type") == "metric" and "name" in r["metric"]
+    }
+    for key in expected_statistics(recorder.records[5], optimizer):
+        assert defined[key]["step_metric"] == "trainer/global_step"
+    assert defined["moments/global/update_to_weight"]["summary"] == {"max": True, "last": True}
+
+
+# --------------------------------------------------------------------------------------------
+# Precisions
+# --------------------------------------------------------------------------------------------
+
+
+class SmallGradientRegressor(TinyRegressor):
+    """The loss scaled by 1e-3, so some gradients are small enough for g^2 to vanish in fp16."""
+
+    def training_step(self, batch, batch_idx):
+        return 1e-3 * super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-true"])
+def test_statistics_match_under_reduced_precision(tmp_path, precision):
+    model = SmallGradientRegressor(optimizer="adam", lr=1e-3)
+    csv_logger = CSVLogger(str(tmp_path))
+    recorder = Recorder()
+    trainer = tiny_trainer(
+        tmp_path, max_steps=4, precision=precision, logger=csv_logger,
+        callbacks=[MomentStatistics(every_n_steps=4), recorder],
+    )  # fmt: skip
+    trainer.fit(model)
+    rows = read_csv_rows(csv_logger)
+    assert sorted(rows) == [3]
+    expected = expected_statistics(recorder.records[3], "adam")
+    # 16-true: parameters, gradients and moments are fp16; the callback reduces them in fp32.
+    assert_statistics_equal(rows[3], expected, rel=2e-5 if precision == "bf16-mixed" else 1e-3)
+    state_dtype = next(iter(trainer.optimizers[0].state.values()))["exp_avg_sq"].dtype
+    underflow = rows[3]["moments/global/second_moment_underflow"]
+    if precision == "16-true":
+        # The fp16 underflow sign: (1 - beta2) g^2 is below fp16's smallest subnormal.
+        assert state_dtype == torch.float16
+        assert underflow > 0.05
+    else:
+        assert state_dtype == torch.float32
+        assert underflow == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Layers, optimizers the registry does not know, optimizer switches, resume
+# --------------------------------------------------------------------------------------------
+
+
+def test_layer_filter_and_max_layers_choose_the_layers_global_covers_all(tmp_path):
+    recorder = Recorder()
+    loggers = [RecordingLogger(), RecordingLogger()]
+    callbacks = [
+        MomentStatistics(every_n_steps=2, layer_filter=r"^net\.[13]$", prefix="filtered"),
+        MomentStatistics(
+            every_n_steps=2, max_layers=1, statistics=["update_to_weight"], prefix="capped"
+        ),
+    ]
+    trainer = tiny_trainer(tmp_path, max_steps=2, logger=loggers, callbacks=[*callbacks, recorder])
+    trainer.fit(TinyRegressor(optimizer="adam"))
+    ((step, filtered),) = [
+        (s, m) for s, m in loggers[0].rows if any(k.startswith("filtered/") for k in m)
+    ]
+    layers = {k.split("/")[1] for k in filtered}
+    assert layers == {"net.1", "net.3", "global"}
+    expected = expected_statistics(recorder.records[step], "adam", prefix="filtered")
+    assert_statistics_equal(
+        filtered, {k: v for k, v in expected.items() if k.split("/")[1] in layers}
+    )
+    ((_, capped),) = [(s, m) for s, m in loggers[1].rows if any(k.startswith("capped/") for k in m)]
+    assert set(capped) == {"capped/net.0/update_to_weight", "capped/global/update_to_weight"}
+    assert capped["capped/global/update_to_weight"] == pytest.approx(
+        expected["filtered/global/update_to_weight"], rel=1e-6
+    )
+
+
+class Velocity(torch.optim.Optimizer):
+    """Heavy-ball SGD the registry does not know; its state tensor is called ``velocity``."""
+
+    def __init__(self, params, lr: float = 0.01) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        with torch.enable_grad():
+            loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                velocity = state.setdefault("velocity", torch.zeros_like(p))
+                velocity.mul_(0.9).add_(p.grad)
+                state["scale"] = torch.tensor(1.0)  # a scalar: not shaped like the parameter
+                p.add_(velocity, alpha=-group["lr"])
+        return loss
+
+
+class VelocityRegressor(TinyRegressor):
+    def configure_optimizers(self):
+        return Velocity(self.parameters())
+
+
+def test_unregistered_optimizer_logs_every_state_tensor_shaped_like_its_parameter(tmp_path):
+    logger, recorder = RecordingLogger(), Recorder()
+    trainer = tiny_trainer(
+        tmp_path,
+        max_steps=2,
+        logger=logger,
+        callbacks=[MomentStatistics(every_n_steps=2), recorder],
+    )
+    trainer.fit(VelocityRegressor())
+    ((step, metrics),) = [
+        (s, m) for s, m in logger.rows if any(k.startswith("moments/") for k in m)
+    ]
+    record = recorder.records[step]
+    names = list(record["after"])
+    assert {k.rsplit("/", 1)[1] for k in metrics} == {"velocity_norm", "update_to_weight"}
+    assert metrics["moments/global/velocity_norm"] == pytest.approx(
+        _norm(record["state"][n]["velocity"] for n in names), rel=1e-6
+    )
+
+
+class SwitchToMomentum(Callback):
+    """Replaces Adam with SGD + momentum after step 3 through ``trainer.optimizers`` and tells the
+    other callbacks, following the project's ``on_optimizers_changed`` protocol."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 3:
+            trainer.optimizers = [build_optimizer("momentum", pl_module, lr=0.01)]
+            for callback in trainer.callbacks:
+                hook = getattr(callback, "on_optimizers_changed", None)
+                if hook is not None:
+                    hook(trainer, pl_module)
+
+
+def test_keys_continue_across_an_adam_to_sgd_switch(tmp_path):
+    logger, recorder = RecordingLogger(), Recorder()
+    callbacks = [MomentStatistics(every_n_steps=3), SwitchToMomentum(), recorder]
+    trainer = tiny_trainer(tmp_path, max_steps=6, logger=logger, callbacks=callbacks)
+    trainer.fit(TinyRegressor(optimizer="adam", scheduler=None))
+    rows = {s: m for s, m in logger.rows if any(k.startswith("moments/") for k in m)}
+    assert sorted(rows) == [2, 5]
+    assert_statistics_equal(rows[2], expected_statistics(recorder.records[2], "adam"))
+    assert_statistics_equal(rows[5], expected_statistics(recorder.records[5], "momentum"))
+    for layer in ("net.0", "net.1", "net.3", "global"):
+        for stat in ("update_to_weight", "grad_cosine"):  # the panels that span the switch
+            assert f"moments/{layer}/{stat}" in rows[2]
+            assert f"moments/{layer}/{stat}" in rows[5]
+
+
+def test_resumed_run_logs_the_same_values_at_the_same_steps(tmp_path):
+    def run(directory: Path, ckpt_path: str | None = None) -> dict[int, dict[str, float]]:
+        logger = RecordingLogger()
+        # Saved at a batch end: resuming from Lightning's epoch-end checkpoint reruns a batch.
+        checkpoint = ModelCheckpoint(dirpath=directory, every_n_train_steps=4, save_top_k=-1)
+        # max_samples=64 < the 641 parameters: percentiles are sampled, so sampling must repeat too.
+        callback = MomentStatistics(every_n_steps=2, max_samples=64)
+        trainer = tiny_trainer(
+            directory,
+            max_steps=8,
+            max_epochs=-1,
+            logger=logger,
+            enable_checkpointing=True,
+            callbacks=[callback, checkpoint],
+        )
+        trainer.fit(TinyRegressor(optimizer="adamw", samples=64), ckpt_path=ckpt_path)
+        return {s: m for s, m in logger.rows if any(k.startswith("moments/") for k in m)}
+
+    straight = run(tmp_path / "straight")
+    assert sorted(straight) == [1, 3, 5, 7]
+    resumed = run(
+        tmp_path / "resumed", ckpt_path=str(tmp_path / "straight" / "epoch=0-step=4.ckpt")
+    )
+    assert sorted(resumed) == [5, 7]
+    for step in (5, 7):
+        assert resumed[step] == straight[step]
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling, distributed, bad input
+# --------------------------------------------------------------------------------------------
+
+
+def test_large_groups_are_sampled_small_ones_exact():
+    generator = torch.Generator().manual_seed(0)
+    big = torch.rand(400, 500, generator=generator).square()  # sqrt(v) ~ uniform(0, 1)
+    small = torch.rand(30, generator=generator)
+    moments = [
+        ParamMoments(param=torch.zeros_like(t), second_moment=t, eps=1e-8, states={"square_avg": t})
+        for t in (big, small)
+    ]
+    results, _ = moment_statistics(
+        moments,
+        [[0], [1]],
+        percentiles=(5, 50, 95),
+        max_samples=4096,
+        generator=torch.Generator().manual_seed(1),
+    )
+    exact_small = torch.quantile(
+        small.sqrt().double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)
+    )
+    for label, want in zip(("p05", "p50", "p95"), exact_small.tolist(), strict=True):
+        assert results[1][f"sqrt_second_moment_{label}"] == pytest.approx(want, rel=1e-6)
+    for label, want in zip(("p05", "p50", "p95"), (0.05, 0.5, 0.95), strict=True):
+        # 4096 uniform samples: the quantile's standard error is below 0.004
+        assert results[0][f"sqrt_second_moment_{label}"] == pytest.approx(want, abs=0.02)
+    assert results[0]["square_avg_norm"] == pytest.approx(float(big.double().norm()), rel=1e-5)
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_logs_once_from_rank_zero(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    script = REPO / "tests" / "scripts" / "ddp_moments.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env=env,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert [row["step"] for row in ranks[0]["rows"]] == [2, 5]
+    assert ranks[1]["rows"] == []
+    for row in ranks[0]["rows"]:
+        # Optimizer state is replicated: rank zero's log equals what rank one's own state says.
+        assert_statistics_equal(row["metrics"], ranks[1]["expected"][str(row["step"])])
+        assert_statistics_equal(row["metrics"], ranks[0]["expected"][str(row["step"])])
+    assert not any(r["wandb_imported"] for r in ranks)  # no WandbLogger: wandb never imported
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"every_n_steps": 0}, "every_n_steps: got 0; allowed: an integer >= 1"),
+        (
+            {"layer_filter": "encoder.(layer"},
+            "layer_filter: got 'encoder.(layer', not a valid regular expression",
+        ),
+        (
+            {"statistics": ["step_sizes"]},
+            "statistics: unknown value 'step_sizes'; allowed: first_moment_hat_norm",
+        ),
+        ({"statistics": ["step_sizes"]}, "did you mean 'step_size'?"),
+        ({"statistics": "step_size"}, "statistics: got 'step_size'; allowed: a non-empty list of"),
+        ({"percentiles": (5, 101)}, "percentiles[1]: got 101; allowed: a number in [0, 100]"),
+        ({"max_layers": 0}, "max_layers: got 0; allowed: an integer >= 1"),
+        ({"prefix": "a/b"}, "prefix: got 'a/b'; allowed: a non-empty string without '/'"),
+    ],
+)
+def test_bad_arguments_give_one_clear_value_error(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        MomentStatistics(**kwargs)
+    assert message in str(error.value)
+
+
+def test_refuses_a_trainer_without_logger(tmp_path):
+    trainer = tiny_trainer(tmp_path, max_steps=1, logger=False, callbacks=[MomentStatistics()])
+    with pytest.raises(ValueError, match="logger: MomentStatistics got a Trainer without a logger"):
+        trainer.fit(TinyRegressor())
+
+
+class CpuFSDP(FSDPStrategy):
+    """Lightning's FSDP strategy; a subclass only so the Trainer accepts it on a CPU machine."""
+
+
+def test_refuses_sharded_optimizer_state(tmp_path):
+    trainer = L.Trainer(
+        strategy=CpuFSDP(), accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path
+    )
+    with pytest.raises(
+        ValueError, match="strategy: MomentStatistics got CpuFSDP, which shards optimizer state"
+    ):
+        MomentStatistics().setup(trainer, TinyRegressor(), "fit")
