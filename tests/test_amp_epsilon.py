@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins import MixedPrecision
 
-from optim_callbacks import AmpEpsilon, build_optimizer
+from optim_callbacks import OPTIMIZERS, AmpEpsilon, build_optimizer
 from tests.tiny import TinyRegressor, tiny_trainer
 
 RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
@@ -104,6 +104,40 @@ def test_16_true_adamw_with_eps_1e8_blows_up_without_the_callback_and_learns_wit
     assert callback.adjustments == [
         {"optimizer": 0, "name": "adamw", "group": g, "old": 1e-8, "new": 1e-4} for g in (0, 1)
     ]
+
+
+@pytest.mark.parametrize(
+    ("name", "lr", "safe_eps", "blows_up_without"),
+    [
+        ("adabelief", 1e-2, 1e-7, True),
+        ("rmsprop", 1e-2, 1e-4, True),
+        ("adagrad", 1e-2, 1e-4, True),
+        ("adadelta", 1.0, 1e-6, False),  # eps inside both square roots: its default is safe
+    ],
+)
+def test_per_optimizer_safe_eps_keeps_16_true_finite_and_learning(
+    tmp_path, name, lr, safe_eps, blows_up_without
+):
+    def run(callbacks):
+        torch.manual_seed(0)
+        module = TinyRegressor(
+            optimizer=name,
+            lr=lr,
+            scheduler=None,
+            samples=128,
+            optimizer_options={"impl": "foreach"},
+        )
+        trainer = tiny_trainer(tmp_path, precision="16-true", max_epochs=2, callbacks=callbacks)
+        trainer.fit(module)
+        return module, trainer
+
+    without, _ = run([])
+    assert _finite(without) is not blows_up_without
+    module, trainer = run([AmpEpsilon()])
+    expected = max(safe_eps, OPTIMIZERS.get(name).defaults["eps"])
+    assert set(_eps(trainer)) == {expected}
+    assert _finite(module)
+    assert sum(module.losses[8:]) < 0.9 * sum(module.losses[:8])
 
 
 def test_16_true_fused_adamw_stays_finite_but_its_second_moment_underflows(tmp_path):
