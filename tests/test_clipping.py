@@ -131,6 +131,12 @@ def test_sharded_strategy_is_refused(tmp_path):
         GradientClipping().setup(trainer, TinyRegressor(), "fit")
 
 
+def test_agc_exclude_that_matches_no_parameter_is_refused(tmp_path):
+    clipping = GradientClipping(mode="agc", exclude=["head"])
+    with pytest.raises(ValueError, match=r"exclude: got \['head'\], which matches no parameter"):
+        clipping.setup(tiny_trainer(tmp_path), TinyRegressor(), "fit")
+
+
 # ----------------------------------------------------------------------------------- the modes
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
 def test_norm_mode_clips_the_global_norm_and_logs_the_pre_clip_norm(tmp_path, norm_type):
@@ -275,13 +281,17 @@ def test_16_mixed_nonfinite_steps_are_left_to_the_grad_scaler(tmp_path):
 def test_nonfinite_step_is_skipped_counted_logged_and_warned_once(tmp_path):
     probe = GradientProbe()
     clipping = GradientClipping()
-    module = BrokenRegressor(nonfinite_steps=(1, 3), optimizer="adam", scheduler=None, samples=96)
+    module = BrokenRegressor(
+        nonfinite_steps=(1, 3), optimizer="adam", scheduler="cosine", samples=96
+    )
     with pytest.warns(UserWarning, match="non-finite gradients") as caught:
         trainer = _fit(tmp_path, module, [clipping, probe])
     assert len([w for w in caught if "GradientClipping" in str(w.message)]) == 1
     updates = probe.updates()
     assert [bool(u.abs().sum() == 0) for u in updates] == [False, True, False, True, False, False]
     assert trainer.global_step == 6
+    # Lightning still stepped the LR scheduler on skipped steps: it stays aligned with global_step.
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 6
     # Adam saw 4 steps: skipped ones touched neither parameters nor moments.
     assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {4}
     assert clipping.nonfinite_steps == 2 and clipping.finite_steps == 4
