@@ -77,7 +77,8 @@ def second_moment_zero_fraction(optimizer: Optimizer) -> torch.Tensor | None:
     (``None`` when the optimizer has no known second moment or no state yet).
 
     In float16 state this is the share of entries where ``(1 - beta2) g^2`` underflowed; entries
-    whose gradient was exactly 0 every step (unused parameters, dead units) count too.
+    whose gradient was exactly 0 every step (unused parameters, dead units) count too, and so
+    does state created by a step a GradScaler then skipped.
     """
     spec = spec_for(optimizer)
     if spec is None or spec.second_moment is None:

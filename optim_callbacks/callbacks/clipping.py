@@ -237,7 +237,7 @@ class GradientClipping(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if trainer.gradient_clip_val is not None:
+        if trainer.gradient_clip_val:  # None and 0 both mean "Lightning does not clip"
             raise ValueError(
                 f"gradient_clip_val: got Trainer(gradient_clip_val={trainer.gradient_clip_val!r}) "
                 f"together with GradientClipping(mode={self.mode!r}); both would clip the same "
