@@ -82,6 +82,16 @@ class StepRecorder(Callback):
         )
 
 
+class ChangeListener(Callback):
+    """A callback of the interplay protocol: records each ``on_optimizers_changed`` call."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def on_optimizers_changed(self, trainer, pl_module):
+        self.seen.append(type(trainer.optimizers[0]).__name__)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -161,13 +171,14 @@ def test_unusable_trainer_setup_is_rejected_before_training(tmp_path, module, ca
 
 
 def test_switch_goes_through_the_strategy_so_every_view_sees_sgd(tmp_path):
-    recorder = StepRecorder()
+    recorder, listener = StepRecorder(), ChangeListener()
     switch = OptimizerSwitch(at_step=5, lr=0.05)
-    trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[switch, recorder])
+    trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[switch, recorder, listener])
     trainer.fit(ScaledGroupsRegressor())
 
     assert [s["class"] for s in recorder.steps] == ["Adam"] * 5 + ["SGD"] * 11
     assert all(s["views_agree"] for s in recorder.steps)
+    assert listener.seen == ["SGD"]  # told once, after the new optimizer was in place
     sgd = trainer.optimizers[0]
     assert [g["name"] for g in sgd.param_groups] == ["body", "head"]
     assert [g["lr_scale"] for g in sgd.param_groups] == [0.1, 1.0]
@@ -194,10 +205,10 @@ def test_sgd_keeps_no_decay_groups_and_takes_the_given_weight_decay(
 def test_lr_schedule_continues_from_where_it_was_scaled_to_the_sgd_base_lr(tmp_path):
     recorder = StepRecorder()
     switch = OptimizerSwitch(at_fraction=0.4, lr=0.05)
-    trainer = tiny_trainer(tmp_path, max_epochs=3, callbacks=[switch, recorder])
+    trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=[switch, recorder])
     trainer.fit(ScaledGroupsRegressor(lr=1e-2, warmup=4))
 
-    total, switch_step = 48, round(0.4 * 48)
+    total, switch_step = 32, round(0.4 * 32)  # a cosine at 40% (after warmup 4)
     assert switch.switch_step == switch_step
     for step, seen in enumerate(recorder.steps):
         base = 1e-2 if step < switch_step else 0.05
@@ -377,6 +388,34 @@ def test_swats_fires_on_a_constant_gradient_with_the_lr_the_formula_gives(tmp_pa
     assert [g["lr"] for g in sgd.param_groups] == pytest.approx(switch.estimated_lrs, rel=1e-12)
 
 
+class ParameterTrace(Callback):
+    def __init__(self) -> None:
+        self.after_step: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after_step.append(torch.cat([p.detach().clone() for p in pl_module.parameters()]))
+
+
+@pytest.mark.parametrize(
+    ("momentum_init", "multiples"),
+    [("zero", [1.0, 1.9, 2.71]), ("adam", [10.0, 10.0, 10.0])],
+)
+def test_sgd_momentum_is_the_plain_heavy_ball_buffer(tmp_path, momentum_init, multiples):
+    """On a constant gradient g, heavy ball gives steps -lr * g * (1, 1.9, 2.71, ...) from a zero
+    buffer and -lr * g / (1 - 0.9) = -10 lr g at once from Adam's first moment (which is g).
+    Public SWATS code that rescales the buffer by (1 - beta1) each step fails both."""
+    trace = ParameterTrace()
+    switch = OptimizerSwitch(at_step=3, lr=0.01, momentum_init=momentum_init)
+    trainer = tiny_trainer(tmp_path, max_steps=6, callbacks=[switch, trace])
+    module = ConstantGradient()
+    trainer.fit(module)
+
+    gradient = torch.cat([module.c1, module.c2])
+    for k, multiple in enumerate(multiples):  # SGD steps 4, 5, 6
+        step = trace.after_step[3 + k] - trace.after_step[2 + k]
+        torch.testing.assert_close(step, -0.01 * multiple * gradient, rtol=1e-5, atol=0)
+
+
 class SwatsByHand(Callback):
     """Keskar & Socher's Algorithm 1 written out again, in float64, per parameter group."""
 
@@ -528,13 +567,30 @@ def test_grad_scaler_keeps_governing_sgd_under_16_mixed(tmp_path):
     assert taken >= 6
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-true"])
+def test_switch_with_estimated_lr_works_in_low_precision(tmp_path, precision):
+    switch = OptimizerSwitch(at_step=6, momentum_init="adam")
+    trainer = tiny_trainer(tmp_path, max_epochs=1, precision=precision, callbacks=[switch])
+    module = TinyRegressor(optimizer="adamw")
+    trainer.fit(module)
+
+    assert switch.switch_step == 6
+    assert all(math.isfinite(lr) and lr > 0 for lr in switch.estimated_lrs)
+    assert all(math.isfinite(loss) for loss in module.losses[6:])
+    sgd = trainer.optimizers[0]
+    for group in sgd.param_groups:
+        for param in group["params"]:
+            assert sgd.state[param]["momentum_buffer"].dtype == param.dtype
+
+
 # ----------------------------------------------------------------------------- resume
 
 
-def _run_with_checkpoints(tmp_path, switch, module, max_epochs, ckpt_path=None):
+def _run_with_checkpoints(tmp_path, switch, module, max_epochs, ckpt_path=None, listener=None):
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    callbacks = [switch, checkpoints] + ([listener] if listener else [])
     trainer = tiny_trainer(
-        tmp_path, max_epochs=max_epochs, enable_checkpointing=True, callbacks=[switch, checkpoints]
+        tmp_path, max_epochs=max_epochs, enable_checkpointing=True, callbacks=callbacks
     )
     trainer.fit(module, ckpt_path=ckpt_path)
     return trainer
@@ -563,12 +619,18 @@ def test_resume_after_switch_continues_identically(tmp_path):
     uninterrupted, first_switch = module(), switch()
     first = _run_with_checkpoints(tmp_path / "a", first_switch, uninterrupted, max_epochs=4)
     checkpoint = tmp_path / "a" / "ckpt" / "epoch=1-step=16.ckpt"
-    resumed_switch, resumed = switch(), module()
+    resumed_switch, resumed, listener = switch(), module(), ChangeListener()
     second = _run_with_checkpoints(
-        tmp_path / "b", resumed_switch, resumed, max_epochs=4, ckpt_path=checkpoint
+        tmp_path / "b",
+        resumed_switch,
+        resumed,
+        max_epochs=4,
+        ckpt_path=checkpoint,
+        listener=listener,
     )
 
     assert type(second.optimizers[0]).__name__ == "SGD"
+    assert listener.seen == ["SGD"]  # SGD rebuilt in on_fit_start, before its state was loaded
     assert resumed_switch.switch_step == 6
     assert resumed_switch.sgd_base_lrs == first_switch.sgd_base_lrs
     _assert_same_run(first, uninterrupted, second, resumed, resumed_at=16)
