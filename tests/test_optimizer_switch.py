@@ -388,6 +388,20 @@ def test_swats_fires_on_a_constant_gradient_with_the_lr_the_formula_gives(tmp_pa
     assert [g["lr"] for g in sgd.param_groups] == pytest.approx(switch.estimated_lrs, rel=1e-12)
 
 
+def test_swats_reads_unscaled_gradients_of_a_fused_adam_under_a_grad_scaler(tmp_path):
+    """Real fp16 AMP with the fused Adam the registry picks: gradients reach the hooks scaled by
+    the loss scale; the estimate must still be the formula's, not 2**16 times too small."""
+    switch = OptimizerSwitch(epsilon=1e-6, min_steps=5)
+    trainer = tiny_trainer(
+        tmp_path, callbacks=[switch], plugins=[MixedPrecision("16-mixed", device="cpu")]
+    )
+    module = ConstantGradient()
+    trainer.fit(module)
+    assert switch.switch_step is not None
+    c = torch.cat([module.c1, module.c2]).abs()
+    assert switch.estimated_lrs == pytest.approx([1e-2 * 9 / float(c.sum())], rel=1e-4)
+
+
 class ParameterTrace(Callback):
     def __init__(self) -> None:
         self.after_step: list[torch.Tensor] = []

@@ -48,6 +48,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleD
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
+from optim_callbacks.callbacks._amp import active_grad_scaler, unscale_gradients
 from optim_callbacks.validation import (
     check_at_least,
     check_choice,
@@ -284,11 +285,10 @@ class GradientClipping(Callback):
         ]
         if not params:  # training_step returned None: nothing was computed, nothing to clip
             return
-        scaler = self._active_scaler(trainer)
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            # Lightning leaves the unscaling of fused optimizers to their step; clip unscaled
-            # gradients anyway. The scaler then hands the fused step found_inf and no scale.
-            scaler.unscale_(optimizer)
+        scaler = active_grad_scaler(trainer)
+        # Lightning leaves the unscaling of fused optimizers to their step; clip unscaled
+        # gradients anyway. The scaler then hands the fused step found_inf and no scale.
+        unscale_gradients(trainer, optimizer)
         grads = [p.grad for p in params]
         norm = float(global_norm(grads, self.norm_type))
         if not math.isfinite(norm):
@@ -360,11 +360,6 @@ class GradientClipping(Callback):
         if self.mode == "auto":
             return threshold / norm_before
         return float(global_norm(grads, self.norm_type)) / norm_before
-
-    @staticmethod
-    def _active_scaler(trainer: pl.Trainer) -> Any:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        return scaler if scaler is not None and scaler.is_enabled() else None
 
     # ----------------------------------------------------------------------- non-finite steps
     def _skip_nonfinite(

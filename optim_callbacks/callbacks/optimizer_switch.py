@@ -55,6 +55,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from optim_callbacks.callbacks._amp import unscale_gradients
 from optim_callbacks.callbacks.swats import StepTracker, SwatsStatistics
 from optim_callbacks.optimizers import OPTIMIZERS, OptimizerSpec, build_optimizer, spec_for
 from optim_callbacks.validation import (
@@ -353,6 +354,10 @@ class OptimizerSwitch(Callback):
     ) -> None:
         if self.switched or self._tracker is None:
             return
+        # SWATS dots the step with the gradient, which must be the unscaled one. Lightning
+        # leaves a fused optimizer's unscaling to its step (whose kernel happens to write the
+        # unscaled gradients back); unscaling here does not depend on that detail.
+        unscale_gradients(trainer, optimizer)
         groups = trainer.optimizers[0].param_groups
         self._lrs_in_step = [float(groups[u.group_index]["lr"]) for u in self._units]
         self._tracker.before_step()
