@@ -24,25 +24,24 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from optim_callbacks.validation import (
     check_at_least,
     check_choice,
     check_in_range,
-    check_non_negative,
 )
+from recipes.splits import EpochSeededSampler
 from recipes.vision_transforms import ImageTransform, resize
 
 __all__ = [
     "DEBIAN_FASHION_MNIST",
     "FASHION_MNIST_CLASSES",
-    "EpochSeededSampler",
+    "ImageClassificationData",
     "ImageFolderDataset",
     "ImageInput",
     "ImageSplits",
     "TensorImageDataset",
-    "VisionDataModule",
     "load_fashion_mnist",
     "load_image_folder",
     "read_idx",
@@ -251,19 +250,6 @@ class ImageInput:
     std: tuple[float, ...] | None = None
 
 
-class EpochSeededSampler(RandomSampler):
-    """A random order that depends only on ``seed`` and the epoch Lightning sets, so a run
-    resumed from a checkpoint sees the same batches as one that never stopped. (Under DDP
-    Lightning swaps it for a ``DistributedSampler``, which is epoch-seeded the same way.)"""
-
-    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
-        super().__init__(data_source, generator=torch.Generator().manual_seed(seed))
-        self.seed = seed
-
-    def set_epoch(self, epoch: int) -> None:
-        self.generator = torch.Generator().manual_seed(self.seed + epoch)
-
-
 def _dataset_statistics(
     dataset: Dataset, limit: int = 10_000
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -276,8 +262,13 @@ def _dataset_statistics(
     return tuple(pixels.mean(dim=1).tolist()), tuple(pixels.std(dim=1).clamp_min(1e-3).tolist())
 
 
-class VisionDataModule(L.LightningDataModule):
+class ImageClassificationData(L.LightningDataModule):
     """Fashion-MNIST (default) or an image folder, split train/val/test, transformed per batch.
+
+    The data is read (and checked) when the module is built, so a missing folder is reported
+    before training starts. What the model expects (channels, size, normalization) comes from
+    the LightningModule's ``image_input`` attribute when the Trainer sets the data up, or from
+    :meth:`adapt_to`; the options below override it.
 
     Args:
         source: ``fashion_mnist`` or ``image_folder``.
@@ -285,17 +276,22 @@ class VisionDataModule(L.LightningDataModule):
             ``/usr/share/datasets/fashion-mnist``) or the image folder (required for it).
         batch_size: images per batch and device.
         val_size: training images held out for validation: a count (int) or a fraction (float).
-        seed: seeds the validation split, the shuffling and the augmentation.
+        split_seed: seed of the validation split (and of an image folder's test split); fixed,
+            so runs with other training seeds share their validation set. Shuffling and
+            augmentation follow the run's seed (``--seed_everything``).
         augment: random crop with ``crop_padding`` and (with ``horizontal_flip``) mirroring of
             training batches.
+        crop_padding: pixels of zero padding for the random crop (shifts of up to that much).
+        horizontal_flip: mirror half of the training images.
         image_size: side length fed to the model; ``None`` = what the model expects (a
             checkpoint's size, e.g. 224), else the source's own size (28 for Fashion-MNIST).
         num_channels: channels fed to the model; ``None`` = what the model expects.
-        mean, std: normalization; ``None`` = the checkpoint's statistics when it has them, else
-            those of the training images.
+        mean: normalization mean per channel (or one value); ``None`` = the checkpoint's when
+            it has one, else that of the training images.
+        std: normalization standard deviation, likewise.
         max_train_images: train on only the first N training images (quick trials, tests).
         max_eval_images: validate and test on only the first N images of each split.
-        test_fraction: image folders without train/test subfolders: share used as test set.
+        test_fraction: image folders without train/ and test/ subfolders: share used as test set.
         num_workers: DataLoader worker processes.
     """
 
@@ -305,7 +301,7 @@ class VisionDataModule(L.LightningDataModule):
         root: str | None = None,
         batch_size: int = 128,
         val_size: int | float = 5000,
-        seed: int = 0,
+        split_seed: int = 0,
         augment: bool = True,
         crop_padding: int = 4,
         horizontal_flip: bool = True,
@@ -322,7 +318,8 @@ class VisionDataModule(L.LightningDataModule):
         check_choice("data.source", source, SOURCES)
         if source == "image_folder" and root is None:
             raise ValueError(
-                "data.root: got None; allowed: a folder with one subfolder per class (needed for source 'image_folder')"
+                "data.root: got None; allowed: a folder with one subfolder per class "
+                "(source 'image_folder' needs it)"
             )
         check_at_least("data.batch_size", batch_size, 1)
         if isinstance(val_size, float):
@@ -330,7 +327,7 @@ class VisionDataModule(L.LightningDataModule):
         else:
             check_at_least("data.val_size", val_size, 0)
         check_at_least("data.crop_padding", crop_padding, 0)
-        check_non_negative("data.num_workers", num_workers)
+        check_at_least("data.num_workers", num_workers, 0)
         for name, value in (
             ("data.image_size", image_size),
             ("data.num_channels", num_channels),
@@ -340,47 +337,43 @@ class VisionDataModule(L.LightningDataModule):
             if value is not None:
                 check_at_least(name, value, 1)
         self.save_hyperparameters()
+        self.splits = self._read_source()
         self.model_input: ImageInput | None = None
-        self.classes: tuple[str, ...] = ()
         self.transform: ImageTransform | None = None
         self.train_batches_seen = 0
-        self._splits: ImageSplits | None = None
 
-    # --- what the model expects -----------------------------------------------------------
-    def adapt_to(self, model_input: ImageInput) -> None:
-        """Match channels, size and normalization to a model (explicit options still win)."""
-        self.model_input = model_input
-        self.transform = None
+    def _read_source(self) -> ImageSplits:
+        hp = self.hparams
+        if hp.source == "fashion_mnist":
+            return load_fashion_mnist(hp.root)
+        return load_image_folder(
+            hp.root,
+            num_channels=hp.num_channels or 3,
+            size=hp.image_size,
+            test_fraction=hp.test_fraction,
+            seed=hp.split_seed,
+        )
 
     @property
     def num_classes(self) -> int:
-        """Number of classes of the source (reads the data on first use)."""
-        return len(self._load().classes)
+        return len(self.splits.classes)
 
-    def _load(self) -> ImageSplits:
-        if self._splits is None:
-            hp = self.hparams
-            if hp.source == "fashion_mnist":
-                self._splits = load_fashion_mnist(hp.root)
-            else:
-                wanted = self.model_input
-                channels = hp.num_channels or (wanted.num_channels if wanted else 3)
-                self._splits = load_image_folder(
-                    hp.root,
-                    num_channels=channels,
-                    size=hp.image_size or (wanted.image_size if wanted else None),
-                    test_fraction=hp.test_fraction,
-                    seed=hp.seed,
-                )
-            self.classes = self._splits.classes
-        return self._splits
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.splits.classes)
+
+    def adapt_to(self, model_input: ImageInput) -> None:
+        """Feed a model that expects ``model_input`` (explicit options still win)."""
+        self.model_input = model_input
+        self.transform = None
 
     # --- Lightning hooks ------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         hp = self.hparams
-        splits = self._load()
-        train_all = splits.train
-        order = torch.randperm(len(train_all), generator=torch.Generator().manual_seed(hp.seed))
+        train_all = self.splits.train
+        order = torch.randperm(
+            len(train_all), generator=torch.Generator().manual_seed(hp.split_seed)
+        )
         val_count = (
             round(hp.val_size * len(train_all)) if isinstance(hp.val_size, float) else hp.val_size
         )
@@ -389,21 +382,22 @@ class VisionDataModule(L.LightningDataModule):
                 f"data.val_size: got {hp.val_size!r} ({val_count} images); allowed: fewer than the "
                 f"{len(train_all)} training images"
             )
-        train_idx = order[val_count:].tolist()
-        val_idx = order[:val_count].tolist()
-        train_idx = train_idx[: hp.max_train_images]
-        val_idx = val_idx[: hp.max_eval_images]
-        test_idx = list(range(len(splits.test)))[: hp.max_eval_images]
-        self.train_set = Subset(train_all, train_idx)
-        self.val_set = Subset(train_all, val_idx)
-        self.test_set = Subset(splits.test, test_idx)
+        self.train_set = Subset(train_all, order[val_count:].tolist()[: hp.max_train_images])
+        self.val_set = Subset(train_all, order[:val_count].tolist()[: hp.max_eval_images])
+        self.test_set = Subset(
+            self.splits.test, list(range(len(self.splits.test)))[: hp.max_eval_images]
+        )
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        wanted = getattr(module, "image_input", None)
+        if wanted is not None and wanted != self.model_input:
+            self.adapt_to(wanted)
         if self.transform is None:
-            self.transform = self._make_transform(splits)
+            self.transform = self._make_transform()
 
-    def _make_transform(self, splits: ImageSplits) -> ImageTransform:
+    def _make_transform(self) -> ImageTransform:
         hp = self.hparams
         wanted = self.model_input
-        channels = hp.num_channels or (wanted.num_channels if wanted else splits.num_channels)
+        channels = hp.num_channels or (wanted.num_channels if wanted else self.splits.num_channels)
         size = hp.image_size or (wanted.image_size if wanted else None)
         mean, std = hp.mean, hp.std
         if mean is None or std is None:
@@ -411,12 +405,10 @@ class VisionDataModule(L.LightningDataModule):
                 own_mean, own_std = wanted.mean, wanted.std
             else:
                 own_mean, own_std = _dataset_statistics(self.train_set)
-                if len(own_mean) == 1 or channels == 1:
-                    # statistics of grey images stay valid when the channel is repeated
-                    own_mean, own_std = (
-                        (sum(own_mean) / len(own_mean),),
-                        (sum(own_std) / len(own_std),),
-                    )
+                if channels == 1 or len(own_mean) == 1:
+                    # one value for every channel: grey statistics hold for repeated channels
+                    own_mean = (sum(own_mean) / len(own_mean),)
+                    own_std = (sum(own_std) / len(own_std),)
             mean = mean if mean is not None else own_mean
             std = std if std is not None else own_std
         return ImageTransform(
@@ -428,50 +420,49 @@ class VisionDataModule(L.LightningDataModule):
             horizontal_flip=hp.horizontal_flip and hp.augment,
         )
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: Any = None) -> DataLoader:
         hp = self.hparams
         return DataLoader(
             dataset,
             batch_size=hp.batch_size,
-            sampler=EpochSeededSampler(dataset, hp.seed) if shuffle else None,
+            sampler=sampler,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
-            drop_last=False,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        # The shuffle follows the run's seed (as Lightning's DistributedSampler does under DDP).
+        return self._loader(self.train_set, EpochSeededSampler(self.train_set, seed=_run_seed()))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.test_set)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, torch.Tensor]:
-        """uint8 images -> the model's ``pixel_values``; training batches are augmented with a
-        generator seeded by (seed, rank, batches seen), so resumed runs augment identically."""
+        """``uint8`` images -> the model's ``pixel_values``. Training batches are augmented with
+        a generator seeded by (run seed, rank, training batches so far): a resumed run draws
+        the crops and flips the uninterrupted one drew."""
         images, labels = batch
-        assert self.transform is not None, "setup() builds the transform"
+        if self.transform is None:
+            raise RuntimeError("setup() builds the transform; call it before transforming batches")
         train = self.trainer is not None and self.trainer.training
         generator = None
         if train:
-            rank = self.trainer.global_rank
-            entropy = [self.hparams.seed, rank, self.train_batches_seen]
-            generator = torch.Generator().manual_seed(
-                int(np.random.SeedSequence(entropy).generate_state(1)[0])
-            )
+            entropy = [_run_seed(), self.trainer.global_rank, self.train_batches_seen]
+            seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+            generator = torch.Generator().manual_seed(seed)
             self.train_batches_seen += 1
-        return {
-            "pixel_values": self.transform(images, train=train, generator=generator),
-            "labels": labels,
-        }
+        pixels = self.transform(images, train=train, generator=generator)
+        return {"pixel_values": pixels, "labels": labels}
 
     def state_dict(self) -> dict[str, Any]:
         return {"train_batches_seen": self.train_batches_seen}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_batches_seen = int(state_dict["train_batches_seen"])
+
+
+def _run_seed() -> int:
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
