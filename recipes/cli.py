@@ -31,8 +31,14 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
-import optim_callbacks
-from optim_callbacks import OPTIMIZERS, SCHEDULES
+from optim_callbacks import (
+    OPTIMIZERS,
+    SCHEDULES,
+    AdamToSGD,
+    AmpEpsilon,
+    GradientClipping,
+    MomentStatistics,
+)
 from optim_callbacks.validation import check_choice
 from recipes.classification import check_optimizer_settings
 from recipes.errors import UsageError
@@ -47,34 +53,36 @@ OPTIMIZER_FLAGS = ("optimizer", "scheduler", "lr", "weight_decay", "warmup")
 class CallbackOption:
     """A callback the recipe CLI offers as ``--<key>`` (and a ``<key>:`` YAML block).
 
-    ``callback`` is a class, or the name of one exported by ``optim_callbacks`` (offered only
-    once it exists there). ``init_args`` switches it on by default with those arguments;
-    ``None`` leaves it off until the user configures it. ``needs_logger`` drops it (with a
-    note) when the run has no logger.
+    ``init_args`` switches it on by default with those arguments; ``None`` leaves it off until
+    the user configures it. ``needs_logger`` drops it (with a note) when the run has no logger.
     """
 
     key: str
-    callback: type[Callback] | str
+    callback: type[Callback]
     init_args: Mapping[str, Any] | None = field(default_factory=dict)
     needs_logger: bool = False
     help: str = ""
 
-    def resolve(self) -> type[Callback] | None:
-        if isinstance(self.callback, str):
-            return getattr(optim_callbacks, self.callback, None)
-        return self.callback
-
 
 STANDARD_CALLBACKS: tuple[CallbackOption, ...] = (
-    CallbackOption("clipping", "GradientClipping", help="global-norm gradient clipping"),
     CallbackOption(
-        "amp_epsilon", "AmpEpsilon", help="optimizer epsilon that survives the run's precision"
+        "clipping", GradientClipping, {"max_norm": 1.0}, help="global-norm gradient clipping"
     ),
     CallbackOption(
-        "moment_stats", "MomentStatistics", needs_logger=True, help="optimizer moment statistics"
+        "amp_epsilon", AmpEpsilon, help="Adam epsilon raised where the optimizer state is float16"
     ),
     CallbackOption(
-        "adam_to_sgd", "AdamToSGD", init_args=None, help="switch from Adam to SGD (off by default)"
+        "moment_stats",
+        MomentStatistics,
+        {"every_n_steps": 50},
+        needs_logger=True,
+        help="optimizer moment statistics per layer",
+    ),
+    CallbackOption(
+        "adam_to_sgd",
+        AdamToSGD,
+        None,
+        help="switch from Adam to SGD, e.g. --adam_to_sgd.at_fraction 0.5",
     ),
     CallbackOption(
         "lr_monitor",
@@ -96,9 +104,6 @@ STANDARD_CALLBACKS: tuple[CallbackOption, ...] = (
         help="keep the checkpoint with the best validation accuracy and the last one",
     ),
 )
-
-# Used only while optim_callbacks has no GradientClipping: Lightning's own global-norm clipping.
-FALLBACK_CLIPPING = {"gradient_clip_val": 1.0, "gradient_clip_algorithm": "norm"}
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -155,7 +160,7 @@ class RecipeCLI(LightningCLI):
         args: Sequence[str] | None = None,
     ) -> None:
         self.recipe_name = name
-        self.callback_options = [(option, option.resolve()) for option in callbacks]
+        self.callback_options = tuple(callbacks)
         self.data_to_model = tuple(data_to_model)
         self.test_results: dict[str, float] = {}
         defaults: dict[str, Any] = {
@@ -163,11 +168,6 @@ class RecipeCLI(LightningCLI):
             "max_epochs": 1,
             "log_every_n_steps": 10,
         }
-        if any(
-            o.key == "clipping" and cls is None and o.init_args is not None
-            for o, cls in self.callback_options
-        ):
-            defaults.update(FALLBACK_CLIPPING)
         defaults.update(trainer_defaults or {})
         super().__init__(
             model_class,
@@ -213,16 +213,13 @@ class RecipeCLI(LightningCLI):
         parser.add_argument(
             "--ckpt_path", type=str | None, default=None, help="checkpoint to resume training from"
         )
-        for option, cls in self.callback_options:
-            if cls is None:  # not in optim_callbacks (yet)
-                continue
-            default = (
-                lazy_instance(cls, **option.init_args) if option.init_args is not None else None
-            )
+        for option in self.callback_options:
+            init_args = option.init_args
+            default = lazy_instance(option.callback, **init_args) if init_args is not None else None
             state = "on" if default is not None else "off"
             parser.add_argument(
                 f"--{option.key}",
-                type=cls | None,
+                type=option.callback | None,
                 default=default,
                 help=f"{option.help} ({state} by default; null: off)",
             )
@@ -231,8 +228,9 @@ class RecipeCLI(LightningCLI):
         for name in self.data_to_model:
             parser.link_arguments(f"data.{name}", f"model.{name}")
 
-    def before_instantiate_classes(self) -> None:
-        """Check names and settings before any data or weights are loaded."""
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check names and settings before anything is seeded, read or loaded."""
+        super().parse_arguments(parser, args)
         config = self.config
         check_choice("logger", config.logger, LOGGERS)
         model = config.model
@@ -257,8 +255,8 @@ class RecipeCLI(LightningCLI):
                 self.config_init.project,
             )
         callbacks = list(trainer_config.get("callbacks") or [])
-        for option, cls in self.callback_options:
-            callback = self.config_init.get(option.key) if cls is not None else None
+        for option in self.callback_options:
+            callback = self.config_init.get(option.key)
             if callback is None:
                 continue
             if option.needs_logger and not logger:

@@ -1,0 +1,135 @@
+"""The learning rate each optimizer gets in a comparison sweep, and the small LR grid search.
+
+A recipe's learning rate is tuned for its own optimizer (the BERT recipe: AdamW at 1e-4), and
+other optimizers need other rates: moving from Adam to SGD with momentum the LR must grow
+10-100x (CLAIMS.md), plain SGD needs ``1 / (1 - momentum)`` = 10x more again for the same
+steady-state step, Adagrad's accumulated denominator wants about 10x Adam's. So each optimizer
+has a *scale*, its typical peak LR relative to Adam's on the same task, and its preset is
+
+    lr(optimizer) = lr(recipe) * scale(optimizer) / scale(recipe's optimizer)
+
+Adadelta has no global LR (its updates are unit-corrected), and optimizers without a scale
+(user-registered ones) keep their registry default. ``--lrs name=value`` overrides a preset;
+``--lr-search`` tries ``preset * factor`` for each factor of the grid and keeps the LR with the
+best final validation accuracy (lower validation loss breaks ties; test metrics are never used
+to choose).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from optim_callbacks import OPTIMIZERS
+from optim_callbacks.validation import check_positive
+
+__all__ = [
+    "DEFAULT_LR_GRID",
+    "LR_SCALE",
+    "LearningRate",
+    "choose_lr",
+    "lr_grid",
+    "parse_lr_overrides",
+    "preset_lrs",
+]
+
+# Typical peak LR relative to Adam's on the same task; None: the optimizer's own default LR.
+LR_SCALE: Mapping[str, float | None] = {
+    "adam": 1.0,
+    "adamw": 1.0,
+    "adabelief": 1.0,
+    "rmsprop": 1.0,
+    "adagrad": 10.0,
+    "momentum": 100.0,
+    "nesterov": 100.0,
+    "sgd": 1000.0,
+    "adadelta": None,
+}
+
+DEFAULT_LR_GRID: tuple[float, ...] = (0.3, 1.0, 3.0)
+
+
+@dataclass(frozen=True)
+class LearningRate:
+    """An optimizer's learning rate in the sweep and where it came from (for the report)."""
+
+    value: float
+    source: str
+
+
+def parse_lr_overrides(text: str | None) -> dict[str, float]:
+    """``"adamw=1e-4,sgd=0.05"`` as ``{"adamw": 1e-4, "sgd": 0.05}`` (names checked)."""
+    overrides: dict[str, float] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"lrs: got {item!r}; allowed: name=value pairs such as adamw=1e-4")
+        canonical = OPTIMIZERS.canonical(name.strip())
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(
+                f"lrs: got {value!r} for {canonical}; allowed: a number > 0"
+            ) from None
+        overrides[canonical] = check_positive(f"lrs[{canonical}]", number)
+    return overrides
+
+
+def _registry_lr(name: str) -> float:
+    return float(OPTIMIZERS.get(name).defaults["lr"])
+
+
+def preset_lrs(
+    optimizers: Iterable[str],
+    recipe_optimizer: str,
+    recipe_lr: float | None,
+    overrides: Mapping[str, float] | None = None,
+) -> dict[str, LearningRate]:
+    """The preset learning rate of each optimizer (see the module docstring for the rule)."""
+    overrides = overrides or {}
+    recipe_optimizer = OPTIMIZERS.canonical(recipe_optimizer)
+    base_scale = LR_SCALE.get(recipe_optimizer)
+    presets: dict[str, LearningRate] = {}
+    for name in optimizers:
+        scale = LR_SCALE.get(name)
+        if name in overrides:
+            presets[name] = LearningRate(overrides[name], "--lrs")
+        elif recipe_lr is None:
+            presets[name] = LearningRate(_registry_lr(name), "registry default")
+        elif name == recipe_optimizer:
+            presets[name] = LearningRate(recipe_lr, "recipe")
+        elif scale is None or base_scale is None:
+            presets[name] = LearningRate(_registry_lr(name), "registry default")
+        else:
+            factor = scale / base_scale
+            presets[name] = LearningRate(
+                _round_lr(recipe_lr * factor), f"recipe's {recipe_optimizer} LR x {factor:g}"
+            )
+    return presets
+
+
+def _round_lr(lr: float) -> float:
+    """Four significant digits: ``1e-4 * 100`` is 0.01, not 0.010000000000000002."""
+    return float(f"{lr:.4g}")
+
+
+def lr_grid(preset: float, factors: Sequence[float] = DEFAULT_LR_GRID) -> list[float]:
+    """``preset * factor`` for each factor, smallest first, duplicates removed."""
+    return sorted({_round_lr(preset * factor) for factor in factors})
+
+
+def choose_lr(candidates: Mapping[float, tuple[float, float]]) -> float | None:
+    """The LR whose run ended with the best validation accuracy (then the lower validation
+    loss); ``candidates`` maps LR to ``(val_acc, val_loss)``; runs with a NaN accuracy never
+    win; ``None`` when no run has a finite accuracy."""
+    finite = {
+        lr: (acc, loss if math.isfinite(loss) else math.inf)
+        for lr, (acc, loss) in candidates.items()
+        if math.isfinite(acc)
+    }
+    if not finite:
+        return None
+    return max(finite, key=lambda lr: (finite[lr][0], -finite[lr][1], -lr))

@@ -1,0 +1,87 @@
+"""One run of a comparison sweep, in its own process: a recipe run with a :class:`RunRecorder`.
+
+    python -m recipes.compare_run RECIPE RESULT_FILE [recipe options ...]
+
+The sweep (:mod:`recipes.compare`) starts one of these per optimizer and seed, so every run
+starts from a fresh process: the peak memory is the run's own, a crash ends one run only, and
+DDP (``--trainer.strategy ddp``) can relaunch the command. The recipe's ``run`` function gets the
+options plus the recorder (appended to ``--trainer.callbacks``); when fit and test are done,
+global rank zero writes ``RESULT_FILE`` (JSON, written to a temporary name first, so the file
+exists only for a finished run): the recorder's summary, the test metrics, the step count, the
+run's wall time and its process's peak resident memory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RECORDER_CLASS", "main", "peak_process_memory_bytes", "run_recipe"]
+
+RECORDER_CLASS = "recipes.compare_recorder.RunRecorder"
+
+
+def peak_process_memory_bytes() -> int:
+    """The largest resident set size this process had (``getrusage``: KiB on Linux, bytes on
+    macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def run_recipe(recipe: str, args: Sequence[str]) -> dict[str, Any]:
+    """Run ``recipes.<recipe>`` with ``args`` and the recorder; the run's results."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from recipes.compare_recorder import RunRecorder
+
+    started = time.perf_counter()
+    module = importlib.import_module(f"recipes.{recipe}")
+    cli = module.run([*args, f"--trainer.callbacks+={RECORDER_CLASS}"])
+    trainer = cli.trainer
+    (recorder,) = [c for c in trainer.callbacks if isinstance(c, RunRecorder)]
+    wandb_dir = None
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            wandb_dir = str(Path(logger.experiment.dir).parent)  # .dir is the run's files/
+    return {
+        **recorder.summary(),
+        "test": {key: float(value) for key, value in cli.test_results.items()},
+        "global_step": trainer.global_step,
+        "device": str(cli.model.device.type),
+        "precision": str(trainer.precision),
+        "world_size": trainer.world_size,
+        "run_seconds": time.perf_counter() - started,
+        "peak_process_memory_bytes": peak_process_memory_bytes(),
+        "wandb_run_dir": wandb_dir,
+        "is_global_zero": trainer.is_global_zero,
+    }
+
+
+def write_json(path: Path, content: Any) -> None:
+    """Write ``content`` to ``path`` through a temporary file, so a reader never sees half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(content, indent=1))
+    os.replace(partial, path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2:
+        print("usage: python -m recipes.compare_run RECIPE RESULT_FILE [options]", file=sys.stderr)
+        raise SystemExit(2)
+    recipe, result_file, *args = argv
+    result = run_recipe(recipe, args)
+    if result.pop("is_global_zero"):
+        write_json(Path(result_file), result)
+
+
+if __name__ == "__main__":
+    main()

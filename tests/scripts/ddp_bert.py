@@ -1,0 +1,36 @@
+"""The BERT recipe's CLI under DDP: ``python tests/scripts/ddp_bert.py OUT_DIR [CLI args...]``.
+
+Lightning's DDP launcher starts this script again for rank 1 with the same arguments; every
+rank runs the recipe and writes what it observed to ``OUT_DIR/rank<r>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+
+from recipes.bert_finetune import run
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    cli = run(sys.argv[2:])
+    trainer = cli.trainer
+    parameters = [p.detach().double() for p in cli.model.parameters()]
+    record = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "global_step": trainer.global_step,
+        "test": {key: float(value) for key, value in cli.test_results.items()},
+        "test_indices": list(trainer.test_dataloaders.sampler),
+        "parameter_sum": float(sum(p.sum() for p in parameters)),
+        "logger_is_real": type(trainer.logger.experiment).__name__ != "DummyExperiment",
+    }
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()

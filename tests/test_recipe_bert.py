@@ -1,0 +1,207 @@
+"""The BERT recipe end to end, in process: real Trainer runs of a tiny random BERT (MiniLM
+tokenizer) on a small CSV, one smoke run of the real embedded MiniLM on BBC News."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipes.bert_finetune import run
+from tests.recipe_tiny import keyword_rows, save_tiny_bert, tiny_args, write_csv
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    return save_tiny_bert(folder / "bert"), write_csv(folder / "keywords.csv", keyword_rows())
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bert_finetune"])  # args come from the test, not pytest
+
+
+def test_tiny_bert_learns_the_keyword_classes_and_reports_every_metric(tiny, tmp_path, capsys):
+    model_dir, data = tiny
+    cli = run(tiny_args(model_dir, data, "--trainer.max_epochs", "4", "--logger", "csv"))
+    results = cli.test_results
+    assert results["test_acc"] >= 0.9  # 3 balanced classes: chance is 0.33
+    assert 0.0 < results["test_f1"] <= 1.0 and results["test_loss"] < 1.0
+
+    out = capsys.readouterr().out
+    assert "Test results (12 examples, best checkpoint)" in out
+    assert f"accuracy {results['test_acc']:>10.4f}" in out
+    assert f"macro F1 {results['test_f1']:>10.4f}" in out
+    metrics_file = Path(out.split("CSV metrics: ")[1].split()[0])
+    rows = list(csv.DictReader(metrics_file.open()))
+    logged = set().union(*(k for row in rows for k in [{c for c, v in row.items() if v}]))
+    assert {
+        "train_loss",
+        "val_acc",
+        "val_f1",
+        "val_loss",
+        "lr/decay",
+        "lr/no_decay",
+        "test_acc",
+    } <= logged
+    assert any(key.startswith("grad_clip/") for key in logged)  # GradientClipping is on
+    assert (metrics_file.parent / "config.yaml").is_file()
+
+    optimizer = cli.trainer.optimizers[0]
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    assert groups["decay"]["weight_decay"] == 0.01 and groups["no_decay"]["weight_decay"] == 0.0
+    names = {id(p): n for n, p in cli.model.named_parameters()}
+    no_decay = [names[id(p)] for p in groups["no_decay"]["params"]]
+    assert all(n.endswith("bias") or "LayerNorm" in n for n in no_decay)
+
+
+def test_layer_decay_scales_lower_layers_down(tiny):
+    model_dir, data = tiny
+    cli = run(
+        tiny_args(
+            model_dir,
+            data,
+            "--trainer.max_steps",
+            "1",
+            "--logger",
+            "none",
+            "--model.layer_decay",
+            "0.5",
+        )
+    )
+    lr_of = {group["name"]: group["lr"] for group in cli.trainer.optimizers[0].param_groups}
+    # 2 encoder layers: embeddings are layer 0, the head layer 3 (lr * 0.5 ** (3 - i))
+    assert lr_of["layer_03.decay"] / lr_of["layer_01.decay"] == pytest.approx(4.0)
+    assert lr_of["layer_00.no_decay"] / lr_of["layer_03.no_decay"] == pytest.approx(0.125)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "16-true"])
+def test_recipe_trains_in_reduced_precision(tiny, precision):
+    model_dir, data = tiny
+    cli = run(
+        tiny_args(
+            model_dir,
+            data,
+            *("--trainer.precision", precision, "--trainer.max_steps", "3", "--logger", "none"),
+            *("--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1"),
+        )
+    )
+    assert torch.isfinite(torch.tensor(cli.test_results["test_loss"]))
+    optimizer = cli.trainer.optimizers[0]
+    state_dtype = next(iter(optimizer.state.values()))["exp_avg_sq"].dtype
+    eps = {group["eps"] for group in optimizer.param_groups}
+    if precision == "16-true":  # AmpEpsilon: Adam's state is float16, eps 1e-8 would vanish
+        assert state_dtype == torch.float16 and eps == {1e-4}
+    else:
+        assert state_dtype == torch.float32 and eps == {1e-8}
+
+
+def _checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    tensors = {f"model.{k}": v for k, v in checkpoint["state_dict"].items()}
+    for i, state in enumerate(checkpoint["optimizer_states"][0]["state"].values()):
+        tensors.update({f"optimizer.{i}.{k}": v for k, v in state.items()})
+    assert checkpoint["global_step"] > 0
+    return tensors
+
+
+def test_resume_from_last_checkpoint_continues_exactly(tiny, tmp_path):
+    model_dir, data = tiny
+    common = tiny_args(model_dir, data, "--logger", "csv", "--trainer.limit_test_batches", "1")
+    straight = run(
+        [
+            *common,
+            "--trainer.max_epochs",
+            "2",
+            "--trainer.default_root_dir",
+            str(tmp_path / "straight"),
+        ]
+    )
+    first = run(
+        [
+            *common,
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.default_root_dir",
+            str(tmp_path / "resumed"),
+        ]
+    )
+    last = Path(first.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+    resumed = run(
+        [
+            *common,
+            *("--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path / "resumed")),
+            *("--ckpt_path", str(last)),
+        ]
+    )
+    assert (
+        resumed.trainer.global_step == straight.trainer.global_step == 2 * first.trainer.global_step
+    )
+    expected = _checkpoint_tensors(Path(straight.trainer.checkpoint_callback.dirpath) / "last.ckpt")
+    actual = _checkpoint_tensors(Path(resumed.trainer.checkpoint_callback.dirpath) / "last.ckpt")
+    assert expected.keys() == actual.keys()
+    different = [k for k in expected if not torch.equal(expected[k], actual[k])]
+    assert different == []
+
+
+def test_adam_to_sgd_switch_at_half_of_training_is_one_flag(tiny):
+    model_dir, data = tiny
+    cli = run(
+        tiny_args(
+            model_dir,
+            data,
+            *("--trainer.max_steps", "6", "--logger", "csv", "--trainer.limit_test_batches", "1"),
+            *("--adam_to_sgd.at_fraction", "0.5"),
+        )
+    )
+    assert isinstance(cli.trainer.optimizers[0], torch.optim.SGD)
+    assert torch.isfinite(torch.tensor(cli.test_results["test_loss"]))
+
+
+def test_warmup_longer_than_the_run_is_a_usage_error(tiny, capsys):
+    model_dir, data = tiny
+    with pytest.raises(SystemExit) as exit_info:
+        run(
+            tiny_args(
+                model_dir, data, "--trainer.max_steps", "4", "--logger", "none", "--warmup", "10"
+            )
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "python -m recipes.bert_finetune: error: warmup: got 10 (10 steps); allowed: fewer than total_steps (4)"
+    )
+
+
+@pytest.mark.slow
+def test_embedded_minilm_fine_tunes_on_bbc_news_for_two_steps(tmp_path):
+    cli = run(
+        [
+            *(
+                "--trainer.max_steps",
+                "2",
+                "--trainer.limit_val_batches",
+                "1",
+                "--trainer.limit_test_batches",
+                "2",
+            ),
+            *("--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false"),
+            *("--logger", "none", "--trainer.accelerator", "cpu"),
+        ]
+    )
+    network = cli.model.network
+    assert network.config.num_hidden_layers == 6 and network.config.hidden_size == 384
+    assert network.config.id2label == {
+        0: "business",
+        1: "entertainment",
+        2: "politics",
+        3: "sports",
+        4: "tech",
+    }
+    assert cli.trainer.global_step == 2
+    assert 0.0 <= cli.test_results["test_acc"] <= 1.0
+    assert torch.isfinite(torch.tensor(cli.test_results["test_loss"]))

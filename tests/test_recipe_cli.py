@@ -1,0 +1,250 @@
+"""The recipe CLI the way a user runs it: ``python -m recipes.bert_finetune ...`` as a
+subprocess (offline W&B read back from disk, DDP with two gloo processes), plus usage errors
+and the YAML config through the same ``run`` entry point in process."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from optim_callbacks import OPTIMIZERS, SCHEDULES
+from recipes.bert_finetune import run
+from tests.recipe_tiny import (
+    PYTHON,
+    REPO_ROOT,
+    keyword_rows,
+    save_tiny_bert,
+    subprocess_env,
+    tiny_args,
+    write_csv,
+)
+
+CONFIG = REPO_ROOT / "configs" / "bert_finetune.yaml"
+PROG = "python -m recipes.bert_finetune"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    return save_tiny_bert(folder / "bert"), write_csv(folder / "keywords.csv", keyword_rows())
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_plain_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bert_finetune"])  # args come from the test, not pytest
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models gain nothing from more; shared cores lose a lot
+    yield
+    torch.set_num_threads(threads)
+
+
+def _usage_error(capsys, args: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run(args)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_help_lists_the_registry_names_and_the_callback_switches(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # help wraps lines
+    assert f"one of: {', '.join(OPTIMIZERS.names())}" in text
+    assert f"one of: {', '.join(SCHEDULES.names())}" in text
+    for flag in (
+        "--lr",
+        "--warmup",
+        "--weight_decay",
+        "--trainer.precision",
+        "--trainer.strategy",
+        "--data.dataset",
+    ):
+        assert flag in text
+    for switch in (
+        "--clipping",
+        "--amp_epsilon",
+        "--moment_stats",
+        "--adam_to_sgd",
+        "--lr_monitor",
+        "--checkpoint",
+    ):
+        assert switch in text
+    assert "--config" in text and "--print_config" in text and "--ckpt_path" in text
+
+
+def test_unknown_optimizer_is_one_line_naming_the_closest_and_exit_status_2(tmp_path):
+    result = subprocess.run(
+        [PYTHON, "-m", "recipes.bert_finetune", "--optimizer", "adamx"],
+        cwd=tmp_path,
+        env=subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"{PROG}: error: optimizer: unknown value 'adamx'; allowed: {', '.join(sorted(OPTIMIZERS.names()))}; "
+        "did you mean 'adam'?"
+    ]
+
+
+def test_unknown_scheduler_names_the_closest(capsys):
+    line = _usage_error(capsys, ["--scheduler", "cosin"])
+    assert line.startswith(f"{PROG}: error: scheduler: unknown value 'cosin'")
+    assert line.endswith("did you mean 'cosine'?")
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing_file", r"dataset: file '.*missing\.csv' does not exist"),
+        (
+            "missing_column",
+            r"text_column: 'text' is not a column of body\.csv; allowed: body, label",
+        ),
+        ("empty", r"dataset: '.*empty\.jsonl' has no examples"),
+        (
+            "one_class",
+            r"label: '.*one\.csv' has a single class \('sport'\); allowed: at least 2 classes",
+        ),
+        ("bad_model", r"^.*not-a-model"),
+    ],
+)
+def test_bad_data_or_model_is_one_clear_line(tiny, tmp_path, capsys, case, expected):
+    model_dir, data = tiny
+    files = {
+        "missing_file": tmp_path / "missing.csv",
+        "missing_column": write_csv(
+            tmp_path / "body.csv", keyword_rows(2), header=("body", "label")
+        ),
+        "empty": tmp_path / "empty.jsonl",
+        "one_class": write_csv(tmp_path / "one.csv", [("a goal", "sport"), ("a match", "sport")]),
+        "bad_model": data,
+    }
+    (tmp_path / "empty.jsonl").write_text("\n")
+    model = tmp_path / "not-a-model" if case == "bad_model" else model_dir
+    line = _usage_error(capsys, tiny_args(model, files[case]))
+    assert line.startswith(f"{PROG}: error: ")
+    assert re.search(expected, line), line
+
+
+def test_config_file_is_the_default_run_spelled_out(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert yaml.safe_load(CONFIG.read_text()) == printed
+    assert printed["optimizer"] == "adamw" and printed["scheduler"] == "cosine"
+    assert printed["data"]["max_length"] == 128 and printed["data"]["batch_size"] == 16
+    assert (
+        printed["trainer"]["max_epochs"] == 1
+        and printed["clipping"]["init_args"]["max_norm"] == 1.0
+    )
+    assert printed["adam_to_sgd"] is None  # off unless asked for
+
+
+def _wandb_summary(run_dir: Path, home: Path) -> dict:
+    result = subprocess.run(
+        [
+            str(Path(PYTHON).parent / "wandb"),
+            "leet",
+            "inspect",
+            "--summary",
+            "--json",
+            str(run_dir),
+        ],
+        env=subprocess_env(home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+def test_cli_with_the_yaml_logs_offline_to_wandb_without_credentials(tiny, tmp_path):
+    model_dir, data = tiny
+    args = [PYTHON, "-m", "recipes.bert_finetune", "--config", str(CONFIG)]
+    args += tiny_args(model_dir, data, "--trainer.max_epochs", "2")
+    result = subprocess.run(
+        args,
+        cwd=tmp_path,
+        env=subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    accuracy = float(re.search(r"^accuracy\s+([0-9.]+)$", out, re.M).group(1))
+    run_dir = Path(re.search(r"^W&B run \(offline\): (\S+)$", out, re.M).group(1))
+    assert f"wandb leet {run_dir}" in out and f"wandb sync {run_dir}" in out
+    best = Path(re.search(r"^Best checkpoint: (\S+)$", out, re.M).group(1))
+    assert (tmp_path / best).is_file() and (tmp_path / best).parent.parent.joinpath(
+        "config.yaml"
+    ).is_file()
+
+    record = _wandb_summary(tmp_path / run_dir, tmp_path)
+    assert record["state"] == "finished" and record["project"] == "bert_finetune"
+    summary = record["summary"]
+    assert round(summary["test_acc"], 4) == accuracy
+    assert {
+        "val_acc",
+        "val_f1",
+        "val_loss",
+        "train_loss",
+        "lr/decay",
+        "grad_clip/pre_clip_norm",
+    } <= summary.keys()
+    assert record["config"]["optimizer"] == "adamw" and record["config"]["class_names"] == [
+        "business",
+        "sport",
+        "tech",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_ddp_on_two_cpu_processes_syncs_metrics_and_logs_from_rank_zero(tiny, tmp_path):
+    model_dir, data = tiny
+    script = REPO_ROOT / "tests" / "scripts" / "ddp_bert.py"
+    args = tiny_args(model_dir, data, "--trainer.max_epochs", "1")
+    args += [
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+    ]
+    result = subprocess.run(
+        [PYTHON, str(script), str(tmp_path), *args],
+        cwd=tmp_path,
+        env=subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] > 0
+    # each rank tested its own half of the 12 test examples, and both report the synced totals
+    assert len(ranks[0]["test_indices"]) == len(ranks[1]["test_indices"]) == 6
+    assert not set(ranks[0]["test_indices"]) & set(ranks[1]["test_indices"])
+    assert ranks[0]["test"] == ranks[1]["test"]
+    assert ranks[0]["parameter_sum"] == ranks[1]["parameter_sum"]  # DDP kept replicas equal
+    assert [r["logger_is_real"] for r in ranks] == [True, False]
+    assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 1
+    assert result.stdout.count("Test results (12 examples") == 1
