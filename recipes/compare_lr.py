@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from optim_callbacks import OPTIMIZERS
-from optim_callbacks.validation import check_positive
+from optim_callbacks.validation import check_choice, check_positive
 
 __all__ = [
     "DEFAULT_LR_GRID",
@@ -67,13 +67,12 @@ def parse_lr_overrides(text: str | None) -> dict[str, float]:
         name, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"lrs: got {item!r}; allowed: name=value pairs such as adamw=1e-4")
-        canonical = OPTIMIZERS.canonical(name.strip())
+        known = [*OPTIMIZERS.names(), *OPTIMIZERS.aliases()]
+        canonical = OPTIMIZERS.canonical(check_choice("lrs", name.strip().lower(), known))
         try:
             number = float(value)
         except ValueError:
-            raise ValueError(
-                f"lrs: got {value!r} for {canonical}; allowed: a number > 0"
-            ) from None
+            raise ValueError(f"lrs: got {value!r} for {canonical}; allowed: a number > 0") from None
         overrides[canonical] = check_positive(f"lrs[{canonical}]", number)
     return overrides
 

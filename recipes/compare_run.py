@@ -23,7 +23,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RECORDER_CLASS", "main", "peak_process_memory_bytes", "run_recipe"]
+__all__ = [
+    "RECORDER_CLASS",
+    "machine_description",
+    "main",
+    "peak_process_memory_bytes",
+    "run_recipe",
+]
 
 RECORDER_CLASS = "recipes.compare_recorder.RunRecorder"
 
@@ -33,6 +39,27 @@ def peak_process_memory_bytes() -> int:
     macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def machine_description() -> str:
+    """CPU model and cores, accelerator, torch version: where a measurement was taken."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(
+                line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    parts = [f"{cpu}, {os.cpu_count()} logical cores"]
+    if torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name())
+    parts.append(f"torch {torch.__version__}")
+    return ", ".join(parts)
 
 
 def run_recipe(recipe: str, args: Sequence[str]) -> dict[str, Any]:
@@ -60,6 +87,7 @@ def run_recipe(recipe: str, args: Sequence[str]) -> dict[str, Any]:
         "run_seconds": time.perf_counter() - started,
         "peak_process_memory_bytes": peak_process_memory_bytes(),
         "wandb_run_dir": wandb_dir,
+        "machine": machine_description(),
         "is_global_zero": trainer.is_global_zero,
     }
 
