@@ -6,20 +6,23 @@ Notation (Kingma & Ba 2015, "Adam", https://arxiv.org/abs/1412.6980; Zhuang et a
 gradient, ``t`` the optimizer's step count, ``beta1``, ``beta2``, ``lr``, ``eps``.
 
 - bias correction: ``m_hat = m / (1 - beta1^t)``, ``v_hat = v / (1 - beta2^t)`` (Adam family;
-  other adaptive optimizers keep ``v_hat = v``)
+  other adaptive optimizers have ``v_hat = v``)
 - effective per-element step size: ``lr / (sqrt(v_hat) + eps)``; Adam's update is
   ``-step_size * m_hat``
 - update-to-weight ratio: ``||theta_t - theta_{t-1}|| / ||theta_{t-1}||``
 - second-moment underflow: the fraction of entries with ``v < eps^2``, i.e. ``sqrt(v) < eps``:
-  ``eps`` dominates the denominator, and in fp16 these entries are exactly zero
+  ``eps`` dominates the denominator there; in fp16 such entries are exactly zero
 - gradient cosine: ``<m, g> / (||m|| ||g||)``
 
-How it stays cheap: norms are taken per tensor by one ``torch._foreach_norm`` call, summed per
-group (layer, or all parameters) by one matrix product with a 0/1 membership matrix, and
-percentiles come from one ``torch.nanquantile`` pass over a NaN-padded ``[groups, samples]``
-matrix. A group with more than ``max_samples`` elements is sampled uniformly (with replacement,
-each tensor in proportion to its size); smaller groups are used whole, so their percentiles
-are exact. Every result leaves the device in one transfer.
+Norms of a layer (or of all parameters) are ``sqrt(sum of squared tensor norms)``; ratios and
+cosines are taken between those sums.
+
+How it stays cheap: tensor norms come from one ``torch._foreach_norm`` call and are summed per
+layer by one matrix product with a 0/1 membership matrix. Percentiles come from one
+``torch.nanquantile`` pass over a NaN-padded ``[layers, samples]`` matrix, gathered with one
+index from the concatenated second moments: a layer of at most ``max_samples`` elements is used
+whole (exact percentiles), a larger one is sampled uniformly, with replacement, ``max_samples``
+times. Every result leaves the device in one transfer.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
 __all__ = [
     "STATISTICS",
@@ -55,9 +57,9 @@ STATISTICS: tuple[str, ...] = (
 class ParamMoments:
     """What one parameter's optimizer state says at a logging step.
 
-    ``states`` are the tensors whose L2 norm is logged (by state key); ``second_moment`` is the
-    tensor the update divides by; ``betas`` set means the optimizer bias-corrects with them at
-    step ``step``; ``before`` is the parameter before the step (for the update-to-weight ratio).
+    ``states``: the tensors whose L2 norm is logged, by state key. ``second_moment``: the tensor
+    the update divides by. ``betas`` (with ``step``): the optimizer bias-corrects with them, and
+    ``lr``/``eps`` give its step size. ``before``: the parameter before the step.
     """
 
     param: Tensor
@@ -72,13 +74,20 @@ class ParamMoments:
     eps: float | None = None
 
     @property
-    def bias_corrected(self) -> bool:
-        return self.betas is not None and self.step is not None
+    def adam_like(self) -> bool:
+        """Bias-corrected second moment and a known step size ``lr / (sqrt(v_hat) + eps)``."""
+        return (
+            self.second_moment is not None
+            and self.betas is not None
+            and self.step is not None
+            and self.lr is not None
+            and self.eps is not None
+        )
 
 
 @dataclass(frozen=True)
 class GroupHistogram:
-    """Counts of ``log10(step_size)`` in ``len(counts)`` equal bins between ``low`` and ``high``."""
+    """Counts of ``log10(step_size)`` in ``len(counts)`` equal bins from ``low`` to ``high``."""
 
     counts: list[float]
     low: float
@@ -95,24 +104,101 @@ def percentile_label(q: float) -> str:
     return "p" + f"{q:02g}".replace(".", "_")
 
 
-class _Columns:
-    """Per-parameter values (``[C, P]``) plus how many parameters contributed to each column."""
+def _fp32(tensor: Tensor) -> Tensor:
+    return tensor.detach().reshape(-1).to(torch.float32)
 
-    def __init__(self, num_params: int, device: torch.device) -> None:
-        self.num_params = num_params
-        self.device = device
-        self.names: list[str] = []
-        self.values: list[Tensor] = []
-        self.contributors: list[list[int]] = []
+
+class _Sums:
+    """Per-parameter values summed per group: ``columns[name] = (parameters, values)``."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, tuple[list[int], Tensor]] = {}
 
     def add(self, name: str, indices: list[int], values: Tensor) -> None:
-        if not indices:
-            return
-        column = torch.zeros(self.num_params, dtype=torch.float32, device=self.device)
-        index = torch.tensor(indices, device=self.device)
-        self.names.append(name)
-        self.values.append(column.index_copy_(0, index, values.to(torch.float32)))
-        self.contributors.append(indices)
+        if indices:
+            self.columns[name] = (indices, values.to(torch.float32))
+
+    def reduce(
+        self, groups: Sequence[Sequence[int]], count: int, device: torch.device
+    ) -> tuple[Tensor, list[list[int]]]:
+        """``[columns, groups]`` sums (one matrix product) and, per column and group, how many
+        parameters contributed (known on the host, no sync)."""
+        membership = torch.zeros(count, len(groups), dtype=torch.float32)
+        for g, members in enumerate(groups):
+            membership[list(members), g] = 1.0
+        matrix = torch.zeros(len(self.columns), count, dtype=torch.float32, device=device)
+        contributors = []
+        for c, (indices, values) in enumerate(self.columns.values()):
+            matrix[c, torch.tensor(indices, device=device)] = values
+            present = set(indices)
+            contributors.append([sum(i in present for i in members) for members in groups])
+        return matrix @ membership.to(device), contributors
+
+
+def _norm_sums(moments: Sequence[ParamMoments], wanted: set[str], device: torch.device) -> _Sums:
+    """Squared norms, dot products and underflow counts per parameter, from one foreach norm."""
+    inputs: list[Tensor] = []
+    slots: dict[int, int] = {}
+
+    def slot(tensor: Tensor) -> int:
+        if id(tensor) not in slots:
+            slots[id(tensor)] = len(inputs)
+            inputs.append(tensor.detach())
+        return slots[id(tensor)]
+
+    state_slots: dict[str, list[tuple[int, int]]] = {}
+    if "state_norm" in wanted:
+        for i, m in enumerate(moments):
+            for key, tensor in m.states.items():
+                state_slots.setdefault(key, []).append((i, slot(tensor)))
+    update: list[tuple[int, int, int]] = []
+    moved = [i for i, m in enumerate(moments) if m.before is not None]
+    if "update_to_weight" in wanted and moved:
+        after = [_upcast(moments[i].param.detach()) for i in moved]
+        deltas = torch._foreach_sub(after, [_upcast(moments[i].before) for i in moved])
+        update = [(i, slot(d), slot(moments[i].before)) for i, d in zip(moved, deltas, strict=True)]
+    cosine: list[tuple[int, int, int]] = []
+    if "grad_cosine" in wanted:
+        cosine = [
+            (i, slot(m.first_moment), slot(m.grad))
+            for i, m in enumerate(moments)
+            if m.first_moment is not None and m.grad is not None
+        ]
+    adam = [i for i, m in enumerate(moments) if m.adam_like and m.first_moment is not None]
+    hat = (
+        [(i, slot(moments[i].first_moment)) for i in adam]
+        if "first_moment_hat_norm" in wanted
+        else []
+    )
+
+    squares = torch.zeros(0, device=device)
+    if inputs:
+        squares = torch.stack(torch._foreach_norm(inputs, 2, dtype=torch.float32)).square()
+
+    def take(positions: list[int]) -> Tensor:
+        return squares[torch.tensor(positions, dtype=torch.long, device=device)]
+
+    sums = _Sums()
+    for key, pairs in state_slots.items():
+        sums.add(f"norm:{key}", [i for i, _ in pairs], take([s for _, s in pairs]))
+    if hat:
+        bias1, _ = _bias_corrections([moments[i] for i, _ in hat], device)
+        sums.add("hat", [i for i, _ in hat], take([s for _, s in hat]) / bias1.square())
+    if update:
+        sums.add("delta", [i for i, _, _ in update], take([s for _, s, _ in update]))
+        sums.add("weight", [i for i, _, _ in update], take([s for _, _, s in update]))
+    if cosine:
+        indices = [i for i, _, _ in cosine]
+        dots = [torch.vdot(_fp32(moments[i].first_moment), _fp32(moments[i].grad)) for i in indices]
+        sums.add("dot", indices, torch.stack(dots))
+        sums.add("cos_m", indices, take([s for _, s, _ in cosine]))
+        sums.add("cos_g", indices, take([s for _, _, s in cosine]))
+    return sums
+
+
+def _upcast(tensor: Tensor) -> Tensor:
+    # fp16/bf16 parameters: subtract in fp32 so the update is not rounded away.
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.to(torch.float32)
 
 
 def _bias_corrections(
@@ -128,25 +214,116 @@ def _bias_corrections(
     return 1 - beta1**steps, 1 - beta2**steps
 
 
-def _flat(tensor: Tensor) -> Tensor:
-    return tensor.detach().reshape(-1).to(torch.float32)
+@dataclass
+class _SecondMoments:
+    """The second moments of all adaptive parameters, concatenated group by group, so each
+    layer is a contiguous range; one NaN at the end stands for "no element"."""
+
+    flat: Tensor
+    order: list[int]  # indices into ``moments``, in concatenation order
+    sizes: list[int]
+    starts: list[int]  # per group: first element
+    counts: list[int]  # per group: number of elements
 
 
-def _sample(
-    tensors: list[Tensor], max_samples: int, generator: torch.Generator | None
-) -> list[Tensor]:
-    """All elements of ``tensors`` when they fit in ``max_samples``, else a uniform sample of
-    about ``max_samples`` (each tensor in proportion to its size). Returns flat fp32 pieces."""
-    total = sum(t.numel() for t in tensors)
-    if total <= max_samples:
-        return [_flat(t) for t in tensors]
-    pieces = []
-    for tensor in tensors:
-        count = max(1, round(max_samples * tensor.numel() / total))
-        device = generator.device if generator is not None else tensor.device
-        index = torch.randint(tensor.numel(), (count,), generator=generator, device=device)
-        pieces.append(_flat(tensor)[index.to(tensor.device)])
-    return pieces
+def _concatenate(
+    moments: Sequence[ParamMoments], groups: Sequence[Sequence[int]], device: torch.device
+) -> _SecondMoments | None:
+    layer_of = {i: g for g, members in enumerate(groups[:-1]) for i in members}
+    adaptive = [i for i, m in enumerate(moments) if m.second_moment is not None]
+    if not adaptive:
+        return None
+    order = sorted(adaptive, key=lambda i: layer_of.get(i, len(groups)))
+    sizes = [moments[i].second_moment.numel() for i in order]
+    nan = torch.full((1,), math.nan, device=device)
+    flat = torch.cat([*(_fp32(moments[i].second_moment) for i in order), nan])
+    starts, counts, position = [], [], 0
+    sizes_by_group = [0] * len(groups)
+    for i, size in zip(order, sizes, strict=True):
+        if i in layer_of:
+            sizes_by_group[layer_of[i]] += size
+    for g in range(len(groups) - 1):
+        starts.append(position)
+        counts.append(sizes_by_group[g])
+        position += sizes_by_group[g]
+    starts.append(0)  # all parameters
+    counts.append(sum(sizes))
+    return _SecondMoments(flat, order, sizes, starts, counts)
+
+
+def _underflow_sums(moments: Sequence[ParamMoments], second: _SecondMoments, sums: _Sums) -> None:
+    """Count ``v < eps^2`` per parameter, in fp32 (in fp16, eps^2 itself would round to 0)."""
+    with_eps = [k for k, i in enumerate(second.order) if moments[i].eps is not None]
+    if not with_eps:
+        return
+    values = second.flat[:-1]
+    eps = {moments[i].eps for i in second.order}
+    if len(eps) == 1:
+        below = values < next(iter(eps)) ** 2
+    else:
+        eps2 = torch.tensor(
+            [(moments[i].eps or 0.0) ** 2 for i in second.order], device=values.device
+        )
+        below = values < eps2.repeat_interleave(torch.tensor(second.sizes, device=values.device))
+    # Per-parameter counts from one running sum (parameters are contiguous in ``flat``).
+    running = below.cumsum(0, dtype=torch.int64 if below.numel() >= 2**31 else torch.int32)
+    ends = torch.tensor(second.sizes, device=values.device).cumsum(0) - 1
+    at_end = running[ends]
+    counts = at_end - torch.cat([at_end.new_zeros(1), at_end[:-1]])
+    picked = torch.tensor(with_eps, device=values.device)
+    sums.add("underflow", [second.order[k] for k in with_eps], counts[picked])
+    sizes = torch.tensor([float(second.sizes[k]) for k in with_eps], device=values.device)
+    sums.add("numel", [second.order[k] for k in with_eps], sizes)
+
+
+def _sampled_rows(
+    moments: Sequence[ParamMoments],
+    second: _SecondMoments,
+    max_samples: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """``sqrt(v_hat)`` and step size of up to ``max_samples`` elements per group, NaN-padded:
+    two ``[groups, width]`` matrices (step size NaN where the optimizer is not Adam-like)."""
+    device = second.flat.device
+    total = second.flat.numel() - 1
+    starts = torch.tensor(second.starts, device=device)
+    counts = torch.tensor(second.counts, device=device)
+    width = max(1, min(max_samples, max(second.counts)))
+    column = torch.arange(width, device=device)[None, :]
+    exact = (counts <= max_samples)[:, None]
+    uniform = torch.rand(
+        len(second.counts), width, generator=generator, device=generator.device
+    ).to(device)
+    offset = torch.where(
+        exact, column, (uniform * counts[:, None]).long().clamp_max(counts[:, None] - 1)
+    )
+    valid = torch.where(exact, column < counts[:, None], counts[:, None] > 0)
+    index = torch.where(valid, starts[:, None] + offset, total)
+    values = second.flat[index]
+
+    # Which parameter each sampled element belongs to, for its bias correction, lr and eps.
+    ends = torch.tensor(second.sizes, device=device).cumsum(0)
+    owner = torch.searchsorted(ends, index, right=True).clamp_max(len(second.order) - 1)
+    params = [moments[i] for i in second.order]
+    adam = [m.adam_like for m in params]
+    bias2 = torch.ones(
+        len(params), dtype=torch.float64 if device.type != "mps" else torch.float32, device=device
+    )
+    if any(adam):
+        picked = torch.tensor([k for k, a in enumerate(adam) if a], device=device)
+        _, corrections = _bias_corrections(
+            [m for m, a in zip(params, adam, strict=True) if a], device
+        )
+        bias2 = bias2.index_copy(0, picked, corrections)
+    roots = (values / bias2.to(torch.float32)[owner]).sqrt()
+    lr = torch.tensor(
+        [m.lr if a else math.nan for m, a in zip(params, adam, strict=True)], device=device
+    )
+    eps = torch.tensor(
+        [m.eps if a else math.nan for m, a in zip(params, adam, strict=True)], device=device
+    )
+    steps = lr[owner] / (roots + eps[owner])
+    return roots, steps
 
 
 def _row_histograms(rows: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -167,7 +344,7 @@ def _row_histograms(rows: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
 @torch.no_grad()
 def moment_statistics(
     moments: Sequence[ParamMoments],
-    groups: Sequence[Sequence[int]],
+    layers: Sequence[Sequence[int]],
     *,
     statistics: Sequence[str] = STATISTICS,
     percentiles: Sequence[float] = (5.0, 50.0, 95.0),
@@ -175,212 +352,104 @@ def moment_statistics(
     histogram_bins: int = 0,
     generator: torch.Generator | None = None,
 ) -> tuple[list[dict[str, float]], list[GroupHistogram | None]]:
-    """Statistics of each group of parameters (``groups[i]`` lists indices into ``moments``).
+    """Statistics of each layer and of all parameters.
 
-    Returns, per group, ``{statistic key: value}`` (only keys some member contributes to; see
-    the module docstring for the formulas) and, with ``histogram_bins > 0``, a histogram of
-    ``log10(step_size)`` (``None`` where the group has no Adam-family parameter).
-    Keys: ``<state key>_norm``, ``first_moment_hat_norm``, ``sqrt_second_moment_<pXX>``,
-    ``step_size_<pXX>``, ``update_to_weight``, ``second_moment_underflow``, ``grad_cosine``.
+    ``layers[j]`` lists indices into ``moments`` (layers must not overlap; a parameter may be in
+    none). Returns one ``{statistic: value}`` per layer plus a last one for all parameters, each
+    with the keys its members contribute to: ``<state key>_norm``, ``first_moment_hat_norm``,
+    ``sqrt_second_moment_<pXX>``, ``step_size_<pXX>``, ``update_to_weight``,
+    ``second_moment_underflow``, ``grad_cosine`` (formulas in the module docstring). With
+    ``histogram_bins > 0``, also a histogram of ``log10(step_size)`` per group (``None`` where
+    no member is Adam-like). Sampling uses ``generator`` (default: a fresh one seeded with 0, so
+    the global random state that training relies on is never consumed).
     """
-    wanted = set(statistics)
-    if not moments or not groups:
+    seen: set[int] = set()
+    for j, members in enumerate(layers):
+        if seen & set(members):
+            raise ValueError(f"layers[{j}]: overlaps an earlier layer; allowed: disjoint layers")
+        seen |= set(members)
+    groups = [*layers, list(range(len(moments)))]
+    if not moments:
         return [{} for _ in groups], [None for _ in groups]
+    wanted = set(statistics)
     device = moments[0].param.device
-    count = len(moments)
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(0)
 
-    # --- one foreach norm over every tensor some statistic needs -----------------------
-    norm_inputs: list[Tensor] = []
-    norm_slot: dict[int, int] = {}
+    sums = _norm_sums(moments, wanted, device)
+    second = _concatenate(moments, groups, device)
+    if second is not None and "second_moment_underflow" in wanted:
+        _underflow_sums(moments, second, sums)
+    reduced, contributors = sums.reduce(groups, len(moments), device)
+    outputs = [reduced.flatten()]
 
-    def slot(tensor: Tensor) -> int:
-        key = id(tensor)
-        if key not in norm_slot:
-            norm_slot[key] = len(norm_inputs)
-            norm_inputs.append(tensor.detach())
-        return norm_slot[key]
-
-    state_slots: dict[str, list[tuple[int, int]]] = {}
-    if "state_norm" in wanted:
-        for i, m in enumerate(moments):
-            for key, tensor in m.states.items():
-                state_slots.setdefault(key, []).append((i, slot(tensor)))
-    moved = [i for i, m in enumerate(moments) if m.before is not None]
-    update_slots: list[tuple[int, int, int]] = []
-    if "update_to_weight" in wanted and moved:
-        deltas = torch._foreach_sub(
-            [moments[i].param.detach() for i in moved], [moments[i].before for i in moved]
-        )
-        update_slots = [
-            (i, slot(d), slot(moments[i].before)) for i, d in zip(moved, deltas, strict=True)
-        ]
-    cosine = [i for i, m in enumerate(moments) if m.first_moment is not None and m.grad is not None]
-    cosine_slots: list[tuple[int, int, int]] = []
-    if "grad_cosine" in wanted:
-        cosine_slots = [(i, slot(moments[i].first_moment), slot(moments[i].grad)) for i in cosine]
-    adam = [i for i, m in enumerate(moments) if m.bias_corrected and m.second_moment is not None]
-    hat_slots: list[tuple[int, int]] = []
-    if "first_moment_hat_norm" in wanted:
-        hat_slots = [
-            (i, slot(moments[i].first_moment)) for i in adam if moments[i].first_moment is not None
-        ]
-    squares = (
-        torch.stack(torch._foreach_norm(norm_inputs, 2, dtype=torch.float32)).square()
-        if norm_inputs
-        else torch.zeros(0, device=device)
-    )
-
-    def gather(slots: list[int]) -> Tensor:
-        return squares[torch.tensor(slots, dtype=torch.long, device=device)]
-
-    bias1 = bias2 = torch.ones(count, device=device)
-    if adam:
-        b1, b2 = _bias_corrections([moments[i] for i in adam], device)
-        index = torch.tensor(adam, device=device)
-        bias1 = torch.ones(count, dtype=b1.dtype, device=device).index_copy_(0, index, b1)
-        bias2 = torch.ones(count, dtype=b2.dtype, device=device).index_copy_(0, index, b2)
-
-    # --- per-parameter columns, summed per group by one matrix product --------------------
-    columns = _Columns(count, device)
-    for key, pairs in state_slots.items():
-        columns.add(f"norm:{key}", [i for i, _ in pairs], gather([s for _, s in pairs]))
-    if hat_slots:
-        idx = [i for i, _ in hat_slots]
-        correction = bias1[torch.tensor(idx, device=device)]
-        columns.add("hat", idx, gather([s for _, s in hat_slots]) / correction.square())
-    if update_slots:
-        idx = [i for i, _, _ in update_slots]
-        columns.add("delta", idx, gather([s for _, s, _ in update_slots]))
-        columns.add("weight", idx, gather([s for _, _, s in update_slots]))
-    if cosine_slots:
-        idx = [i for i, _, _ in cosine_slots]
-        dots = torch.stack(
-            [torch.vdot(_flat(moments[i].first_moment), _flat(moments[i].grad)) for i in idx]
-        )
-        columns.add("dot", idx, dots)
-        columns.add("cos_m", idx, gather([s for _, s, _ in cosine_slots]))
-        columns.add("cos_g", idx, gather([s for _, _, s in cosine_slots]))
-    underflow = [
-        i for i, m in enumerate(moments) if m.second_moment is not None and m.eps is not None
-    ]
-    if "second_moment_underflow" in wanted and underflow:
-        # Compare in fp32: in fp16 eps^2 itself rounds to zero.
-        below = torch.stack(
-            [
-                torch.count_nonzero(
-                    moments[i].second_moment.to(torch.float32) < moments[i].eps ** 2
-                )
-                for i in underflow
-            ]
-        )
-        columns.add("underflow", underflow, below)
-        sizes = torch.tensor(
-            [float(moments[i].second_moment.numel()) for i in underflow], device=device
-        )
-        columns.add("numel", underflow, sizes)
-
-    membership = torch.zeros(count, len(groups), dtype=torch.float32)
-    for g, members in enumerate(groups):
-        membership[list(members), g] = 1.0
-    membership = membership.to(device)
-    sums = (
-        torch.stack(columns.values) @ membership
-        if columns.values
-        else torch.zeros(0, len(groups), device=device)
-    )
-    contributor_sets = [set(contrib) for contrib in columns.contributors]
-    contributors = [
-        [sum(1 for i in members if i in c) for members in groups] for c in contributor_sets
-    ]
-
-    # --- percentiles of sampled elements: one nanquantile pass -----------------------------
-    want_sqrt = "sqrt_second_moment" in wanted
-    want_step = "step_size" in wanted or histogram_bins > 0
-    rows: list[Tensor] = []
-    row_kind: list[tuple[str, int]] = []
-    adam_set = set(adam)
-    if want_sqrt or want_step:
-        adaptive = {i for i, m in enumerate(moments) if m.second_moment is not None}
-        for g, members in enumerate(groups):
-            inside = [i for i in members if i in adaptive]
-            if not inside:
-                continue
-            pieces = _sample([moments[i].second_moment for i in inside], max_samples, generator)
-            roots = [
-                (piece / bias2[i].to(torch.float32)).sqrt()
-                for i, piece in zip(inside, pieces, strict=True)
-            ]
-            if want_sqrt:
-                rows.append(torch.cat(roots))
-                row_kind.append(("sqrt_second_moment", g))
-            steps = [
-                moments[i].lr / (root + moments[i].eps)
-                for i, root in zip(inside, roots, strict=True)
-                if i in adam_set and moments[i].lr is not None and moments[i].eps is not None
-            ]
-            if want_step and steps:
-                rows.append(torch.cat(steps))
-                row_kind.append(("step_size", g))
-    outputs = [sums.flatten()]
-    quantiles = torch.zeros(0, device=device)
-    if rows:
-        padded = pad_sequence(rows, batch_first=True, padding_value=math.nan)
-        if percentiles and ("sqrt_second_moment" in wanted or "step_size" in wanted):
-            q = torch.tensor([p / 100 for p in percentiles], dtype=padded.dtype, device=device)
-            quantiles = torch.nanquantile(padded, q, dim=1)  # [Q, rows]
+    want_percentiles = bool(percentiles) and bool({"sqrt_second_moment", "step_size"} & wanted)
+    want_histograms = histogram_bins > 0
+    has_adam = [any(moments[i].adam_like for i in members) for members in groups]
+    quantile_count = hist_rows = 0
+    if second is not None and (want_percentiles or want_histograms):
+        roots, steps = _sampled_rows(moments, second, max_samples, generator)
+        if want_percentiles:
+            q = torch.tensor([p / 100 for p in percentiles], dtype=roots.dtype, device=device)
+            quantiles = torch.nanquantile(torch.cat([roots, steps]), q, dim=1)  # [Q, 2 * groups]
+            quantile_count = quantiles.numel()
             outputs.append(quantiles.flatten())
-        step_rows = [r for r, (kind, _) in enumerate(row_kind) if kind == "step_size"]
-        if histogram_bins > 0 and step_rows:
-            logs = padded[torch.tensor(step_rows, device=device)].log10()
-            counts, low, high = _row_histograms(logs, histogram_bins)
+        if want_histograms and any(has_adam):
+            counts, low, high = _row_histograms(steps.log10(), histogram_bins)
+            hist_rows = len(groups)
             outputs += [counts.flatten(), low, high]
-    host = torch.cat([o.to(torch.float32) for o in outputs]).tolist()  # the one device-to-host sync
+    host = torch.cat(outputs).tolist()  # the one device-to-host transfer
 
-    # --- decode on the host -----------------------------------------------------------------
-    results: list[dict[str, float]] = [{} for _ in groups]
-    position = 0
+    # --- decode on the host ---------------------------------------------------------------
     width = len(groups)
-    table = {}
-    for name, counts in zip(columns.names, contributors, strict=True):
-        table[name] = (host[position : position + width], counts)
-        position += width
-    for g, result in enumerate(results):
-
-        def value(name: str, g: int = g) -> float | None:
-            entry = table.get(name)
-            return entry[0][g] if entry is not None and entry[1][g] > 0 else None
-
-        for name in table:
-            if name.startswith("norm:") and value(name) is not None:
-                result[f"{name[5:]}_norm"] = math.sqrt(value(name))
-        if value("hat") is not None:
-            result["first_moment_hat_norm"] = math.sqrt(value("hat"))
-        if value("delta") is not None:
-            delta, weight = math.sqrt(value("delta")), math.sqrt(value("weight"))
-            result["update_to_weight"] = (
-                delta / weight if weight > 0 else (math.inf if delta > 0 else 0.0)
-            )
-        if value("dot") is not None and value("cos_m") > 0 and value("cos_g") > 0:
-            result["grad_cosine"] = value("dot") / math.sqrt(value("cos_m") * value("cos_g"))
-        if value("underflow") is not None:
-            result["second_moment_underflow"] = value("underflow") / value("numel")
-    if quantiles.numel():
-        values = host[position : position + quantiles.numel()]
-        position += quantiles.numel()
-        for r, (kind, g) in enumerate(row_kind):
-            if kind in wanted:
-                for k, p in enumerate(percentiles):
-                    results[g][f"{kind}_{percentile_label(p)}"] = values[k * len(row_kind) + r]
-    histograms: list[GroupHistogram | None] = [None for _ in groups]
-    if histogram_bins > 0 and rows:
-        step_groups = [g for kind, g in row_kind if kind == "step_size"]
-        n = len(step_groups)
-        if n:
-            counts = host[position : position + n * histogram_bins]
-            lows = host[position + n * histogram_bins : position + n * histogram_bins + n]
-            highs = host[position + n * histogram_bins + n : position + n * histogram_bins + 2 * n]
-            for r, g in enumerate(step_groups):
-                histograms[g] = GroupHistogram(
-                    counts[r * histogram_bins : (r + 1) * histogram_bins], lows[r], highs[r]
-                )
+    table = {
+        name: (host[c * width : (c + 1) * width], contributors[c])
+        for c, name in enumerate(sums.columns)
+    }
+    position = len(sums.columns) * width
+    results: list[dict[str, float]] = []
+    for g in range(width):
+        values = {name: column[g] for name, (column, present) in table.items() if present[g] > 0}
+        results.append(_scalars(values))
+    if quantile_count:
+        quantiles_host = host[position : position + quantile_count]
+        position += quantile_count
+        rows = 2 * width
+        for g in range(width):
+            for k, p in enumerate(percentiles):
+                label = percentile_label(p)
+                if "sqrt_second_moment" in wanted and second.counts[g] > 0:
+                    results[g][f"sqrt_second_moment_{label}"] = quantiles_host[k * rows + g]
+                if "step_size" in wanted and has_adam[g]:
+                    results[g][f"step_size_{label}"] = quantiles_host[k * rows + width + g]
+    histograms: list[GroupHistogram | None] = [None] * width
+    if hist_rows:
+        counts_host = host[position : position + hist_rows * histogram_bins]
+        lows = host[position + hist_rows * histogram_bins :][:hist_rows]
+        highs = host[position + hist_rows * histogram_bins + hist_rows :][:hist_rows]
+        for g in range(width):
+            if has_adam[g]:
+                bins = counts_host[g * histogram_bins : (g + 1) * histogram_bins]
+                histograms[g] = GroupHistogram(bins, lows[g], highs[g])
     return results, histograms
+
+
+def _scalars(sums: dict[str, float]) -> dict[str, float]:
+    """Statistics of one group from its sums (only those its members contribute to)."""
+    result = {
+        f"{name[5:]}_norm": math.sqrt(value)
+        for name, value in sums.items()
+        if name.startswith("norm:")
+    }
+    if "hat" in sums:
+        result["first_moment_hat_norm"] = math.sqrt(sums["hat"])
+    if "delta" in sums:
+        delta, weight = math.sqrt(sums["delta"]), math.sqrt(sums["weight"])
+        result["update_to_weight"] = (
+            delta / weight if weight > 0 else (math.inf if delta > 0 else 0.0)
+        )
+    if "dot" in sums and sums["cos_m"] > 0 and sums["cos_g"] > 0:
+        result["grad_cosine"] = sums["dot"] / math.sqrt(sums["cos_m"] * sums["cos_g"])
+    if "underflow" in sums:
+        result["second_moment_underflow"] = sums["underflow"] / sums["numel"]
+    return result

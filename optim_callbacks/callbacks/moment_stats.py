@@ -223,16 +223,14 @@ class MomentStatistics(Callback):
                 layer = self._layer_of.get(id(p))
                 if layer in layer_members:
                     layer_members[layer].append(len(moments) - 1)
-        names = [name for name, members in layer_members.items() if members] + [GLOBAL]
-        groups = [layer_members[name] for name in names[:-1]] + [list(range(len(moments)))]
-        generator = None
-        if moments:
-            generator = torch.Generator(device=moments[0].param.device).manual_seed(
-                self.seed + step
-            )
+        names = [name for name, members in layer_members.items() if members]
+        layers = [layer_members[name] for name in names]
+        names.append(GLOBAL)
+        device = moments[0].param.device if moments else torch.device("cpu")
+        generator = torch.Generator(device=device).manual_seed(self.seed + step)
         results, histograms = moment_statistics(
             moments,
-            groups,
+            layers,
             statistics=self.statistics,
             percentiles=self.percentiles,
             max_samples=self.max_samples,
