@@ -106,6 +106,10 @@ class MomentStatistics(Callback):
         self.max_layers = (
             None if max_layers is None else check_at_least("max_layers", max_layers, 1)
         )
+        if isinstance(percentiles, str) or not isinstance(percentiles, Sequence):
+            raise ValueError(
+                f"percentiles: got {percentiles!r}; allowed: a list of numbers in [0, 100]"
+            )
         self.percentiles = tuple(
             check_in_range(f"percentiles[{i}]", p, 0, 100, high_inclusive=True)
             for i, p in enumerate(percentiles)
