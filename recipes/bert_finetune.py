@@ -28,7 +28,7 @@ from transformers import AutoModelForSequenceClassification
 
 from recipes.classification import ClassificationModule
 from recipes.cli import RecipeCLI, main
-from recipes.embedded import EMBEDDED_MODEL_ID, resolve_model_path
+from recipes.embedded import EMBEDDED_MODEL_ID, load_error, resolve_model_path
 from recipes.text_data import TextClassificationData
 
 __all__ = ["BertClassifier", "run"]
@@ -68,13 +68,16 @@ class BertClassifier(ClassificationModule):
         scheduler_options: dict[str, Any] | None = None,
     ) -> None:
         names = class_names or [str(i) for i in range(num_classes)]
-        network = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(model_name_or_path),
-            num_labels=num_classes,
-            id2label=dict(enumerate(names)),
-            label2id={name: i for i, name in enumerate(names)},
-            ignore_mismatched_sizes=True,  # a checkpoint with another head size gets a new head
-        )
+        try:
+            network = AutoModelForSequenceClassification.from_pretrained(
+                resolve_model_path(model_name_or_path),
+                num_labels=num_classes,
+                id2label=dict(enumerate(names)),
+                label2id={name: i for i, name in enumerate(names)},
+                ignore_mismatched_sizes=True,  # a checkpoint with another head size gets a new head
+            )
+        except OSError as error:
+            raise load_error(model_name_or_path, error) from None
         super().__init__(
             network,
             num_classes,

@@ -19,6 +19,7 @@ with status 2.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -332,10 +333,15 @@ def main(
 ) -> RecipeCLI:
     """Parse, build, fit and test; a usage error exits with status 2 and one line on stderr."""
     prog = f"python -m recipes.{name}"
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+    level = seed_log.level
+    seed_log.setLevel(logging.WARNING)  # "Seed set to 42" would precede a one-line usage error
     try:  # everything the user gave is checked here: names, files, columns, classes, options
         cli = RecipeCLI(model_class, datamodule_class, name=name, args=args, **cli_options)
     except (ValueError, OSError) as error:
         raise _usage_error(prog, error) from None
+    finally:
+        seed_log.setLevel(level)
     try:
         cli.fit_and_test()
     except UsageError as error:

