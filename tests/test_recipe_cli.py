@@ -260,6 +260,6 @@ def test_ddp_on_two_cpu_processes_syncs_metrics_and_logs_from_rank_zero(tiny, tm
     assert not set(ranks[0]["test_indices"]) & set(ranks[1]["test_indices"])
     assert ranks[0]["test"] == ranks[1]["test"]
     assert ranks[0]["parameter_sum"] == ranks[1]["parameter_sum"]  # DDP kept replicas equal
-    assert [r["logger_is_real"] for r in ranks] == [True, False]
+    assert [r["logger_is_wandb_run"] for r in ranks] == [True, False]
     assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 1
     assert result.stdout.count("Test results (12 examples") == 1
