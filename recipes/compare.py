@@ -142,11 +142,12 @@ class PlannedRun:
     def key(self) -> str:
         return f"{self.optimizer}-lr{self.lr.value:g}-seed{self.seed}"
 
-    def recipe_args(self, common: Sequence[str], run_dir: Path) -> list[str]:
+    def recipe_args(self, common: Sequence[str]) -> list[str]:
+        """The options of this run (besides its folder, ``--trainer.default_root_dir``)."""
         return [
             *common,
             *("--optimizer", self.optimizer, "--lr", repr(self.lr.value)),
-            *("--seed_everything", str(self.seed), "--trainer.default_root_dir", str(run_dir)),
+            *("--seed_everything", str(self.seed)),
         ]
 
 
@@ -214,25 +215,36 @@ def resolve_recipe_config(recipe: str, args: Sequence[str]) -> dict[str, Any]:
     return yaml.safe_load(printed.getvalue())
 
 
+def previous_sweep(folder: Path, recipe: str, common_args: Sequence[str]) -> dict[str, Any] | None:
+    """The settings of the sweep ``folder`` already holds (``None`` if none); an error if it
+    ran another recipe or other recipe options, whose runs a report must not mix."""
+    previous = _read_json(folder / "sweep.json")
+    if previous is not None and (previous["recipe"], previous["common_args"]) != (
+        recipe,
+        list(common_args),
+    ):
+        raise ValueError(
+            f"out: {str(folder)!r} holds a sweep of {previous['recipe']} with the options "
+            f"{shlex.join(previous['common_args'])!r}; allowed: the same recipe and options, "
+            "or another --out"
+        )
+    return previous
+
+
 class Sweep:
     """The sweep folder: its settings, its runs (started, reused or rerun) and its plan."""
 
     def __init__(
-        self, folder: Path, recipe: str, common_args: Sequence[str], settings: dict[str, Any]
+        self,
+        folder: Path,
+        recipe: str,
+        common_args: Sequence[str],
+        settings: dict[str, Any],
+        previous: dict[str, Any] | None = None,
     ) -> None:
         self.folder = folder
         self.recipe = recipe
         self.common_args = list(common_args)
-        previous = _read_json(folder / "sweep.json")
-        if previous is not None and (previous["recipe"], previous["common_args"]) != (
-            recipe,
-            self.common_args,
-        ):
-            raise ValueError(
-                f"out: {str(folder)!r} holds a sweep of {previous['recipe']} with the options "
-                f"{shlex.join(previous['common_args'])!r}; allowed: the same recipe and options, "
-                "or another --out"
-            )
         self.state: dict[str, Any] = {
             "group": f"{recipe}-compare-{time.strftime('%Y%m%d-%H%M%S')}",
             **(previous or {}),
@@ -257,7 +269,7 @@ class Sweep:
     ) -> dict[str, Any] | None:
         """The run's result: reused if it finished before, else run now; ``None`` if it failed."""
         run_dir = self.run_dir(run)
-        args = run.recipe_args(self.common_args, run_dir)
+        args = run.recipe_args(self.common_args)  # a moved sweep folder still matches
         description = {
             "key": run.key,
             "optimizer": run.optimizer,
@@ -292,6 +304,7 @@ class Sweep:
                     self.recipe,
                     str(run_dir / "result.json"),
                     *args,
+                    *("--trainer.default_root_dir", str(run_dir)),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -376,10 +389,11 @@ def run_sweep(argv: Sequence[str]) -> Path:
             repr(1.0 / options.validations_per_epoch),
         ]
     common = [*sweep_defaults, *recipe_args]  # the user's options come last and win
+    folder = Path(options.out or Path("reports") / options.recipe)
+    previous = previous_sweep(folder, options.recipe, common)
     config = resolve_recipe_config(options.recipe, common)
     presets = preset_lrs(optimizers, config["optimizer"], config["lr"], overrides)
 
-    folder = Path(options.out or Path("reports") / options.recipe)
     seeds = [options.first_seed + i for i in range(options.seeds)]
     sweep = Sweep(
         folder,
@@ -392,6 +406,7 @@ def run_sweep(argv: Sequence[str]) -> Path:
             "seeds": seeds,
             "target_accuracy": options.target_accuracy,
         },
+        previous,
     )
     runs_per_optimizer = {
         name: len(seeds)

