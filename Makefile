@@ -25,7 +25,7 @@ data:
 	fi
 
 run: setup
-	$(PY) -m optim_callbacks list
+	$(PY) -m recipes.bert_finetune --optimizer adamw
 
 test: setup
 	$(PY) -m ruff check .
