@@ -19,6 +19,7 @@ with status 2.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -300,8 +301,6 @@ class RecipeCLI(LightningCLI):
 
 
 def _init_defaults(cls: type) -> dict[str, Any]:
-    import inspect
-
     return {
         name: p.default
         for name, p in inspect.signature(cls.__init__).parameters.items()

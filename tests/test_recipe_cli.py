@@ -191,7 +191,7 @@ def _wandb_summary(run_dir: Path, home: Path) -> dict:
 def test_cli_with_the_yaml_logs_offline_to_wandb_without_credentials(tiny, tmp_path):
     model_dir, data = tiny
     args = [PYTHON, "-m", "recipes.bert_finetune", "--config", str(CONFIG)]
-    args += tiny_args(model_dir, data, "--trainer.max_epochs", "2")
+    args += tiny_args(model_dir, data, "--trainer.max_epochs", "1")
     result = subprocess.run(
         args,
         cwd=tmp_path,
