@@ -332,6 +332,26 @@ def _verdict(summaries: Sequence[OptimizerSummary], target: float) -> str:
     )
 
 
+def claims_table(summaries: Sequence[OptimizerSummary], target: float) -> str:
+    """What practice says of each optimizer (its registry description) beside what it did here."""
+    from optim_callbacks import OPTIMIZERS
+
+    lines = ["| optimizer | what practice claims | here |", "|---|---|---|"]
+    finished = [s for s in summaries if s.finished]
+    for s in summaries:
+        claim = OPTIMIZERS.get(s.optimizer).description if s.optimizer in OPTIMIZERS else ""
+        if not s.finished:
+            here = "every run failed"
+        else:
+            here = f"rank {finished.index(s) + 1} of {len(finished)}"
+            if s.reached_target:
+                here += f", {s.mean['steps_to_target']:.0f} steps to {target:.3f}"
+            else:
+                here += f", never reached {target:.3f}"
+        lines.append(f"| {s.optimizer} | {claim} | {here} |")
+    return "\n".join(lines)
+
+
 def run_table(runs: Sequence[RunSummary], folder: Path) -> str:
     lines = [
         "| run | seed | lr | val acc (best) | test acc | steps | fit time | W&B run |",
@@ -412,6 +432,7 @@ def markdown_report(
         f"Machine: {'; '.join(machines) or 'unknown'}. W&B group: `{sweep['group']}`.",
     ]
     parts += [f"![{Path(name).stem}]({name})" for name in figures]
+    parts += ["## Claims and this task", claims_table(summaries, target)]
     if sweep.get("lr_search"):
         parts += ["## Learning-rate search", lr_search_table(sweep["lr_search"], search_runs)]
     parts += ["## Runs", run_table(runs, folder)]
@@ -475,6 +496,18 @@ def _new_figure(columns: int, rows: int = 1) -> tuple[Any, Any]:
     return figure, figure.subplots(rows, columns, squeeze=False).ravel()
 
 
+def _legend(figure: Any, axes: Sequence[Any]) -> None:
+    """One legend for the figure: each optimizer once, whichever panels it appears in."""
+    labelled: dict[str, Any] = {}
+    for axis in axes:
+        for line in axis.get_lines():
+            labelled.setdefault(line.get_label(), line)
+    if labelled:
+        figure.legend(
+            labelled.values(), labelled.keys(), loc="outside right upper", fontsize="small"
+        )
+
+
 def plot_curves(
     results_by_optimizer: Mapping[str, list[dict]], colors: Mapping[str, Any], path: Path
 ) -> None:
@@ -489,7 +522,7 @@ def plot_curves(
         axis.set_title(title)
         axis.set_xlabel("optimizer step")
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize="small")
+    _legend(figure, axes)
     figure.savefig(path, dpi=90)
 
 
@@ -511,7 +544,7 @@ def plot_lr_schedule(
     axis.set_title("learning rate used by each step (largest parameter group)")
     axis.set_xlabel("optimizer step")
     axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize="small")
+    _legend(figure, [axis])
     figure.savefig(path, dpi=90)
 
 

@@ -259,6 +259,17 @@ def test_a_folder_holding_another_sweep_is_refused(sweep, tiny, capsys):
     assert err.endswith("allowed: the same recipe and options, or another --out")
 
 
+def test_a_usage_error_in_a_run_stops_the_sweep_with_the_recipes_message(tiny, tmp_path, capsys):
+    args = sweep_args(tiny, tmp_path / "out", "--optimizers", "adamw,sgd")
+    with pytest.raises(SystemExit) as stop:
+        run_compare([*args, "--data.text_column", "body"])
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("python -m recipes.compare: error: text_column: ")
+    assert "'body'" in line
+    assert not (tmp_path / "out" / "runs" / KEYS["sgd"]).exists()  # sgd never started
+
+
 def test_presets_scale_the_recipe_lr_by_each_optimizers_rule_of_thumb():
     presets = preset_lrs(
         ["adamw", "adam", "sgd", "nesterov", "adagrad", "adadelta"], "adamw", 1e-4, {"adam": 5e-5}
