@@ -280,8 +280,10 @@ def _choose_implementation(
 ) -> None:
     """Prefer torch's fused kernels, then foreach, where the class and the device allow it.
 
-    Fused kernels need every parameter floating point and on a device torch has fused kernels
-    for; otherwise foreach; ``impl`` forces one (``for-loop`` = neither).
+    ``auto`` picks torch's own fused kernels when every parameter is floating point and on a
+    device torch has fused kernels for, else foreach. ``fused`` also accepts any other class
+    with a ``fused`` option (our AdaBelief: one ``torch.compile``d update, ~10 s to compile on
+    first use, so it is opt-in); ``for-loop`` turns both off.
     """
     accepted = set(spec.options())
     if "fused" in kwargs or "foreach" in kwargs or impl == "for-loop":
@@ -293,17 +295,18 @@ def _choose_implementation(
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
     tensors = _all_tensors(groups)
+    torch_kernels = spec.optimizer_class.__module__.startswith("torch.")
     fused_ok = (
         "fused" in accepted
-        and spec.optimizer_class.__module__.startswith("torch.")
         and bool(tensors)
-        and all(
-            t.is_floating_point() and t.device.type in _get_fused_kernels_supported_devices()
-            for t in tensors
+        and all(t.is_floating_point() for t in tensors)
+        and (
+            not torch_kernels
+            or all(t.device.type in _get_fused_kernels_supported_devices() for t in tensors)
         )
         and not kwargs.get("differentiable", False)
     )
-    if impl in ("auto", "fused") and fused_ok:
+    if fused_ok and (impl == "fused" or (impl == "auto" and torch_kernels)):
         kwargs["fused"] = True
     elif impl == "fused":
         raise ValueError(

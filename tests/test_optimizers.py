@@ -71,6 +71,9 @@ def test_fast_kernels_are_chosen_where_torch_supports_them():
     assert build_optimizer("adamw", params).defaults["fused"] is True
     assert build_optimizer("nesterov", params).defaults["fused"] is True
     assert build_optimizer("rmsprop", params).defaults["foreach"] is True
+    # Our AdaBelief: foreach by default, its compiled fused update on request.
+    assert build_optimizer("adabelief", params).defaults["foreach"] is True
+    assert build_optimizer("adabelief", params, impl="fused").defaults["fused"] is True
     loop = build_optimizer("adam", params, impl="for-loop").defaults
     assert loop["fused"] is False and loop["foreach"] is False
     # An explicit choice by the user wins.
