@@ -123,13 +123,17 @@ class _Sums:
     ) -> tuple[Tensor, list[list[int]]]:
         """``[columns, groups]`` sums (one matrix product) and, per column and group, how many
         parameters contributed (known on the host, no sync)."""
+        pairs = [(i, g) for g, members in enumerate(groups) for i in members]
         membership = torch.zeros(count, len(groups), dtype=torch.float32)
-        for g, members in enumerate(groups):
-            membership[list(members), g] = 1.0
+        membership[tuple(torch.tensor(pairs, dtype=torch.long).T)] = 1.0
+        rows = [c for c, (indices, _) in enumerate(self.columns.values()) for _ in indices]
+        columns = [i for indices, _ in self.columns.values() for i in indices]
         matrix = torch.zeros(len(self.columns), count, dtype=torch.float32, device=device)
+        if rows:
+            where = (torch.tensor(rows, device=device), torch.tensor(columns, device=device))
+            matrix.index_put_(where, torch.cat([values for _, values in self.columns.values()]))
         contributors = []
-        for c, (indices, values) in enumerate(self.columns.values()):
-            matrix[c, torch.tensor(indices, device=device)] = values
+        for indices, _ in self.columns.values():
             present = set(indices)
             contributors.append([sum(i in present for i in members) for members in groups])
         return matrix @ membership.to(device), contributors
@@ -265,11 +269,7 @@ def _underflow_sums(moments: Sequence[ParamMoments], second: _SecondMoments, sum
             [(moments[i].eps or 0.0) ** 2 for i in second.order], device=values.device
         )
         below = values < eps2.repeat_interleave(torch.tensor(second.sizes, device=values.device))
-    # Per-parameter counts from one running sum (parameters are contiguous in ``flat``).
-    running = below.cumsum(0, dtype=torch.int64 if below.numel() >= 2**31 else torch.int32)
-    ends = torch.tensor(second.sizes, device=values.device).cumsum(0) - 1
-    at_end = running[ends]
-    counts = at_end - torch.cat([at_end.new_zeros(1), at_end[:-1]])
+    counts = torch.stack([torch.count_nonzero(part) for part in below.split(second.sizes)])
     picked = torch.tensor(with_eps, device=values.device)
     sums.add("underflow", [second.order[k] for k in with_eps], counts[picked])
     sizes = torch.tensor([float(second.sizes[k]) for k in with_eps], device=values.device)
@@ -348,7 +348,7 @@ def moment_statistics(
     *,
     statistics: Sequence[str] = STATISTICS,
     percentiles: Sequence[float] = (5.0, 50.0, 95.0),
-    max_samples: int = 4096,
+    max_samples: int = 1024,
     histogram_bins: int = 0,
     generator: torch.Generator | None = None,
 ) -> tuple[list[dict[str, float]], list[GroupHistogram | None]]:

@@ -87,7 +87,7 @@ class MomentStatistics(Callback):
         layer_filter: str | None = None,
         max_layers: int | None = 64,
         percentiles: Sequence[float] = (5.0, 50.0, 95.0),
-        max_samples: int = 4096,
+        max_samples: int = 1024,
         histograms: bool = True,
         histogram_bins: int = 64,
         prefix: str = "moments",
