@@ -40,6 +40,7 @@ __all__ = [
     "ParamMoments",
     "moment_statistics",
     "percentile_label",
+    "snapshot_parameters",
 ]
 
 STATISTICS: tuple[str, ...] = (
@@ -59,7 +60,8 @@ class ParamMoments:
 
     ``states``: the tensors whose L2 norm is logged, by state key. ``second_moment``: the tensor
     the update divides by. ``betas`` (with ``step``): the optimizer bias-corrects with them, and
-    ``lr``/``eps`` give its step size. ``before``: the parameter before the step.
+    ``lr``/``eps`` give its step size. ``before``: the parameter before the step, from
+    :func:`snapshot_parameters`; :func:`moment_statistics` consumes it (overwrites it in place).
     """
 
     param: Tensor
@@ -155,12 +157,14 @@ def _norm_sums(moments: Sequence[ParamMoments], wanted: set[str], device: torch.
         for i, m in enumerate(moments):
             for key, tensor in m.states.items():
                 state_slots.setdefault(key, []).append((i, slot(tensor)))
-    update: list[tuple[int, int, int]] = []
     moved = [i for i, m in enumerate(moments) if m.before is not None]
+    weight = torch.zeros(0, device=device)
     if "update_to_weight" in wanted and moved:
-        after = [_upcast(moments[i].param.detach()) for i in moved]
-        deltas = torch._foreach_sub(after, [_upcast(moments[i].before) for i in moved])
-        update = [(i, slot(d), slot(moments[i].before)) for i, d in zip(moved, deltas, strict=True)]
+        befores = [moments[i].before for i in moved]
+        weight = torch.stack(torch._foreach_norm(befores, 2, dtype=torch.float32)).square()
+        # The snapshot becomes theta_{t-1} - theta_t in place: no second copy of the weights.
+        torch._foreach_sub_(befores, [moments[i].param.detach() for i in moved])
+    update = [(i, slot(moments[i].before)) for i in moved] if weight.numel() else []
     cosine: list[tuple[int, int, int]] = []
     if "grad_cosine" in wanted:
         cosine = [
@@ -189,8 +193,8 @@ def _norm_sums(moments: Sequence[ParamMoments], wanted: set[str], device: torch.
         bias1, _ = _bias_corrections([moments[i] for i, _ in hat], device)
         sums.add("hat", [i for i, _ in hat], take([s for _, s in hat]) / bias1.square())
     if update:
-        sums.add("delta", [i for i, _, _ in update], take([s for _, s, _ in update]))
-        sums.add("weight", [i for i, _, _ in update], take([s for _, _, s in update]))
+        sums.add("delta", [i for i, _ in update], take([s for _, s in update]))
+        sums.add("weight", [i for i, _ in update], weight)
     if cosine:
         indices = [i for i, _, _ in cosine]
         dots = [torch.vdot(_fp32(moments[i].first_moment), _fp32(moments[i].grad)) for i in indices]
@@ -200,9 +204,14 @@ def _norm_sums(moments: Sequence[ParamMoments], wanted: set[str], device: torch.
     return sums
 
 
-def _upcast(tensor: Tensor) -> Tensor:
-    # fp16/bf16 parameters: subtract in fp32 so the update is not rounded away.
-    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.to(torch.float32)
+@torch.no_grad()
+def snapshot_parameters(params: Sequence[Tensor]) -> list[Tensor]:
+    """Copies of ``params`` for :attr:`ParamMoments.before`, in at least fp32 (so that the
+    update ``theta_{t-1} - theta_t`` of fp16/bf16 weights is not rounded away)."""
+    low = [p for p in params if p.dtype not in (torch.float32, torch.float64)]
+    if not low:
+        return list(torch._foreach_mul([p.detach() for p in params], 1.0))
+    return [p.detach().to(torch.float32, copy=True) for p in params]
 
 
 def _bias_corrections(

@@ -28,7 +28,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 
-from optim_callbacks.moment_math import STATISTICS, GroupHistogram, ParamMoments, moment_statistics
+from optim_callbacks.moment_math import (
+    STATISTICS,
+    GroupHistogram,
+    ParamMoments,
+    moment_statistics,
+    snapshot_parameters,
+)
 from optim_callbacks.optimizers import OptimizerSpec, spec_for
 from optim_callbacks.validation import check_at_least, check_choice, check_in_range
 
@@ -180,8 +186,7 @@ class MomentStatistics(Callback):
                 hyperparameters.append(settings)
         before = None
         if "update_to_weight" in self.statistics:
-            with torch.no_grad():
-                before = torch._foreach_mul([p.detach() for p in params], 1.0)
+            before = snapshot_parameters(params)
         self._pending[id(optimizer)] = _Snapshot(optimizer, params, before, hyperparameters)
 
     def on_train_batch_end(
