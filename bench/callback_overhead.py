@@ -1,18 +1,22 @@
 """Training-step time of a BERT classifier with and without ``MomentStatistics``, in one run.
 
-Run: ``python bench/callback_overhead.py [--rounds R] [--steps N] [--model tiny|minilm]``
+Run: ``python bench/callback_overhead.py [--cycles C] [--model small|tiny|minilm] [--threads T]``
 
-The model is the BERT recipe's Lightning module (``recipes.classification.ClassificationModule``,
-AdamW + warmup + cosine, torchmetrics, ``self.log``) around a BERT encoder: by default a tiny
-random one (``BertConfig`` with 2 layers, hidden 128, 2 heads, BERT's 30,522-token vocabulary:
-4.4M parameters), or with ``--model minilm`` the recipe's real all-MiniLM-L6-v2 (22.7M).
-Three configurations train side by side, each with a ``CSVLogger``: no callback, the callback
-every 50 steps, and every step. Each round fits every configuration for ``N + 1`` steps
-(the order alternates between rounds) and times the ``N`` intervals between consecutive
-``on_train_batch_start`` calls, so everything one step costs is inside, setup is not. The first
-round is a warm-up. Reported: median ms per step over rounds, the median over rounds of each
-round's ratio to the baseline round (paired, so slow phases of a shared machine cancel), and
-the median extra time of a logging step.
+The model is the BERT recipe's Lightning module (``recipes.classification.ClassificationModule``:
+AdamW + warmup + cosine, torchmetrics, ``self.log``, a ``CSVLogger``) around a BERT encoder: by
+default a small random one (4 layers, hidden 256, 4 heads, 8,192-token vocabulary: 5.5M
+parameters); ``--model tiny`` (2 layers, hidden 128, BERT's 30,522-token vocabulary: 4.4M,
+91% embeddings); ``--model minilm`` the recipe's real all-MiniLM-L6-v2 (22.7M parameters,
+``recipes.bert_finetune.BertClassifier``).
+
+One fit runs blocks of 50 optimizer steps, each block in one configuration: the callback off
+(``every_n_steps`` beyond the run: one integer test per step, which is what a non-logging step
+costs), every 50 steps (one logging step per block) and every step. Blocks follow the order
+off, 50, 1, 1, 50, off in each cycle, so a drifting machine load hits every configuration
+alike. Step time is the wall time between consecutive ``on_train_batch_start`` calls (forward,
+backward, optimizer step, every callback and logger). Reported: per configuration the median
+over cycles of its mean ms/step, and the median over cycles of its ratio to the "off" blocks of
+the same cycle; and the median extra time of one logging step. The first block is a warm-up.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -32,6 +35,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
 from optim_callbacks import MomentStatistics
+
+BLOCK = 50
+CYCLE = ("off", "every_n_steps=50", "every_n_steps=1", "every_n_steps=1", "every_n_steps=50", "off")
+EVERY = {"off": 10**9, "every_n_steps=50": 50, "every_n_steps=1": 1}
 
 
 class RandomTokens(Dataset):
@@ -50,31 +57,52 @@ class RandomTokens(Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": self.labels[i]}
 
 
-class StepTimer(Callback):
-    """Wall time between consecutive ``on_train_batch_start`` calls."""
+class BlockSchedule(Callback):
+    """Sets the callback's ``every_n_steps`` for each block and times every step.
 
-    def __init__(self) -> None:
+    Placed first among the callbacks, so the change is made before the callback's own hooks.
+    """
+
+    def __init__(self, moments: MomentStatistics, blocks: list[str]) -> None:
+        self.moments = moments
+        self.blocks = blocks
         self.starts: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.starts.append(time.perf_counter())
+        block = trainer.global_step // BLOCK
+        if block < len(self.blocks):
+            self.moments.every_n_steps = EVERY[self.blocks[block]]
 
-    @property
-    def intervals(self) -> list[float]:
+    def step_times(self) -> list[float]:
         return [b - a for a, b in zip(self.starts, self.starts[1:], strict=False)]
 
 
-def tiny_bert() -> torch.nn.Module:
+# Random BERT stand-ins: "small" has a BERT-like mix of parameters (41% embeddings; BERT-base 22%,
+# MiniLM 52%); "tiny" (google/bert_uncased_L-2_H-128_A-2's shape) is 91% embeddings, which cost
+# the callback as much as any weight but cost training almost nothing: its worst case.
+STAND_INS = {
+    "small": {
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "vocab_size": 8192,
+    },
+    "tiny": {
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "vocab_size": 30522,
+    },
+}
+
+
+def stand_in_bert(model: str) -> torch.nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=512,
-        num_labels=2,
-    )
+    shape = STAND_INS[model]
+    config = BertConfig(**shape, intermediate_size=4 * shape["hidden_size"], num_labels=2)
     return BertForSequenceClassification(config)
 
 
@@ -86,39 +114,14 @@ def build_module(model: str) -> L.LightningModule:
     from recipes.classification import ClassificationModule
 
     return ClassificationModule(
-        tiny_bert(), num_classes=2, optimizer="adamw", lr=1e-4, weight_decay=0.01
+        stand_in_bert(model), num_classes=2, optimizer="adamw", lr=1e-4, weight_decay=0.01
     )
-
-
-def fit_once(
-    module: L.LightningModule, data: DataLoader, steps: int, callback: Callback | None, root: str
-) -> list[float]:
-    timer = StepTimer()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps + 1,
-        logger=CSVLogger(root),
-        callbacks=[c for c in (callback, timer) if c is not None],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=50,
-        default_root_dir=root,
-    )
-    trainer.fit(module, train_dataloaders=data)
-    return timer.intervals
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--rounds", type=int, default=5, help="timed rounds (after one warm-up round)"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=100, help="timed steps per fit (a multiple of 50)"
-    )
-    parser.add_argument("--model", choices=("tiny", "minilm"), default="tiny")
+    parser.add_argument("--cycles", type=int, default=3, help="cycles of 6 blocks of 50 steps")
+    parser.add_argument("--model", choices=(*STAND_INS, "minilm"), default="small")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument(
@@ -131,57 +134,67 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
     module = build_module(args.model)
+    blocks = ["off", *(name for _ in range(args.cycles) for name in CYCLE)]  # warm-up block first
+    steps = BLOCK * len(blocks)
     vocab = module.network.config.vocab_size
     data = DataLoader(
-        RandomTokens((args.steps + 1) * args.batch_size, args.seq_len, vocab),
-        batch_size=args.batch_size,
+        RandomTokens((steps + 1) * args.batch_size, args.seq_len, vocab), batch_size=args.batch_size
     )
     parameters = sum(p.numel() for p in module.parameters())
-    configurations: dict[str, Callable[[], Callback | None]] = {
-        "no callback": lambda: None,
-        "every_n_steps=50": lambda: MomentStatistics(every_n_steps=50),
-        "every_n_steps=1": lambda: MomentStatistics(every_n_steps=1),
-    }
-    names = list(configurations)
-    times: dict[str, list[float]] = {name: [] for name in names}  # mean ms/step per round
-    ratios: dict[str, list[float]] = {name: [] for name in names}
-    logging_step_extra: list[float] = []
     print(
         f"model: {args.model} BERT ({parameters / 1e6:.1f}M parameters), batch {args.batch_size} x "
-        f"{args.seq_len} tokens, AdamW; {args.rounds} rounds of {args.steps} steps "
-        f"(+1 warm-up round), torch threads {torch.get_num_threads()}"
+        f"{args.seq_len} tokens, AdamW; {args.cycles} cycles of {len(CYCLE)} blocks of {BLOCK} "
+        f"steps (+1 warm-up block), torch threads {torch.get_num_threads()}"
     )
+    moments = MomentStatistics(every_n_steps=EVERY["off"])
+    schedule = BlockSchedule(moments, blocks)
     with tempfile.TemporaryDirectory() as root:
-        for round_index in range(args.rounds + 1):
-            order = names if round_index % 2 == 0 else names[::-1]
-            this_round: dict[str, list[float]] = {}
-            for name in order:
-                this_round[name] = fit_once(module, data, args.steps, configurations[name](), root)
-            if round_index == 0:
-                continue
-            base = statistics.fmean(this_round[names[0]])
-            for name in names:
-                mean = statistics.fmean(this_round[name])
-                times[name].append(1000 * mean)
-                ratios[name].append(mean / base)
-            sparse = this_round["every_n_steps=50"]
-            logging_steps = sparse[49::50]
-            others = [t for i, t in enumerate(sparse) if i % 50 != 49]
-            logging_step_extra.append(
-                1000 * (statistics.median(logging_steps) - statistics.median(others))
-            )
-            print(
-                f"round {round_index}: "
-                + ", ".join(f"{n} {1000 * statistics.fmean(this_round[n]):.1f} ms" for n in names)
-            )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=steps + 1,
+            logger=CSVLogger(root),
+            callbacks=[schedule, moments],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            log_every_n_steps=BLOCK,
+            default_root_dir=root,
+        )
+        trainer.fit(module, train_dataloaders=data)
+    times = schedule.step_times()
+
+    names = list(EVERY)
+    means: dict[str, list[float]] = {name: [] for name in names}
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+    logging_step_extra: list[float] = []
+    for cycle in range(args.cycles):
+        first = 1 + cycle * len(CYCLE)
+        block_times = {name: [] for name in names}
+        for b in range(first, first + len(CYCLE)):
+            block_times[blocks[b]].extend(times[b * BLOCK : (b + 1) * BLOCK])
+            if blocks[b] == "every_n_steps=50":
+                block = times[b * BLOCK : (b + 1) * BLOCK]
+                plain = statistics.median(block[:-1])
+                logging_step_extra.append(1000 * (block[-1] - plain))
+        base = statistics.fmean(block_times["off"])
+        for name in names:
+            mean = statistics.fmean(block_times[name])
+            means[name].append(1000 * mean)
+            ratios[name].append(mean / base)
+        print(
+            f"cycle {cycle + 1}: "
+            + ", ".join(f"{n} {1000 * statistics.fmean(block_times[n]):.1f} ms" for n in names)
+        )
     print(f"\n{'configuration':<18} {'ms/step':>9} {'ratio':>7} {'overhead':>9}")
     for name in names:
         ratio = statistics.median(ratios[name])
         print(
-            f"{name:<18} {statistics.median(times[name]):9.1f} {ratio:7.3f} {100 * (ratio - 1):8.1f}%"
+            f"{name:<18} {statistics.median(means[name]):9.1f} {ratio:7.3f} {100 * (ratio - 1):8.1f}%"
         )
     print(
-        f"\none logging step costs {statistics.median(logging_step_extra):.1f} ms more than a plain step (median)"
+        f"\none logging step takes {statistics.median(logging_step_extra):.1f} ms more than the "
+        "median step of its block (median over blocks)"
     )
 
 

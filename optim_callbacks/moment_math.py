@@ -142,7 +142,7 @@ class _Sums:
 
 
 def _norm_sums(moments: Sequence[ParamMoments], wanted: set[str], device: torch.device) -> _Sums:
-    """Squared norms, dot products and underflow counts per parameter, from one foreach norm."""
+    """Squared norms and dot products per parameter; the norms come from one foreach call."""
     inputs: list[Tensor] = []
     slots: dict[int, int] = {}
 
