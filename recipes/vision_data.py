@@ -441,7 +441,8 @@ class ImageClassificationData(L.LightningDataModule):
         return self._loader(self.test_set)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, torch.Tensor]:
-        """``uint8`` images -> the model's ``pixel_values``. Training batches are augmented with
+        """``uint8`` images -> the model's ``pixel_values`` (in the dtype of the run's precision,
+        e.g. float16 under ``16-true``). Training batches are augmented with
         a generator seeded by (run seed, rank, training batches so far): a resumed run draws
         the crops and flips the uninterrupted one drew."""
         images, labels = batch
@@ -454,8 +455,10 @@ class ImageClassificationData(L.LightningDataModule):
             seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
             generator = torch.Generator().manual_seed(seed)
             self.train_batches_seen += 1
-        pixels = self.transform(images, train=train, generator=generator)
-        return {"pixel_values": pixels, "labels": labels}
+        batch = {"pixel_values": self.transform(images, train=train, generator=generator)}
+        if self.trainer is not None:  # Lightning converts inputs before this hook, while uint8
+            batch = self.trainer.precision_plugin.convert_input(batch)  # 16-true: float16 etc.
+        return {**batch, "labels": labels}
 
     def state_dict(self) -> dict[str, Any]:
         return {"train_batches_seen": self.train_batches_seen}

@@ -154,11 +154,11 @@ def build_image_classifier(
     _, model_class, _ = FAMILIES[family]
     if checkpoint is None:
         return model_class(_small_config(family, num_labels, labels, config or {}))
+    _checkpoint_config(family, checkpoint)
     if config:
         raise ValueError(
             "model.config: overrides apply to the from-scratch model only; allowed with model.checkpoint: none"
         )
-    _checkpoint_config(family, checkpoint)
     try:
         return model_class.from_pretrained(
             checkpoint, ignore_mismatched_sizes=True, **_label_maps(num_labels, labels)

@@ -108,16 +108,15 @@ def test_a_checkpoint_that_is_not_a_model_gives_one_message(tmp_path, make_check
         build_image_classifier("vit", 2, checkpoint=checkpoint)
 
 
-def test_config_overrides_are_checked():
+def test_config_overrides_are_checked(tmp_path):
     with pytest.raises(
         ValueError, match=r"unknown option 'hidden_szie'.*did you mean 'hidden_size'"
     ):
         build_image_classifier("vit", 10, config={"hidden_szie": 64})
     with pytest.raises(ValueError, match=r"model\.family: unknown value 'vgg'"):
         build_image_classifier("vgg", 10)
+    build_image_classifier("vit", 2, config=TINY["vit"]).save_pretrained(tmp_path)
     with pytest.raises(
         ValueError, match=r"model\.config: overrides apply to the from-scratch model only"
     ):
-        build_image_classifier(
-            "vit", 10, checkpoint="google/vit-base-patch16-224", config={"hidden_size": 8}
-        )
+        build_image_classifier("vit", 10, checkpoint=str(tmp_path), config={"hidden_size": 8})
