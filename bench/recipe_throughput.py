@@ -18,13 +18,18 @@ on, in fp32:
 - ``bare_loop``: forward, backward, ``clip_grad_norm_``, ``optimizer.step``,
   ``scheduler.step``, ``zero_grad`` in a Python loop.
 
-Each round runs each of the three for ``W + N + 1`` steps in this one process (the order rotates
-between rounds) and times the ``N`` steps after the first ``W``: from the start of step ``W + 1``
-to the start of step ``W + N + 1``, so data loading, logging and callbacks of those steps are
-inside, setup and compilation warm-up are not. Reported: samples/s per loop (median over
-rounds) and each round's ratio recipe / reference (median over rounds: paired, so slow phases of
-a shared machine cancel). ``--profile`` also profiles one extra recipe and bare-loop run with
-``torch.profiler`` and prints where the recipe spends time the bare loop does not.
+The three run side by side in this one process, step by step in turn: each loop trains in its
+own thread, and a step starts only when the previous loop's step has ended (its next step's
+start hook hands the turn on), so at any moment one loop computes and the three see the same
+machine, step after step; on a shared machine whose load drifts this pairs the measurements far
+more tightly than whole runs one after the other. A loop's step time is the time from getting
+the turn to handing it on: forward, backward, clipping, optimizer and scheduler, the loop's
+logging and callbacks, and fetching the next batch. Each loop runs ``W + N + 1`` steps; the
+``N`` after the first ``W`` are timed (setup, first-step warm-up and the last step are not).
+Reported per round (a round builds the three loops afresh): samples/s of each loop (``N x
+batch`` over the sum of its timed step times) and the ratios recipe / loop; then the median
+over rounds. ``--profile`` also runs the recipe and the bare loop once more under
+``torch.profiler`` and prints the operators on which the recipe spends more CPU time.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -57,18 +63,58 @@ MAX_NORM = 1.0
 SEED = 42
 
 
+class TurnTaking:
+    """Several training loops, each in its own thread, take one step at a time in turn.
+
+    A loop calls :meth:`begin_step` when a step is about to start: that ends its previous step
+    (the turn passes to the next loop that has not finished) and blocks until its turn comes
+    again. :meth:`finish` hands the turn on for good.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self._names = names
+        self._holder: str | None = names[0]
+        self._finished: set[str] = set()
+        self._condition = threading.Condition()
+
+    def _pass_on(self, name: str) -> None:
+        start = self._names.index(name)
+        after = self._names[start + 1 :] + self._names[: start + 1]
+        self._holder = next((n for n in after if n not in self._finished), None)
+        self._condition.notify_all()
+
+    def begin_step(self, name: str) -> None:
+        with self._condition:
+            if self._holder == name:
+                self._pass_on(name)
+            self._condition.wait_for(lambda: self._holder == name)
+
+    def finish(self, name: str) -> None:
+        with self._condition:
+            self._finished.add(name)
+            if self._holder == name:
+                self._pass_on(name)
+
+
 class StepClock:
-    """Start time of every training step; ``throughput`` over steps ``W + 1 .. W + N``."""
+    """Times each step of one loop from getting the turn to handing it on."""
 
-    def __init__(self) -> None:
-        self.starts: list[float] = []
+    def __init__(self, name: str, turns: TurnTaking | None = None) -> None:
+        self.name = name
+        self.turns = turns
+        self.seconds: list[float] = []
+        self._started: float | None = None
 
-    def tick(self) -> None:
-        self.starts.append(time.perf_counter())
+    def step_begins(self) -> None:
+        now = time.perf_counter()
+        if self._started is not None:
+            self.seconds.append(now - self._started)
+        if self.turns is not None:
+            self.turns.begin_step(self.name)
+        self._started = time.perf_counter()
 
     def samples_per_second(self, warmup: int, steps: int) -> float:
-        begin, end = self.starts[warmup], self.starts[warmup + steps]
-        return steps * BATCH_SIZE / (end - begin)
+        return steps * BATCH_SIZE / sum(self.seconds[warmup : warmup + steps])
 
 
 def warmup_steps(total_steps: int) -> int:
@@ -77,18 +123,16 @@ def warmup_steps(total_steps: int) -> int:
 
 
 # --- the three loops ------------------------------------------------------------------------------
-def recipe_loop(total_steps: int, root: str) -> StepClock:
+def recipe_loop(total_steps: int, root: str, clock: StepClock) -> None:
     from lightning.pytorch.callbacks import Callback
 
     from recipes.bert_finetune import BertClassifier
     from recipes.cli import RecipeCLI
     from recipes.text_data import TextClassificationData
 
-    clock = StepClock()
-
     class Clock(Callback):
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
-            clock.tick()
+            clock.step_begins()
 
     cli = RecipeCLI(
         BertClassifier,
@@ -100,6 +144,7 @@ def recipe_loop(total_steps: int, root: str) -> StepClock:
             *("--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"),
             *("--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"),
             *("--trainer.default_root_dir", root, "--logger", "csv", "--checkpoint", "null"),
+            *("--trainer.enable_checkpointing", "false"),
             *("--seed_everything", str(SEED), "--data.batch_size", str(BATCH_SIZE)),
             *(
                 "--data.max_length",
@@ -116,7 +161,6 @@ def recipe_loop(total_steps: int, root: str) -> StepClock:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     optimizer = cli.trainer.optimizers[0]
     assert all(group.get("fused") for group in optimizer.param_groups), "recipe AdamW not fused"
-    return clock
 
 
 def _train_split() -> tuple[list[dict[str, Any]], Any, int]:
@@ -142,16 +186,15 @@ def _no_decay(name: str) -> bool:
     return name.endswith("bias") or "LayerNorm" in name
 
 
-def hf_trainer_loop(total_steps: int, root: str) -> StepClock:
+def hf_trainer_loop(total_steps: int, root: str, clock: StepClock) -> None:
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.data.data_collator import DataCollatorWithPadding
 
     train, tokenizer, num_classes = _train_split()
-    clock = StepClock()
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            clock.tick()
+            clock.step_begins()
 
     arguments = TrainingArguments(
         output_dir=root,
@@ -184,10 +227,9 @@ def hf_trainer_loop(total_steps: int, root: str) -> StepClock:
     )
     trainer.train()
     assert trainer.optimizer.param_groups[0].get("fused"), "HF Trainer AdamW not fused"
-    return clock
 
 
-def bare_loop(total_steps: int, root: str) -> StepClock:
+def bare_loop(total_steps: int, root: str, clock: StepClock) -> None:
     from torch.utils.data import DataLoader, RandomSampler
     from transformers import DataCollatorWithPadding, get_cosine_schedule_with_warmup
 
@@ -211,11 +253,10 @@ def bare_loop(total_steps: int, root: str) -> StepClock:
         sampler=RandomSampler(train, generator=torch.Generator().manual_seed(SEED)),
         collate_fn=DataCollatorWithPadding(tokenizer),
     )
-    clock = StepClock()
     step = 0
     while step < total_steps:
         for batch in loader:
-            clock.tick()
+            clock.step_begins()
             loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
@@ -225,24 +266,51 @@ def bare_loop(total_steps: int, root: str) -> StepClock:
             step += 1
             if step == total_steps:
                 break
-    return clock
 
 
-LOOPS: dict[str, Callable[[int, str], StepClock]] = {
+LOOPS: dict[str, Callable[[int, str, StepClock], None]] = {
     "recipe": recipe_loop,
     "hf_trainer": hf_trainer_loop,
     "bare_loop": bare_loop,
 }
 
 
-# --- profiling ------------------------------------------------------------------------------------------
-def profile(loop: Callable[[int, str], StepClock], total_steps: int, root: str) -> dict[str, float]:
-    """Self CPU time per operator (ms) over one whole run of ``loop``."""
+# --- running -------------------------------------------------------------------------------------------
+def run_in_turn(total_steps: int, root: str, threads: int) -> dict[str, StepClock]:
+    """One round: the three loops in three threads, taking their steps in turn."""
+    names = list(LOOPS)
+    turns = TurnTaking(names)
+    clocks = {name: StepClock(name, turns) for name in names}
+    errors: list[BaseException] = []
+
+    def work(name: str) -> None:
+        torch.set_num_threads(threads)  # OpenMP's thread count is per thread
+        try:
+            LOOPS[name](total_steps, os.path.join(root, name), clocks[name])
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            turns.finish(name)
+
+    workers = [threading.Thread(target=work, args=(name,), name=name) for name in names]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+    return clocks
+
+
+def profile(
+    loop: Callable[[int, str, StepClock], None], total_steps: int, root: str
+) -> dict[str, float]:
+    """Self CPU time per operator (ms) over one whole run of ``loop``, on its own."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
-        loop(total_steps, root)
+        loop(total_steps, root, StepClock("profile"))
     return {event.key: event.self_cpu_time_total / 1000 for event in profiler.key_averages()}
 
 
@@ -250,7 +318,7 @@ def print_profile_difference(recipe: dict[str, float], bare: dict[str, float], s
     extra = {key: recipe[key] - bare.get(key, 0.0) for key in recipe}
     top = sorted(extra.items(), key=lambda item: -item[1])[:15]
     print(
-        f"\nself CPU time per step the recipe spends beyond the bare loop (top 15, ms/step, {steps} steps):"
+        f"\nself CPU time the recipe spends beyond the bare loop (top 15, ms per step, {steps} steps):"
     )
     for key, milliseconds in top:
         print(f"  {milliseconds / steps:8.2f}  {key}")
@@ -261,14 +329,23 @@ def print_profile_difference(recipe: dict[str, float], bare: dict[str, float], s
 # --- main -------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three loops")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the three loops")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
     parser.add_argument("--profile", action="store_true", help="profile recipe vs bare loop")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "lightning.fabric", "transformers", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -282,32 +359,30 @@ def main(argv: list[str] | None = None) -> None:
         f"fused AdamW, warmup {warmup_steps(total_steps)} steps + cosine, clipping {MAX_NORM}, fp32; "
         f"{args.rounds} rounds, {args.steps} timed steps after {args.warmup}"
     )
-    print(f"machine: {machine_description()}, torch threads {torch.get_num_threads()}")
+    print(f"machine: {machine_description()}")
     with tempfile.TemporaryDirectory() as root:
         for round_index in range(args.rounds):
-            order = names[round_index % len(names) :] + names[: round_index % len(names)]
-            measured = {}
-            for name in order:
-                clock = LOOPS[name](total_steps, os.path.join(root, f"{name}-{round_index}"))
-                measured[name] = clock.samples_per_second(args.warmup, args.steps)
+            clocks = run_in_turn(
+                total_steps, os.path.join(root, f"round{round_index}"), torch.get_num_threads()
+            )
+            measured = {n: clocks[n].samples_per_second(args.warmup, args.steps) for n in names}
+            for name in names:
                 throughput[name].append(measured[name])
             print(
                 f"round {round_index + 1}: "
                 + ", ".join(f"{n} {measured[n]:.2f} samples/s" for n in names)
+                + f"; recipe / hf_trainer {measured['recipe'] / measured['hf_trainer']:.3f}, "
+                f"recipe / bare_loop {measured['recipe'] / measured['bare_loop']:.3f}"
             )
         ratios = {
             ref: [r / b for r, b in zip(throughput["recipe"], throughput[ref], strict=True)]
             for ref in ("hf_trainer", "bare_loop")
         }
-        print(f"\n{'loop':<11} {'samples/s':>10} {'recipe / loop':>14}")
+        print(f"\n{'loop':<11} {'samples/s':>10} {'recipe / loop':>14}   (medians over rounds)")
         for name in names:
             ratio = 1.0 if name == "recipe" else statistics.median(ratios[name])
             print(f"{name:<11} {statistics.median(throughput[name]):10.2f} {ratio:14.3f}")
-        print(
-            "goals: recipe / hf_trainer >= 1.0, recipe / bare_loop >= 0.97 "
-            f"(per-round ratios: hf {', '.join(f'{r:.3f}' for r in ratios['hf_trainer'])}; "
-            f"bare {', '.join(f'{r:.3f}' for r in ratios['bare_loop'])})"
-        )
+        print("goals: recipe / hf_trainer >= 1.0, recipe / bare_loop >= 0.97")
         if args.profile:
             recipe = profile(recipe_loop, total_steps, os.path.join(root, "profile-recipe"))
             bare = profile(bare_loop, total_steps, os.path.join(root, "profile-bare"))

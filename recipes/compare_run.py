@@ -58,7 +58,7 @@ def machine_description() -> str:
     parts = [f"{cpu}, {os.cpu_count()} logical cores"]
     if torch.cuda.is_available():
         parts.append(torch.cuda.get_device_name())
-    parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    parts.append(f"torch {torch.__version__}, intra-op threads: {torch.get_num_threads()}")
     return ", ".join(parts)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
@@ -45,7 +46,7 @@ RELATIVE_TARGET = 0.95
 MOMENT_PANELS = (  # (key under moments/global/, title, log scale)
     ("update_to_weight", "update / weight  ||Δθ|| / ||θ||", True),
     ("first_moment_hat_norm", "||m̂||  (first moment, bias-corrected)", True),
-    ("sqrt_second_moment_p95", "95th percentile of sqrt(v̂)", True),
+    ("sqrt_second_moment_p95", "95th percentile of sqrt(v̂)  (AdaBelief: sqrt(ŝ))", True),
     ("grad_cosine", "cos(m, g)", False),
 )
 
@@ -423,8 +424,8 @@ def markdown_report(
             f"{'CUDA memory allocated' if memory_kind == 'CUDA' else 'resident memory of the run process'}; "
             "optimizer state: bytes of every tensor in `optimizer.state`."
         ),
-        f"Recipe: `python -m recipes.{sweep['recipe']} {' '.join(sweep['recipe_args'])}`".rstrip()
-        + " plus, per run, `--optimizer`, `--lr`, `--seed_everything`.",
+        f"Each run: `python -m recipes.{sweep['recipe']} {shlex.join(sweep['common_args'])} "
+        "--optimizer NAME --lr LR --seed_everything SEED`.",
         "Learning rates: "
         + "; ".join(f"{s.optimizer} {s.lr:.3g} ({s.lr_source})" for s in summaries)
         + ".",
@@ -541,7 +542,7 @@ def plot_lr_schedule(
                 label=name,
             )
     axis.set_yscale("log")
-    axis.set_title("learning rate used by each step (largest parameter group)")
+    axis.set_title("LR of each step (largest parameter group)")
     axis.set_xlabel("optimizer step")
     axis.grid(alpha=0.3, which="both")
     _legend(figure, [axis])
