@@ -48,6 +48,16 @@ def fashion_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run as fast on one thread, and a second one only thrashes when the CPU is
+    shared (OpenMP threads waiting for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _plain_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["vision_recipe"])  # args come from the test, not pytest
 
@@ -233,6 +243,7 @@ def test_resuming_from_an_epoch_checkpoint_continues_exactly(fashion_root, tmp_p
     common = tiny_args("resnet", fashion_root, "--logger", "none", "--trainer.max_epochs", "2")
     common += ["--trainer.limit_test_batches", "1", "--data.max_train_images", "256"]
     common += ["--checkpoint.save_top_k", "-1"]  # keep every epoch's checkpoint
+    common += ["--data.crop_padding", "4"]  # random crops and flips
     straight = run_resnet([*common, "--trainer.default_root_dir", str(tmp_path / "straight")])
     folder = Path(straight.trainer.checkpoint_callback.dirpath)
     (after_first_epoch,) = folder.glob("epoch0-*.ckpt")
@@ -296,7 +307,7 @@ def test_yaml_config_spells_out_the_default_preset(family, capsys):
     assert from_yaml == defaults
     written = yaml.safe_load(path.read_text())
     preset = {
-        "vit": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "scheduler": "cosine"},
+        "vit": {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05, "scheduler": "cosine"},
         "resnet": {"optimizer": "nesterov", "lr": 0.1, "weight_decay": 5e-4, "scheduler": "cosine"},
     }[family]
     assert {key: written[key] for key in preset} == preset
@@ -307,7 +318,7 @@ def test_two_process_ddp_scales_lr_and_keeps_ranks_in_step(fashion_root, tmp_pat
     script = REPO_ROOT / "tests" / "scripts" / "ddp_vision.py"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     args = tiny_args("resnet", fashion_root, "--logger", "csv", "--trainer.max_epochs", "2")
     args += [
         "--trainer.devices",
