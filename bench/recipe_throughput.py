@@ -29,7 +29,8 @@ logging and callbacks, and fetching the next batch. Each loop runs ``W + N + 1``
 Reported per round (a round builds the three loops afresh): samples/s of each loop (``N x
 batch`` over the sum of its timed step times) and the ratios recipe / loop; then the median
 over rounds. ``--profile`` also runs the recipe and the bare loop once more under
-``torch.profiler`` and prints the operators on which the recipe spends more CPU time.
+``torch.profiler`` and prints the operators the recipe calls more often than the bare loop (its
+metrics, logging and callbacks) with their CPU time per step.
 """
 
 from __future__ import annotations
@@ -302,34 +303,85 @@ def run_in_turn(total_steps: int, root: str, threads: int) -> dict[str, StepCloc
     return clocks
 
 
+class ProfilingClock(StepClock):
+    """Profiles the operators of steps ``first .. last - 1`` (setup and warm-up left out)."""
+
+    def __init__(self, first: int, last: int) -> None:
+        super().__init__("profile")
+        self.first, self.last = first, last
+        self.profiler: Any = None
+
+    def step_begins(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        index = len(self.seconds) + (self._started is not None)
+        if index == self.first:
+            self.profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+            self.profiler.start()
+        elif index == self.last:
+            self.profiler.stop()
+        super().step_begins()
+
+
 def profile(
-    loop: Callable[[int, str, StepClock], None], total_steps: int, root: str
-) -> dict[str, float]:
-    """Self CPU time per operator (ms) over one whole run of ``loop``, on its own."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+    loop: Callable[[int, str, StepClock], None], warmup: int, steps: int, root: str
+) -> dict[tuple[str, str], tuple[int, float]]:
+    """Calls and self CPU time (ms) per operator and input shapes over the timed steps of one
+    run of ``loop`` on its own."""
+    clock = ProfilingClock(warmup, warmup + steps)
+    loop(warmup + steps + 1, root, clock)
+    return {
+        (event.key, str(event.input_shapes)): (event.count, event.self_cpu_time_total / 1000)
+        for event in clock.profiler.key_averages(group_by_input_shape=True)
+    }
 
-    with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
-        loop(total_steps, root, StepClock("profile"))
-    return {event.key: event.self_cpu_time_total / 1000 for event in profiler.key_averages()}
+
+def print_profile_difference(
+    recipe: dict[tuple[str, str], tuple[int, float]],
+    bare: dict[tuple[str, str], tuple[int, float]],
+    steps: int,
+) -> None:
+    """The calls the recipe makes beyond the bare loop's (same operator, same input shapes),
+    priced at the recipe's mean time per call of that operator and shapes."""
+    rows = []
+    for key, (calls, milliseconds) in recipe.items():
+        extra_calls = calls - bare.get(key, (0, 0.0))[0]
+        if extra_calls > 0:
+            rows.append((milliseconds / calls * extra_calls / steps, extra_calls / steps, key))
+    rows.sort(reverse=True)
+    print(f"\nwork the recipe does beyond the bare loop, per step ({steps} profiled steps):")
+    print(f"  {'ms':>7} {'calls':>6}  operator  input shapes")
+    for milliseconds, calls, (name, shapes) in rows[:12]:
+        print(f"  {milliseconds:7.2f} {calls:6.1f}  {name}  {shapes[:80]}")
+    print(f"  {sum(r[0] for r in rows):7.2f} {sum(r[1] for r in rows):6.1f}  (all extra calls)")
+    fewer = []
+    for key, (calls, milliseconds) in bare.items():
+        extra_calls = calls - recipe.get(key, (0, 0.0))[0]
+        if extra_calls > 0:
+            fewer.append((milliseconds / calls * extra_calls / steps, extra_calls / steps, key))
+    fewer.sort(reverse=True)
+    print("and the work the bare loop does beyond the recipe:")
+    for milliseconds, calls, (name, shapes) in fewer[:6]:
+        print(f"  {milliseconds:7.2f} {calls:6.1f}  {name}  {shapes[:80]}")
+    print(f"  {sum(r[0] for r in fewer):7.2f} {sum(r[1] for r in fewer):6.1f}  (all of it)")
 
 
-def print_profile_difference(recipe: dict[str, float], bare: dict[str, float], steps: int) -> None:
-    extra = {key: recipe[key] - bare.get(key, 0.0) for key in recipe}
-    top = sorted(extra.items(), key=lambda item: -item[1])[:15]
-    print(
-        f"\nself CPU time the recipe spends beyond the bare loop (top 15, ms per step, {steps} steps):"
-    )
-    for key, milliseconds in top:
-        print(f"  {milliseconds / steps:8.2f}  {key}")
-    total = sum(recipe.values()) - sum(bare.values())
-    print(f"  {total / steps:8.2f}  (all operators together)")
+def print_summary(throughput: dict[str, list[float]]) -> None:
+    ratios = {
+        ref: [r / b for r, b in zip(throughput["recipe"], throughput[ref], strict=True)]
+        for ref in ("hf_trainer", "bare_loop")
+    }
+    print(f"\n{'loop':<11} {'samples/s':>10} {'recipe / loop':>14}   (medians over rounds)")
+    for name, values in throughput.items():
+        ratio = 1.0 if name == "recipe" else statistics.median(ratios[name])
+        print(f"{name:<11} {statistics.median(values):10.2f} {ratio:14.3f}")
+    print("goals: recipe / hf_trainer >= 1.0, recipe / bare_loop >= 0.97")
 
 
 # --- main -------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of the three loops")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three loops (0: none)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
     parser.add_argument("--profile", action="store_true", help="profile recipe vs bare loop")
@@ -374,19 +426,13 @@ def main(argv: list[str] | None = None) -> None:
                 + f"; recipe / hf_trainer {measured['recipe'] / measured['hf_trainer']:.3f}, "
                 f"recipe / bare_loop {measured['recipe'] / measured['bare_loop']:.3f}"
             )
-        ratios = {
-            ref: [r / b for r, b in zip(throughput["recipe"], throughput[ref], strict=True)]
-            for ref in ("hf_trainer", "bare_loop")
-        }
-        print(f"\n{'loop':<11} {'samples/s':>10} {'recipe / loop':>14}   (medians over rounds)")
-        for name in names:
-            ratio = 1.0 if name == "recipe" else statistics.median(ratios[name])
-            print(f"{name:<11} {statistics.median(throughput[name]):10.2f} {ratio:14.3f}")
-        print("goals: recipe / hf_trainer >= 1.0, recipe / bare_loop >= 0.97")
+        if args.rounds:
+            print_summary(throughput)
         if args.profile:
-            recipe = profile(recipe_loop, total_steps, os.path.join(root, "profile-recipe"))
-            bare = profile(bare_loop, total_steps, os.path.join(root, "profile-bare"))
-            print_profile_difference(recipe, bare, total_steps)
+            steps = min(args.steps, 5)
+            recipe = profile(recipe_loop, args.warmup, steps, os.path.join(root, "prof-recipe"))
+            bare = profile(bare_loop, args.warmup, steps, os.path.join(root, "prof-bare"))
+            print_profile_difference(recipe, bare, steps)
     if any(not math.isfinite(v) for values in throughput.values() for v in values):
         raise SystemExit(1)
 
