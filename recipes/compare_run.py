@@ -77,6 +77,13 @@ def run_recipe(recipe: str, args: Sequence[str]) -> dict[str, Any]:
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             wandb_dir = str(Path(logger.experiment.dir).parent)  # .dir is the run's files/
+    if wandb_dir is not None:
+        import wandb
+
+        # Flush the run and stop W&B's service now, so once result.json exists the run's W&B
+        # files are complete and nothing writes into the finished run's folder any more.
+        wandb.finish()
+        wandb.teardown()
     return {
         **recorder.summary(),
         "test": {key: float(value) for key, value in cli.test_results.items()},
