@@ -255,7 +255,6 @@ class Sweep:
             "lrs": {},
             "lr_search": {},
         }
-        self.failed: list[str] = []
         self.save()
 
     def save(self) -> None:
@@ -288,7 +287,6 @@ class Sweep:
             return result
         if same and failure is not None and not retry_failed:
             print(f"[{position}] {run.key}: failed earlier (--retry-failed reruns it)", flush=True)
-            self.failed.append(run.key)
             return None
         if run_dir.exists():
             shutil.rmtree(run_dir)  # an unfinished (or changed) run starts again
@@ -321,13 +319,15 @@ class Sweep:
         if process.returncode != 0 or result is None:
             write_json(
                 run_dir / "failure.json",
-                {"returncode": process.returncode, "error": tail[-1] if tail else ""},
+                {
+                    "returncode": process.returncode,
+                    "error": _failure_reason(process.returncode, tail),
+                },
             )
             print(
                 f"  failed (exit status {process.returncode}):\n    " + "\n    ".join(tail),
                 flush=True,
             )
-            self.failed.append(run.key)
             return None
         if not keep_checkpoints:
             for checkpoint in sorted(run_dir.rglob("*.ckpt")):
@@ -348,6 +348,15 @@ class Sweep:
         env["WANDB_NAME"] = run.key
         env["WANDB_JOB_TYPE"] = run.role
         return env
+
+
+def _failure_reason(returncode: int, tail: Sequence[str]) -> str:
+    """The last line the run printed, or how it ended when it printed nothing."""
+    if tail and tail[-1].strip():
+        return tail[-1].strip()
+    if returncode < 0:
+        return f"killed by signal {-returncode}"
+    return f"exit status {returncode} without output"
 
 
 def _final_val(result: dict[str, Any] | None) -> tuple[float, float]:
@@ -477,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
         raise SystemExit(130) from None
-    failed = [key for key in _failed_runs(folder)]
+    failed = _failed_runs(folder)
     if failed:
         print(f"{PROG}: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
         raise SystemExit(1)

@@ -267,6 +267,8 @@ def _seconds(value: float) -> str:
 
 
 def _steps_to_target(summary: OptimizerSummary) -> str:
+    if summary.finished == 0:
+        return "—"
     if summary.reached_target == 0:
         return "not reached"
     text = _plus_minus(summary.mean["steps_to_target"], summary.std["steps_to_target"], 0)
@@ -364,7 +366,8 @@ def run_table(runs: Sequence[RunSummary], folder: Path) -> str:
             path = Path(r.wandb_run_dir)
             wandb = f"`{path.relative_to(folder) if path.is_relative_to(folder) else path.name}`"
         if r.status != "finished":
-            lines.append(f"| {r.key} | {r.seed} | {r.lr:.3g} | failed: {r.error} | | | | |")
+            error = r.error.replace("|", "\\|")
+            lines.append(f"| {r.key} | {r.seed} | {r.lr:.3g} | failed: {error} | — | — | — | — |")
             continue
         lines.append(
             f"| {r.key} | {r.seed} | {r.lr:.3g} | {_number(r.final_val_acc)} ({_number(r.best_val_acc)}) "
