@@ -213,6 +213,22 @@ def test_lr_search_keeps_the_lr_with_the_best_validation_accuracy(sweep, tiny, t
     assert "## Learning-rate search" in (out / "report.md").read_text()
 
 
+@pytest.mark.ddp
+def test_a_sweep_of_ddp_runs_records_rank_zero_once(tiny, tmp_path):
+    out = tmp_path / "ddp"
+    ddp = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "4")
+    run_compare(sweep_args(tiny, out, "--optimizers", "adamw", *ddp))
+    run_dir = out / "runs" / KEYS["adamw"]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["world_size"] == 2 and result["global_step"] == 4
+    log = (run_dir / "output.log").read_text()
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log  # the second process did train
+    records = wandb_records(run_dir)  # exactly one W&B run: rank zero's
+    (row,) = json.loads((out / "results.json").read_text())["runs"]
+    assert row["final_val_acc"] == pytest.approx(logged(records, "val_acc")[-1][1], abs=1e-7)
+    assert row["test_acc"] == pytest.approx(logged(records, "test_acc")[-1][1], abs=1e-7)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
