@@ -7,7 +7,7 @@
 
 No Python package ships pretrained ResNet weights, so the default run trains a small ResNet
 from initialisation on the 28 x 28 grey Fashion-MNIST images (Debian's
-``dataset-fashion-mnist``) for 10 epochs. The preset is the CNN practice: SGD with Nesterov
+``dataset-fashion-mnist``) for 6 epochs. The preset is the CNN practice: SGD with Nesterov
 momentum 0.9, learning rate 0.1 per 256 images scaled linearly to the global batch (Goyal et al.
 2017: batch 128 on one device trains at 0.05), cosine to zero, weight decay 5e-4 on convolution
 and linear weights only (none on biases and BatchNorm), horizontal flips, global-norm clipping
@@ -49,7 +49,7 @@ from recipes.vision_models import build_image_classifier, expected_input
 
 __all__ = ["TRAINER_DEFAULTS", "ResNetClassifier", "run"]
 
-TRAINER_DEFAULTS = {"max_epochs": 10}
+TRAINER_DEFAULTS = {"max_epochs": 6}
 LR_SCALING = ("linear", "sqrt", "none")
 
 

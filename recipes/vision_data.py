@@ -283,8 +283,8 @@ class ImageClassificationData(L.LightningDataModule):
             mirroring (with ``horizontal_flip``).
         crop_padding: pixels of zero padding for the random crop (shifts of up to that much);
             0 (no crops) by default: within the few epochs of the CPU presets crops slowed
-            learning (4 px cost 5-8 points of accuracy after 300 steps), they pay off in longer
-            runs (4 is the CIFAR choice).
+            learning (2-4 px cost 5-7 points of accuracy after 300 steps); they are the usual choice
+            for longer runs (4 px on CIFAR).
         horizontal_flip: mirror half of the training images.
         image_size: side length fed to the model; ``None`` = what the model expects (a
             checkpoint's size, e.g. 224), else the source's own size (28 for Fashion-MNIST).

@@ -12,11 +12,12 @@ Small defaults, picked by short trials on the 2-core CPU (Fashion-MNIST within m
 - ViT (Dosovitskiy et al. 2021): 7 x 7 patches of a 28 x 28 image (16 tokens + [CLS]), hidden
   size 128, 6 layers, 4 heads, MLP 256; 0.81M parameters. Weights start at std 0.1
   (``initializer_range``, about 1/sqrt(hidden size)) instead of ViT-Base's 0.02: in 300-step
-  trials the small ViT learned markedly faster so. 4 x 4 patches (49 tokens) cost 3x the time
-  per step for no gain within the same time.
-- ResNet (He et al. 2016): basic blocks, stem width 32, stages (32, 64, 128) with two blocks
-  each; 0.70M parameters. transformers' stem (7 x 7 conv stride 2 + max-pool) turns 28 px into
-  7 x 7 maps, which keeps a step cheap on a CPU.
+  trials the small ViT learned markedly faster so. A 4 x 4-patch ViT (49 tokens) as cheap per
+  step (hidden 64, 4 layers) reached 81.2% after 300 steps, this one 84.1%.
+- ResNet (He et al. 2016): basic blocks, stem width 64, stages (64, 128, 256) with one block
+  each; 1.23M parameters. transformers' stem (7 x 7 conv stride 2 + max-pool) turns 28 px into
+  7 x 7 maps, which keeps a step cheap on a CPU. In trials it matched (slightly beat) stages
+  (32, 64, 128) x 2 blocks trained for 10 epochs in the CPU time of 6 epochs.
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ SMALL_VIT = {
 }
 SMALL_RESNET = {
     "num_channels": 1,
-    "embedding_size": 32,
-    "hidden_sizes": [32, 64, 128],
-    "depths": [2, 2, 2],
+    "embedding_size": 64,
+    "hidden_sizes": [64, 128, 256],
+    "depths": [1, 1, 1],
     "layer_type": "basic",
 }
 FAMILIES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel], Mapping[str, Any]]] = {
