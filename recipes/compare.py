@@ -55,8 +55,8 @@ from recipes.compare_lr import (
     parse_lr_overrides,
     preset_lrs,
 )
-from recipes.compare_run import write_json
-from recipes.report import _read_json, write_report
+from recipes.compare_run import read_json, write_json
+from recipes.report import write_report
 
 __all__ = ["PlannedRun", "Sweep", "available_recipes", "main", "run_sweep"]
 
@@ -218,7 +218,7 @@ def resolve_recipe_config(recipe: str, args: Sequence[str]) -> dict[str, Any]:
 def previous_sweep(folder: Path, recipe: str, common_args: Sequence[str]) -> dict[str, Any] | None:
     """The settings of the sweep ``folder`` already holds (``None`` if none); an error if it
     ran another recipe or other recipe options, whose runs a report must not mix."""
-    previous = _read_json(folder / "sweep.json")
+    previous = read_json(folder / "sweep.json")
     if previous is not None and (previous["recipe"], previous["common_args"]) != (
         recipe,
         list(common_args),
@@ -278,9 +278,9 @@ class Sweep:
             "role": run.role,
             "args": args,
         }
-        recorded = _read_json(run_dir / "run.json")
-        result = _read_json(run_dir / "result.json")
-        failure = _read_json(run_dir / "failure.json")
+        recorded = read_json(run_dir / "run.json")
+        result = read_json(run_dir / "result.json")
+        failure = read_json(run_dir / "failure.json")
         same = recorded is not None and recorded["args"] == args
         if same and result is not None:
             print(f"[{position}] {run.key}: finished earlier, reused", flush=True)
@@ -315,7 +315,7 @@ class Sweep:
                 (line for line in reversed(tail) if ": error: " in line), tail[-1] if tail else ""
             )
             raise ValueError(message.split(": error: ", 1)[-1])
-        result = _read_json(run_dir / "result.json")
+        result = read_json(run_dir / "result.json")
         if process.returncode != 0 or result is None:
             write_json(
                 run_dir / "failure.json",
@@ -493,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _failed_runs(folder: Path) -> list[str]:
-    sweep = _read_json(folder / "sweep.json")
+    sweep = read_json(folder / "sweep.json")
     return [
         key
         for key in sweep["main_runs"]

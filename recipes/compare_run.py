@@ -28,7 +28,9 @@ __all__ = [
     "machine_description",
     "main",
     "peak_process_memory_bytes",
+    "read_json",
     "run_recipe",
+    "write_json",
 ]
 
 RECORDER_CLASS = "recipes.compare_recorder.RunRecorder"
@@ -97,6 +99,11 @@ def run_recipe(recipe: str, args: Sequence[str]) -> dict[str, Any]:
         "machine": machine_description(),
         "is_global_zero": trainer.is_global_zero,
     }
+
+
+def read_json(path: Path) -> Any:
+    """The JSON content of ``path``; ``None`` if there is no such file."""
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def write_json(path: Path, content: Any) -> None:

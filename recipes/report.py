@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recipes.compare_run import read_json
+
 __all__ = [
     "OptimizerSummary",
     "RunSummary",
@@ -203,10 +205,6 @@ def summarize_optimizers(runs: Sequence[RunSummary]) -> list[OptimizerSummary]:
 
 
 # --- reading a sweep folder ------------------------------------------------------------------------
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def load_runs(
     folder: Path, keys: Sequence[str]
 ) -> list[tuple[dict[str, Any], dict | None, dict | None]]:
@@ -215,11 +213,11 @@ def load_runs(
     loaded = []
     for key in keys:
         run_dir = folder / "runs" / key
-        run = _read_json(run_dir / "run.json")
+        run = read_json(run_dir / "run.json")
         if run is None:
             continue
         loaded.append(
-            (run, _read_json(run_dir / "result.json"), _read_json(run_dir / "failure.json"))
+            (run, read_json(run_dir / "result.json"), read_json(run_dir / "failure.json"))
         )
     return loaded
 
@@ -581,7 +579,7 @@ def plot_moments(
 def write_report(folder: str | Path, *, print_table: bool = True) -> str:
     """Write ``report.md``, ``results.json`` and the PNGs into ``folder``; the report's text."""
     folder = Path(folder)
-    sweep = _read_json(folder / "sweep.json")
+    sweep = read_json(folder / "sweep.json")
     if sweep is None:
         raise ValueError(
             f"folder: got {str(folder)!r}, which has no sweep.json; allowed: a folder written by recipes.compare"
