@@ -2,7 +2,7 @@
 
 Run: ``python bench/callback_overhead.py [--cycles C] [--model small|tiny|minilm] [--threads T]``
 
-The model is the BERT recipe's Lightning module (``recipes.classification.ClassificationModule``:
+The model is the BERT recipe's Lightning module (``recipes.core.classification.ClassificationModule``:
 AdamW + warmup + cosine, torchmetrics, ``self.log``, a ``CSVLogger``) around a BERT encoder: by
 default a small random one (4 layers, hidden 256, 4 heads, 8,192-token vocabulary: 5.5M
 parameters); ``--model tiny`` (2 layers, hidden 128, BERT's 30,522-token vocabulary: 4.4M,
@@ -111,7 +111,7 @@ def build_module(model: str) -> L.LightningModule:
         from recipes.bert_finetune import BertClassifier
 
         return BertClassifier(num_classes=2)
-    from recipes.classification import ClassificationModule
+    from recipes.core.classification import ClassificationModule
 
     return ClassificationModule(
         stand_in_bert(model), num_classes=2, optimizer="adamw", lr=1e-4, weight_decay=0.01

@@ -10,7 +10,7 @@ eps 1e-8), linear warmup over 6% of the steps then cosine, global-norm clipping 
 on, in fp32:
 
 - ``recipe``: the trainer, module, data and callbacks ``python -m recipes.bert_finetune`` builds
-  (:class:`recipes.cli.RecipeCLI`: clipping, AMP epsilon, moment statistics every 50 steps, LR
+  (:class:`recipes.core.cli.RecipeCLI`: clipping, AMP epsilon, moment statistics every 50 steps, LR
   monitor; torchmetrics accuracy and F1 on every training step), logging to CSV every 10 steps,
   without validation and checkpoints (they fall outside the timed steps anyway);
 - ``hf_trainer``: ``transformers.Trainer`` (``optim="adamw_torch_fused"``, cosine schedule with
@@ -128,8 +128,8 @@ def recipe_loop(total_steps: int, root: str, clock: StepClock) -> None:
     from lightning.pytorch.callbacks import Callback
 
     from recipes.bert_finetune import BertClassifier
-    from recipes.cli import RecipeCLI
-    from recipes.text_data import TextClassificationData
+    from recipes.core.cli import RecipeCLI
+    from recipes.data.text import TextClassificationData
 
     class Clock(Callback):
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
@@ -166,7 +166,7 @@ def recipe_loop(total_steps: int, root: str, clock: StepClock) -> None:
 
 def _train_split() -> tuple[list[dict[str, Any]], Any, int]:
     """The recipe's tokenized training split, its tokenizer and its number of classes."""
-    from recipes.text_data import TextClassificationData
+    from recipes.data.text import TextClassificationData
 
     data = TextClassificationData(batch_size=BATCH_SIZE, max_length=MAX_LENGTH)
     return data.split("train"), data.tokenizer, data.num_classes
@@ -175,7 +175,7 @@ def _train_split() -> tuple[list[dict[str, Any]], Any, int]:
 def _network(num_classes: int) -> torch.nn.Module:
     from transformers import AutoModelForSequenceClassification
 
-    from recipes.embedded import EMBEDDED_MODEL_ID, resolve_model_path
+    from recipes.data.embedded import EMBEDDED_MODEL_ID, resolve_model_path
 
     torch.manual_seed(SEED)  # the new head's initialisation
     return AutoModelForSequenceClassification.from_pretrained(
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from recipes.compare_run import machine_description
+    from recipes.sweep.child import machine_description
 
     total_steps = args.warmup + args.steps + 1
     names = list(LOOPS)

@@ -10,11 +10,11 @@ split 80/10/10), one epoch of AdamW (lr 1e-4, weight decay 0.01, none on biases 
 6% linear warmup then cosine, 128 tokens, batch 16, global-norm clipping at 1.0, logged to W&B
 (offline without credentials). The story, top to bottom:
 
-1. data: :class:`recipes.text_data.TextClassificationData` reads, splits and tokenizes;
+1. data: :class:`recipes.data.text.TextClassificationData` reads, splits and tokenizes;
 2. model: :class:`BertClassifier` loads the encoder with a fresh classification head and trains
-   it with :class:`recipes.classification.ClassificationModule` (loss, metrics, registry
+   it with :class:`recipes.core.classification.ClassificationModule` (loss, metrics, registry
    optimizer and schedule);
-3. callbacks and trainer: :mod:`recipes.cli` (clipping, AMP epsilon, moment statistics, LR
+3. callbacks and trainer: :mod:`recipes.core.cli` (clipping, AMP epsilon, moment statistics, LR
    monitor, checkpoints, progress bar), then fit and test.
 """
 
@@ -22,16 +22,20 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from transformers import AutoModelForSequenceClassification
 
-from recipes.classification import ClassificationModule
-from recipes.cli import RecipeCLI, main
-from recipes.embedded import EMBEDDED_MODEL_ID, load_error, resolve_model_path
-from recipes.text_data import TextClassificationData
+from recipes.core.classification import ClassificationModule
+from recipes.core.cli import Recipe, RecipeCLI
+from recipes.core.optimization import OptimizerSettings
+from recipes.data.embedded import EMBEDDED_MODEL_ID, load_error, resolve_model_path
+from recipes.data.text import TextClassificationData
 
-__all__ = ["BertClassifier", "run"]
+__all__ = ["PRESET", "RECIPE", "BertClassifier", "run"]
+
+# The transformer fine-tuning practice: AdamW + 6% linear warmup + cosine, no decay on biases and
+# LayerNorm (param_groups), weight decay 0.01, peak LR 1e-4 for a small encoder.
+PRESET = OptimizerSettings("adamw", "cosine", lr=1e-4, weight_decay=0.01, warmup=0.06)
 
 
 class BertClassifier(ClassificationModule):
@@ -43,14 +47,8 @@ class BertClassifier(ClassificationModule):
         num_classes: number of classes (linked from the data).
         class_names: class names in label order (linked from the data; stored in the model's
             config as ``id2label``).
-        optimizer: see :class:`~recipes.classification.ClassificationModule` for these.
-        scheduler: schedule name.
-        lr: peak learning rate.
-        weight_decay: weight decay (none on biases and LayerNorm).
-        warmup: warmup steps (int) or fraction (float).
-        layer_decay: layer-wise LR decay; ``None`` for the same LR in every layer.
-        optimizer_options: more torch optimizer options.
-        scheduler_options: more schedule options.
+        optimization: optimizer, schedule and options (default :data:`PRESET`; the CLI's
+            ``--optimizer --scheduler --lr --weight_decay --warmup`` set its fields).
     """
 
     def __init__(
@@ -58,14 +56,7 @@ class BertClassifier(ClassificationModule):
         model_name_or_path: str = EMBEDDED_MODEL_ID,
         num_classes: int = 2,
         class_names: list[str] | None = None,
-        optimizer: str = "adamw",
-        scheduler: str = "cosine",
-        lr: float | None = 1e-4,
-        weight_decay: float | None = 0.01,
-        warmup: int | float = 0.06,
-        layer_decay: float | None = None,
-        optimizer_options: dict[str, Any] | None = None,
-        scheduler_options: dict[str, Any] | None = None,
+        optimization: OptimizerSettings = PRESET,
     ) -> None:
         names = class_names or [str(i) for i in range(num_classes)]
         try:
@@ -78,31 +69,21 @@ class BertClassifier(ClassificationModule):
             )
         except OSError as error:
             raise load_error(model_name_or_path, error) from None
-        super().__init__(
-            network,
-            num_classes,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup=warmup,
-            layer_decay=layer_decay,
-            optimizer_options=optimizer_options,
-            scheduler_options=scheduler_options,
-            class_names=class_names,
-        )
+        super().__init__(network, num_classes, optimization, class_names)
+
+
+RECIPE = Recipe(
+    BertClassifier,
+    TextClassificationData,
+    name="bert_finetune",
+    description=__doc__.split("\n\n")[0],
+    data_to_model=("model_name_or_path",),
+)
 
 
 def run(args: Sequence[str] | None = None) -> RecipeCLI:
     """Run the recipe with ``args`` (default: the command line); returns the finished CLI."""
-    return main(
-        BertClassifier,
-        TextClassificationData,
-        name="bert_finetune",
-        data_to_model=("model_name_or_path",),
-        description=__doc__.split("\n\n")[0],
-        args=args,
-    )
+    return RECIPE.run(args)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,12 @@ With ``--model.checkpoint`` (a hub id, or a folder written by ``save_pretrained`
 fine-tunes that model instead: a new head for the data's classes, images resized and
 channel-matched to what the checkpoint expects, its normalization. The story, top to bottom:
 
-1. data: :class:`recipes.vision_data.ImageClassificationData` reads and splits the images and
-   transforms each batch for the model (:mod:`recipes.vision_transforms`);
-2. model: :class:`ResNetClassifier` builds the network (:mod:`recipes.vision_models`) and trains
-   it with :class:`recipes.classification.ClassificationModule` (loss, metrics, registry
+1. data: :class:`recipes.data.images.ImageClassificationData` reads and splits the images and
+   transforms each batch for the model (:mod:`recipes.data.transforms`);
+2. model: :class:`ResNetClassifier` builds the network (:mod:`recipes.models.vision`) and trains
+   it with :class:`recipes.core.classification.ClassificationModule` (loss, metrics, registry
    optimizer and schedule), at the learning rate scaled to the global batch;
-3. callbacks and trainer: :mod:`recipes.cli` (clipping, AMP epsilon, moment statistics, LR
+3. callbacks and trainer: :mod:`recipes.core.cli` (clipping, AMP epsilon, moment statistics, LR
    monitor, checkpoints), then fit and test.
 """
 
@@ -32,24 +32,21 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from optim_callbacks import (
-    OPTIMIZERS,
-    build_optimizer,
-    build_scheduler,
-    global_batch_size,
-    lightning_scheduler_config,
-    scale_lr,
-)
+from optim_callbacks import global_batch_size, scale_lr
 from optim_callbacks.validation import check_at_least, check_choice
-from recipes.classification import ClassificationModule
-from recipes.cli import RecipeCLI, main
-from recipes.errors import UsageError
-from recipes.vision_data import ImageClassificationData
-from recipes.vision_models import build_image_classifier, expected_input
+from recipes.core.classification import ClassificationModule
+from recipes.core.cli import Recipe, RecipeCLI
+from recipes.core.optimization import OptimizerSettings
+from recipes.data.images import ImageClassificationData
+from recipes.models.vision import build_image_classifier, expected_input
 
-__all__ = ["TRAINER_DEFAULTS", "ResNetClassifier", "run"]
+__all__ = ["PRESET", "RECIPE", "TRAINER_DEFAULTS", "ResNetClassifier", "run"]
 
 TRAINER_DEFAULTS = {"max_epochs": 6}
+# The CNN practice: SGD with Nesterov momentum 0.9, cosine to zero without warmup, weight decay
+# 5e-4 on convolution and linear weights; lr 0.1 is for a global batch of 256 (scaled, see
+# ResNetClassifier.peak_lr).
+PRESET = OptimizerSettings("nesterov", "cosine", lr=0.1, weight_decay=5e-4, warmup=0)
 LR_SCALING = ("linear", "sqrt", "none")
 
 
@@ -64,18 +61,12 @@ class ResNetClassifier(ClassificationModule):
         num_classes: number of classes (linked from the data).
         class_names: class names in label order (linked from the data; stored as ``id2label``).
         batch_size: images per batch and device (linked from ``--data.batch_size``).
-        optimizer: see :class:`~recipes.classification.ClassificationModule` for these.
-        scheduler: schedule name.
-        lr: peak learning rate for a global batch of ``base_batch_size`` images; the run uses
-            ``scale_lr(lr, global batch, base_batch_size, lr_scaling)``, the global batch being
-            batch size x devices x nodes x gradient accumulation.
-        base_batch_size: the batch size ``lr`` is given for.
+        base_batch_size: the global batch size ``optimization.lr`` is given for; the run
+            trains at ``scale_lr(lr, global batch, base_batch_size, lr_scaling)``, the global
+            batch being batch size x devices x nodes x gradient accumulation.
         lr_scaling: ``linear`` (Goyal et al. 2017), ``sqrt`` or ``none``.
-        weight_decay: L2 weight decay on weights (none on biases and BatchNorm).
-        warmup: warmup steps (int) or fraction (float).
-        layer_decay: layer-wise LR decay; ``None`` for the same LR in every layer.
-        optimizer_options: more torch optimizer options.
-        scheduler_options: more schedule options.
+        optimization: optimizer, schedule and options (default :data:`PRESET`; the CLI's
+            ``--optimizer --scheduler --lr --weight_decay --warmup`` set its fields).
     """
 
     def __init__(
@@ -85,16 +76,9 @@ class ResNetClassifier(ClassificationModule):
         num_classes: int = 10,
         class_names: list[str] | None = None,
         batch_size: int = 128,
-        optimizer: str = "nesterov",
-        scheduler: str = "cosine",
-        lr: float | None = 0.1,
         base_batch_size: int = 256,
         lr_scaling: Literal["linear", "sqrt", "none"] = "linear",
-        weight_decay: float | None = 5e-4,
-        warmup: int | float = 0,
-        layer_decay: float | None = None,
-        optimizer_options: dict[str, Any] | None = None,
-        scheduler_options: dict[str, Any] | None = None,
+        optimization: OptimizerSettings = PRESET,
     ) -> None:
         check_at_least("batch_size", batch_size, 1)
         check_at_least("base_batch_size", base_batch_size, 1)
@@ -102,23 +86,11 @@ class ResNetClassifier(ClassificationModule):
         network = build_image_classifier(
             "resnet", num_classes, checkpoint, labels=class_names, config=config
         )
-        super().__init__(
-            network,
-            num_classes,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup=warmup,
-            layer_decay=layer_decay,
-            optimizer_options=optimizer_options,
-            scheduler_options=scheduler_options,
-            class_names=class_names,
-        )
+        super().__init__(network, num_classes, optimization, class_names)
         self.image_input = expected_input(network, checkpoint)  # read by the data module
 
-    def scaled_lr(self) -> float:
-        """The peak learning rate for this run's global batch."""
+    def peak_lr(self) -> float:
+        """The settings' learning rate scaled from ``base_batch_size`` to this run's global batch."""
         hp = self.hparams
         trainer = self.trainer
         global_batch = global_batch_size(
@@ -127,44 +99,24 @@ class ResNetClassifier(ClassificationModule):
             num_nodes=trainer.num_nodes,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
         )
-        base_lr = hp.lr if hp.lr is not None else OPTIMIZERS.get(hp.optimizer).defaults["lr"]
-        return scale_lr(base_lr, global_batch, hp.base_batch_size, hp.lr_scaling)
+        return scale_lr(
+            self.optimization.default_lr(), global_batch, hp.base_batch_size, hp.lr_scaling
+        )
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        try:
-            optimizer = build_optimizer(
-                hp.optimizer,
-                self,
-                lr=self.scaled_lr(),
-                weight_decay=hp.weight_decay,
-                layer_decay=hp.layer_decay,
-                **(hp.optimizer_options or {}),
-            )
-            scheduler = build_scheduler(
-                hp.scheduler,
-                optimizer,
-                total_steps=int(self.trainer.estimated_stepping_batches),
-                warmup=hp.warmup,
-                steps_per_epoch=self._steps_per_epoch(),
-                **(hp.scheduler_options or {}),
-            )
-        except ValueError as error:  # e.g. more warmup steps than the run has: a usage error
-            raise UsageError(str(error)) from None
-        return {"optimizer": optimizer, "lr_scheduler": lightning_scheduler_config(scheduler)}
+
+RECIPE = Recipe(
+    ResNetClassifier,
+    ImageClassificationData,
+    name="resnet_finetune",
+    description=__doc__.split("\n\n")[0],
+    data_to_model=("batch_size",),
+    trainer_defaults=TRAINER_DEFAULTS,
+)
 
 
 def run(args: Sequence[str] | None = None) -> RecipeCLI:
     """Run the recipe with ``args`` (default: the command line); returns the finished CLI."""
-    return main(
-        ResNetClassifier,
-        ImageClassificationData,
-        name="resnet_finetune",
-        data_to_model=("batch_size",),
-        trainer_defaults=TRAINER_DEFAULTS,
-        description=__doc__.split("\n\n")[0],
-        args=args,
-    )
+    return RECIPE.run(args)
 
 
 if __name__ == "__main__":

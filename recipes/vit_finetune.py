@@ -18,12 +18,12 @@ channel-matched to what the checkpoint expects, its normalization; ``--model.lay
 gives encoder layer ``i`` of ``L`` the learning rate ``lr * layer_decay ** (L + 1 - i)``. The
 story, top to bottom:
 
-1. data: :class:`recipes.vision_data.ImageClassificationData` reads and splits the images and
-   transforms each batch for the model (:mod:`recipes.vision_transforms`);
-2. model: :class:`ViTClassifier` builds the network (:mod:`recipes.vision_models`) and trains it
-   with :class:`recipes.classification.ClassificationModule` (loss, metrics, registry optimizer
+1. data: :class:`recipes.data.images.ImageClassificationData` reads and splits the images and
+   transforms each batch for the model (:mod:`recipes.data.transforms`);
+2. model: :class:`ViTClassifier` builds the network (:mod:`recipes.models.vision`) and trains it
+   with :class:`recipes.core.classification.ClassificationModule` (loss, metrics, registry optimizer
    and schedule);
-3. callbacks and trainer: :mod:`recipes.cli` (clipping, AMP epsilon, moment statistics, LR
+3. callbacks and trainer: :mod:`recipes.core.cli` (clipping, AMP epsilon, moment statistics, LR
    monitor, checkpoints), then fit and test.
 """
 
@@ -33,14 +33,19 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from recipes.classification import ClassificationModule
-from recipes.cli import RecipeCLI, main
-from recipes.vision_data import ImageClassificationData
-from recipes.vision_models import build_image_classifier, expected_input
+from recipes.core.classification import ClassificationModule
+from recipes.core.cli import Recipe, RecipeCLI
+from recipes.core.optimization import OptimizerSettings
+from recipes.data.images import ImageClassificationData
+from recipes.models.vision import build_image_classifier, expected_input
 
-__all__ = ["TRAINER_DEFAULTS", "ViTClassifier", "run"]
+__all__ = ["PRESET", "RECIPE", "TRAINER_DEFAULTS", "ViTClassifier", "run"]
 
 TRAINER_DEFAULTS = {"max_epochs": 6}
+# The transformer practice: AdamW, 10% linear warmup then cosine to zero, weight decay 0.05
+# (none on biases, norms, the [CLS] token and the position embeddings), peak LR 2e-3 for the
+# small ViT trained from initialisation.
+PRESET = OptimizerSettings("adamw", "cosine", lr=2e-3, weight_decay=0.05, warmup=0.1)
 
 
 class ViTClassifier(ClassificationModule):
@@ -52,14 +57,8 @@ class ViTClassifier(ClassificationModule):
         config: ``ViTConfig`` fields that change the small ViT (e.g. ``{"hidden_size": 192}``).
         num_classes: number of classes (linked from the data).
         class_names: class names in label order (linked from the data; stored as ``id2label``).
-        optimizer: see :class:`~recipes.classification.ClassificationModule` for these.
-        scheduler: schedule name.
-        lr: peak learning rate.
-        weight_decay: decoupled weight decay (none on biases, norms and 1-D parameters).
-        warmup: warmup steps (int) or fraction (float).
-        layer_decay: layer-wise LR decay; ``None`` for the same LR in every layer.
-        optimizer_options: more torch optimizer options.
-        scheduler_options: more schedule options.
+        optimization: optimizer, schedule and options (default :data:`PRESET`; the CLI's
+            ``--optimizer --scheduler --lr --weight_decay --warmup`` set its fields).
     """
 
     def __init__(
@@ -68,31 +67,12 @@ class ViTClassifier(ClassificationModule):
         config: dict[str, Any] | None = None,
         num_classes: int = 10,
         class_names: list[str] | None = None,
-        optimizer: str = "adamw",
-        scheduler: str = "cosine",
-        lr: float | None = 2e-3,
-        weight_decay: float | None = 0.05,
-        warmup: int | float = 0.1,
-        layer_decay: float | None = None,
-        optimizer_options: dict[str, Any] | None = None,
-        scheduler_options: dict[str, Any] | None = None,
+        optimization: OptimizerSettings = PRESET,
     ) -> None:
         network = build_image_classifier(
             "vit", num_classes, checkpoint, labels=class_names, config=config
         )
-        super().__init__(
-            network,
-            num_classes,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup=warmup,
-            layer_decay=layer_decay,
-            optimizer_options=optimizer_options,
-            scheduler_options=scheduler_options,
-            class_names=class_names,
-        )
+        super().__init__(network, num_classes, optimization, class_names)
         self.image_input = expected_input(network, checkpoint)  # read by the data module
 
     def no_weight_decay(self) -> set[str]:
@@ -104,16 +84,18 @@ class ViTClassifier(ClassificationModule):
         }
 
 
+RECIPE = Recipe(
+    ViTClassifier,
+    ImageClassificationData,
+    name="vit_finetune",
+    description=__doc__.split("\n\n")[0],
+    trainer_defaults=TRAINER_DEFAULTS,
+)
+
+
 def run(args: Sequence[str] | None = None) -> RecipeCLI:
     """Run the recipe with ``args`` (default: the command line); returns the finished CLI."""
-    return main(
-        ViTClassifier,
-        ImageClassificationData,
-        name="vit_finetune",
-        trainer_defaults=TRAINER_DEFAULTS,
-        description=__doc__.split("\n\n")[0],
-        args=args,
-    )
+    return RECIPE.run(args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,27 @@
+"""What every test shares: an offline, quiet, one-thread environment and the expensive helpers.
+
+Fixtures:
+
+- every test runs in its own temporary folder (W&B runs and Lightning logs land there), with
+  torch on one thread and a plain ``sys.argv`` (autouse);
+- ``wandb_run``: reads an offline W&B run back from disk (``wandb leet inspect``);
+- ``two_processes``: runs a script of ``tests/scripts`` as two gloo processes and returns what
+  each rank wrote;
+- ``tiny_bert`` / ``keyword_csv``: a random 2-layer BERT checkpoint folder and a small labelled
+  CSV, built once per pytest run.
+"""
+
+from __future__ import annotations
+
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 # W&B never reaches the network from tests, and never asks for a login.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -9,6 +30,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO_ROOT / "tests" / "scripts"
+LAUNCHER_KEYS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+
 
 @pytest.fixture(autouse=True)
 def _isolated_run_dirs(tmp_path, monkeypatch):
@@ -16,3 +41,120 @@ def _isolated_run_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_plain_argv(monkeypatch):
+    """Tiny models run as fast on one thread, and a second one only thrashes when the CPU is
+    shared; the recipes' parsers read the test's arguments, never pytest's."""
+    monkeypatch.setattr(sys, "argv", ["recipe"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class WandbRunReader:
+    """Reads the one offline W&B run under a folder (``<folder>/wandb/offline-run-*``), or a
+    run folder or ``.wandb`` file itself, through ``wandb leet inspect``."""
+
+    @staticmethod
+    def run_file(path: Path) -> Path:
+        path = Path(path)
+        if path.suffix == ".wandb":
+            return path
+        found = sorted(path.glob("run-*.wandb")) or sorted(
+            path.glob("**/offline-run-*/run-*.wandb")
+        )
+        assert len(found) == 1, f"expected one offline W&B run under {path}, found {found}"
+        return found[0]
+
+    def _inspect(self, path: Path, *flags: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "wandb", "leet", "inspect", *flags, "--json", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        return done.stdout
+
+    def records(self, path: Path) -> list[dict[str, Any]]:
+        """Every record of the run (history rows, summary, config, ...)."""
+        out = self._inspect(self.run_file(path))
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    def history(self, path: Path) -> list[dict[str, Any]]:
+        """The run's history rows, in logging order."""
+        return [r["history"]["item"] for r in self.records(path) if r.get("type") == "history"]
+
+    def summary_record(self, path: Path) -> dict[str, Any]:
+        """The run's summary record: ``summary``, ``config``, ``state``, ``project``, ..."""
+        return json.loads(self._inspect(self.run_file(path), "--summary"))
+
+    def summary(self, path: Path) -> dict[str, Any]:
+        """The run's summary."""
+        return self.summary_record(path)["summary"]
+
+
+@pytest.fixture(scope="session")
+def wandb_run() -> WandbRunReader:
+    return WandbRunReader()
+
+
+def subprocess_env(**overrides: str) -> dict[str, str]:
+    """This environment for a child process: the repository importable, no launcher variables
+    left over, one OpenMP thread."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_KEYS}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture(scope="session")
+def two_processes():
+    """``launch(script, out_dir, *args, timeout=300)``: runs ``tests/scripts/<script>`` (which
+    starts two gloo ranks itself, through a Trainer with ``devices=2``), asserts it succeeded
+    and returns the JSON each rank wrote to ``out_dir/rank<r>.json``; what it printed is in
+    ``out_dir/stdout.log``."""
+
+    def launch(
+        script: str, out_dir: Path, *args: str, timeout: int = 300, **env: str
+    ) -> list[dict[str, Any]]:
+        done = subprocess.run(
+            [sys.executable, str(SCRIPTS / script), str(out_dir), *args],
+            env=subprocess_env(**env),
+            cwd=out_dir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        (Path(out_dir) / "stdout.log").write_text(done.stdout)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    return launch
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer ``BertForSequenceClassification`` with the MiniLM
+    tokenizer, saved like a hub checkpoint (built once per pytest run)."""
+    from tests.recipes.tiny_text import save_tiny_bert
+
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert") / "bert")
+
+
+@pytest.fixture(scope="session")
+def keyword_csv(tmp_path_factory) -> Path:
+    """A labelled CSV of three keyword classes a tiny BERT learns in seconds."""
+    from tests.recipes.tiny_text import keyword_rows, write_csv
+
+    return write_csv(tmp_path_factory.mktemp("keywords") / "keywords.csv", keyword_rows())
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_bert, keyword_csv) -> tuple[Path, Path]:
+    """``(tiny_bert, keyword_csv)``: the quick text task most recipe tests train on."""
+    return tiny_bert, keyword_csv

@@ -4,29 +4,13 @@ tokenizer) on a small CSV, one smoke run of the real embedded MiniLM on BBC News
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from recipes.bert_finetune import run
-from tests.recipe_tiny import keyword_rows, save_tiny_bert, tiny_args, write_csv
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    return save_tiny_bert(folder / "bert"), write_csv(folder / "keywords.csv", keyword_rows())
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_plain_argv(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["bert_finetune"])  # args come from the test, not pytest
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models gain nothing from more; shared cores lose a lot
-    yield
-    torch.set_num_threads(threads)
+from tests.recipes.tiny_text import tiny_args
 
 
 def test_tiny_bert_learns_the_keyword_classes_and_reports_every_metric(tiny, tmp_path, capsys):
@@ -73,7 +57,7 @@ def test_layer_decay_scales_lower_layers_down(tiny):
             "1",
             "--logger",
             "none",
-            "--model.layer_decay",
+            "--model.optimization.layer_decay",
             "0.5",
         )
     )

@@ -4,45 +4,28 @@ and the YAML config through the same ``run`` entry point in process."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from optim_callbacks import OPTIMIZERS, SCHEDULES
-from recipes.bert_finetune import run
-from tests.recipe_tiny import (
+from recipes.bert_finetune import PRESET, RECIPE, run
+from recipes.core.optimization import TOP_LEVEL_FLAGS
+from tests.recipes.tiny_text import (
     PYTHON,
     REPO_ROOT,
     keyword_rows,
-    save_tiny_bert,
     subprocess_env,
     tiny_args,
     write_csv,
 )
 
 CONFIG = REPO_ROOT / "configs" / "bert_finetune.yaml"
+OLD_CONFIG = Path(__file__).parent / "data" / "bert_config_v0_1.yaml"
 PROG = "python -m recipes.bert_finetune"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    return save_tiny_bert(folder / "bert"), write_csv(folder / "keywords.csv", keyword_rows())
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_plain_argv(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["bert_finetune"])  # args come from the test, not pytest
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models gain nothing from more; shared cores lose a lot
-    yield
-    torch.set_num_threads(threads)
 
 
 def _usage_error(capsys, args: list[str]) -> str:
@@ -154,41 +137,68 @@ def test_bad_data_or_model_is_one_clear_line(tiny, tmp_path, capsys, case, expec
     assert re.search(expected, line), line
 
 
-def test_config_file_is_the_default_run_spelled_out(capsys):
+def _printed_config(capsys, args: list[str]) -> dict:
     with pytest.raises(SystemExit) as exit_info:
-        run(["--print_config"])
+        run([*args, "--print_config"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert yaml.safe_load(CONFIG.read_text()) == printed
-    assert printed["optimizer"] == "adamw" and printed["scheduler"] == "cosine"
-    assert printed["data"]["max_length"] == 128 and printed["data"]["batch_size"] == 16
+    printed.pop("config", None)  # the file's own path
+    return printed
+
+
+def test_config_file_is_the_default_run_spelled_out(capsys):
+    defaults = _printed_config(capsys, [])
+    assert _printed_config(capsys, ["--config", str(CONFIG)]) == defaults
+    written = yaml.safe_load(CONFIG.read_text())
+    preset = {flag: getattr(PRESET, flag) for flag in TOP_LEVEL_FLAGS}
+    assert {flag: written[flag] for flag in TOP_LEVEL_FLAGS} == preset
+    assert defaults["optimizer"] == "adamw" and defaults["scheduler"] == "cosine"
+    assert defaults["data"]["max_length"] == 128 and defaults["data"]["batch_size"] == 16
     assert (
-        printed["trainer"]["max_epochs"] == 1
-        and printed["clipping"]["init_args"]["max_norm"] == 1.0
+        defaults["trainer"]["max_epochs"] == 1
+        and defaults["clipping"]["init_args"]["max_norm"] == 1.0
     )
-    assert printed["adam_to_sgd"] is None  # off unless asked for
+    assert defaults["adam_to_sgd"] is None  # off unless asked for
 
 
-def _wandb_summary(run_dir: Path, home: Path) -> dict:
-    result = subprocess.run(
-        [
-            str(Path(PYTHON).parent / "wandb"),
-            "leet",
-            "inspect",
-            "--summary",
-            "--json",
-            str(run_dir),
-        ],
-        env=subprocess_env(home),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    return json.loads(result.stdout)
+def test_a_config_saved_by_version_0_1_still_loads(capsys):
+    """Version 0.1 saved ``layer_decay`` and the option dicts directly under ``model:``."""
+    old = yaml.safe_load(OLD_CONFIG.read_text())
+    assert {"layer_decay", "optimizer_options", "scheduler_options"} <= old["model"].keys()
+    defaults = _printed_config(capsys, [])
+    loaded = _printed_config(capsys, ["--config", str(OLD_CONFIG)])
+    assert loaded["model"]["optimization"] == {
+        "layer_decay": None,
+        "optimizer_options": None,
+        "scheduler_options": None,
+    }
+    loaded["model"] = defaults["model"]
+    assert loaded == defaults
+    # and the old flag spelling of those options
+    flagged = _printed_config(capsys, ["--model.layer_decay", "0.5"])
+    assert flagged["model"]["optimization"]["layer_decay"] == 0.5
 
 
-def test_cli_with_the_yaml_logs_offline_to_wandb_without_credentials(tiny, tmp_path):
+def test_the_recorder_class_path_of_old_sweep_configs_still_resolves():
+    config = RECIPE.configuration(["--trainer.callbacks+=recipes.compare_recorder.RunRecorder"])
+    (callback,) = config.trainer.callbacks
+    assert callback.class_path == "recipes.compare_recorder.RunRecorder"
+    from recipes.compare_recorder import RunRecorder as Old
+    from recipes.sweep.recorder import RunRecorder
+
+    assert Old is RunRecorder
+
+
+def test_configuration_parses_and_checks_without_running(tiny):
+    model_dir, data = tiny
+    config = RECIPE.configuration(tiny_args(model_dir, data, "--optimizer", "sgd", "--lr", "0.2"))
+    assert (config.optimizer, config.lr) == ("sgd", 0.2)
+    assert config.model.optimization.optimizer == "sgd"  # the flags set the model's settings
+    with pytest.raises(ValueError, match=r"optimizer: unknown value 'adamx'.*did you mean 'adam"):
+        RECIPE.configuration(["--optimizer", "adamx"])
+
+
+def test_cli_with_the_yaml_logs_offline_to_wandb_without_credentials(tiny, tmp_path, wandb_run):
     model_dir, data = tiny
     args = [PYTHON, "-m", "recipes.bert_finetune", "--config", str(CONFIG)]
     args += tiny_args(model_dir, data, "--trainer.max_epochs", "1")
@@ -210,7 +220,7 @@ def test_cli_with_the_yaml_logs_offline_to_wandb_without_credentials(tiny, tmp_p
         "config.yaml"
     ).is_file()
 
-    record = _wandb_summary(tmp_path / run_dir, tmp_path)
+    record = wandb_run.summary_record(tmp_path / run_dir)
     assert record["state"] == "finished" and record["project"] == "bert_finetune"
     summary = record["summary"]
     assert round(summary["test_acc"], 4) == accuracy
@@ -222,7 +232,8 @@ def test_cli_with_the_yaml_logs_offline_to_wandb_without_credentials(tiny, tmp_p
         "lr/decay",
         "grad_clip/pre_clip_norm",
     } <= summary.keys()
-    assert record["config"]["optimizer"] == "adamw" and record["config"]["class_names"] == [
+    assert record["config"]["optimization"]["optimizer"] == "adamw"
+    assert record["config"]["class_names"] == [
         "business",
         "sport",
         "tech",
@@ -231,28 +242,14 @@ def test_cli_with_the_yaml_logs_offline_to_wandb_without_credentials(tiny, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_ddp_on_two_cpu_processes_syncs_metrics_and_logs_from_rank_zero(tiny, tmp_path):
+def test_ddp_on_two_cpu_processes_syncs_metrics_and_logs_from_rank_zero(
+    tiny, tmp_path, two_processes
+):
     model_dir, data = tiny
-    script = REPO_ROOT / "tests" / "scripts" / "ddp_bert.py"
     args = tiny_args(model_dir, data, "--trainer.max_epochs", "1")
-    args += [
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.default_root_dir",
-        str(tmp_path / "runs"),
-    ]
-    result = subprocess.run(
-        [PYTHON, str(script), str(tmp_path), *args],
-        cwd=tmp_path,
-        env=subprocess_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    args += ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    args += ["--trainer.default_root_dir", str(tmp_path / "runs")]
+    ranks = two_processes("ddp_bert.py", tmp_path, *args, timeout=400, HOME=str(tmp_path))
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] > 0
     # each rank tested its own half of the 12 test examples, and both report the synced totals
@@ -262,4 +259,4 @@ def test_ddp_on_two_cpu_processes_syncs_metrics_and_logs_from_rank_zero(tiny, tm
     assert ranks[0]["parameter_sum"] == ranks[1]["parameter_sum"]  # DDP kept replicas equal
     assert [r["logger_is_wandb_run"] for r in ranks] == [True, False]
     assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 1
-    assert result.stdout.count("Test results (12 examples") == 1
+    assert (tmp_path / "stdout.log").read_text().count("Test results (12 examples") == 1

@@ -8,11 +8,11 @@ from collections import Counter
 
 import pytest
 
-from recipes.cli import format_test_table
-from recipes.loggers import build_logger, wandb_credentials_configured, wandb_mode
-from recipes.splits import EpochSeededSampler, stratified_split
-from recipes.text_datasets import label_texts, load_bbc_news, load_table, load_text_dataset
-from tests.recipe_tiny import keyword_rows, write_csv
+from recipes.core.cli import format_test_table
+from recipes.core.loggers import build_logger, wandb_credentials_configured, wandb_mode
+from recipes.data.splits import EpochSeededSampler, stratified_split
+from recipes.data.text_sources import label_texts, load_bbc_news, load_table, load_text_dataset
+from tests.recipes.tiny_text import keyword_rows, write_csv
 
 
 def test_bbc_news_has_every_article_with_sorted_class_names():

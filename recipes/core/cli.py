@@ -3,14 +3,17 @@
 ``python -m recipes.<recipe> --optimizer adamw --scheduler cosine --lr 5e-5 --warmup 0.06``:
 
 - ``--optimizer`` / ``--scheduler`` take registry names (``python -m optim_callbacks list``);
-  they, ``--lr``, ``--weight_decay`` and ``--warmup`` are top-level flags linked to the model.
-  LightningCLI's own ``--optimizer``/``--lr_scheduler`` (torch classes) are switched off.
+  they, ``--lr``, ``--weight_decay`` and ``--warmup`` are top-level flags that set the model's
+  :class:`~recipes.core.optimization.OptimizerSettings` (``--model.optimization.*`` holds the
+  rest: ``layer_decay``, ``optimizer_options``, ``scheduler_options``). LightningCLI's own
+  ``--optimizer``/``--lr_scheduler`` (torch classes) are switched off.
 - every Trainer, model and data option: ``--trainer.devices 2 --trainer.strategy ddp``,
-  ``--trainer.precision 16-mixed``, ``--model.layer_decay 0.8``, ``--data.batch_size 32``;
+  ``--trainer.precision 16-mixed``, ``--model.optimization.layer_decay 0.8``,
+  ``--data.batch_size 32``;
 - ``--config FILE`` (YAML), ``--print_config`` (the full configuration, then exit),
   ``--ckpt_path FILE`` (resume), ``--logger wandb|csv|tensorboard|none``, ``--project NAME``;
 - one flag or YAML block per callback: ``--clipping.max_norm 0.5`` configures one,
-  ``--clipping null`` switches it off, ``--adam_to_sgd.switch_at 0.5`` switches one on.
+  ``--clipping null`` switches it off, ``--adam_to_sgd.at_fraction 0.5`` switches one on.
 
 A run fits, tests the best checkpoint, prints a test table and where the logs and checkpoints
 are. A usage error (unknown optimizer, missing file or column, ...) prints one line and exits
@@ -42,13 +45,12 @@ from optim_callbacks import (
     MomentStatistics,
 )
 from optim_callbacks.validation import check_choice
-from recipes.classification import check_optimizer_settings
-from recipes.errors import UsageError
-from recipes.loggers import LOGGERS, build_logger, run_locations
+from recipes.core.errors import UsageError
+from recipes.core.legacy import upgrade_args
+from recipes.core.loggers import LOGGERS, build_logger, run_locations
+from recipes.core.optimization import OptimizerSettings
 
-__all__ = ["STANDARD_CALLBACKS", "CallbackOption", "RecipeCLI", "format_test_table", "main"]
-
-OPTIMIZER_FLAGS = ("optimizer", "scheduler", "lr", "weight_decay", "warmup")
+__all__ = ["STANDARD_CALLBACKS", "CallbackOption", "Recipe", "RecipeCLI", "format_test_table"]
 
 
 @dataclass(frozen=True)
@@ -135,12 +137,13 @@ class RunConfigSaver(SaveConfigCallback):
 
 class RecipeCLI(LightningCLI):
     """LightningCLI for one recipe: ``model_class`` must accept the registry settings of
-    :class:`recipes.classification.ClassificationModule` plus ``num_classes`` and
+    :class:`recipes.core.classification.ClassificationModule` plus ``num_classes`` and
     ``class_names``, which are linked from ``datamodule_class``'s attributes of those names.
 
     Args:
-        model_class: the recipe's LightningModule; the defaults of its ``optimizer``,
-            ``scheduler``, ``lr``, ``weight_decay`` and ``warmup`` become the top-level flags'.
+        model_class: the recipe's LightningModule; the default of its ``optimization``
+            (:class:`~recipes.core.optimization.OptimizerSettings`) gives the top-level
+            ``--optimizer --scheduler --lr --weight_decay --warmup`` flags their defaults.
         datamodule_class: the recipe's LightningDataModule.
         name: the recipe's name: W&B project / log folder, and ``runs/<name>`` as root folder.
         callbacks: the callbacks offered as flags (default :data:`STANDARD_CALLBACKS`).
@@ -184,7 +187,7 @@ class RecipeCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        model_defaults = _init_defaults(self.model_class)
+        preset = _init_defaults(self.model_class).get("optimization") or OptimizerSettings()
         flags: dict[str, tuple[Any, str]] = {
             "optimizer": (str, f"optimizer name; one of: {', '.join(OPTIMIZERS.names())}"),
             "scheduler": (str, f"learning-rate schedule; one of: {', '.join(SCHEDULES.names())}"),
@@ -200,9 +203,9 @@ class RecipeCLI(LightningCLI):
         }
         for flag, (kind, help_text) in flags.items():
             parser.add_argument(
-                f"--{flag}", type=kind, default=model_defaults.get(flag), help=help_text
+                f"--{flag}", type=kind, default=getattr(preset, flag), help=help_text
             )
-            parser.link_arguments(flag, f"model.{flag}")
+            parser.link_arguments(flag, f"model.optimization.{flag}")
         parser.add_argument(
             "--logger",
             type=str,
@@ -231,21 +234,12 @@ class RecipeCLI(LightningCLI):
             parser.link_arguments(f"data.{name}", f"model.{name}")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse, then check names and settings before anything is seeded, read or loaded."""
-        super().parse_arguments(parser, args)
+        """Parse (configurations of earlier versions upgraded), then check names and settings
+        before anything is seeded, read or loaded."""
+        self.config = parser.parse_args(upgrade_args(sys.argv[1:] if args is None else args))
         config = self.config
         check_choice("logger", config.logger, LOGGERS)
-        model = config.model
-        check_optimizer_settings(
-            model.optimizer,
-            model.scheduler,
-            model.lr,
-            model.weight_decay,
-            model.warmup,
-            model.get("layer_decay"),
-            model.get("optimizer_options") or {},
-            model.get("scheduler_options") or {},
-        )
+        OptimizerSettings(**config.model.optimization)  # the registry entries' checks
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer_config = self.config_init.trainer
@@ -322,27 +316,73 @@ def _usage_error(prog: str, error: BaseException) -> SystemExit:
     return SystemExit(2)
 
 
-def main(
-    model_class: type[L.LightningModule],
-    datamodule_class: type[L.LightningDataModule],
-    *,
-    name: str,
-    args: Sequence[str] | None = None,
-    **cli_options: Any,
-) -> RecipeCLI:
-    """Parse, build, fit and test; a usage error exits with status 2 and one line on stderr."""
-    prog = f"python -m recipes.{name}"
-    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
-    level = seed_log.level
-    seed_log.setLevel(logging.WARNING)  # "Seed set to 42" would precede a one-line usage error
-    try:  # everything the user gave is checked here: names, files, columns, classes, options
-        cli = RecipeCLI(model_class, datamodule_class, name=name, args=args, **cli_options)
-    except (ValueError, OSError) as error:
-        raise _usage_error(prog, error) from None
-    finally:
-        seed_log.setLevel(level)
-    try:
-        cli.fit_and_test()
-    except UsageError as error:
-        raise _usage_error(prog, error) from None
-    return cli
+@dataclass(frozen=True)
+class Recipe:
+    """What a recipe entry point is made of: its module classes and CLI options.
+
+    ``run(args)`` parses, builds, fits and tests (a usage error exits with status 2 and one line
+    on stderr); ``configuration(args)`` only parses and checks, and returns the configuration
+    the recipe would run with (what ``--print_config`` prints), without seeding, reading data or
+    loading a model.
+    """
+
+    model_class: type[L.LightningModule]
+    datamodule_class: type[L.LightningDataModule]
+    name: str
+    description: str = ""
+    data_to_model: tuple[str, ...] = ()
+    trainer_defaults: Mapping[str, Any] | None = None
+
+    @property
+    def prog(self) -> str:
+        return f"python -m recipes.{self.name}"
+
+    def _cli(self, cli_class: type[RecipeCLI], args: Sequence[str] | None) -> RecipeCLI:
+        return cli_class(
+            self.model_class,
+            self.datamodule_class,
+            name=self.name,
+            data_to_model=self.data_to_model,
+            trainer_defaults=self.trainer_defaults,
+            description=self.description,
+            args=args,
+        )
+
+    def configuration(self, args: Sequence[str]) -> Any:
+        """The parsed, checked configuration for ``args`` (a jsonargparse ``Namespace``)."""
+        try:
+            self._cli(_ConfigurationOnly, list(args))
+        except _Parsed as parsed:
+            return parsed.config
+        raise AssertionError("unreachable: _ConfigurationOnly always stops after parsing")
+
+    def run(self, args: Sequence[str] | None = None) -> RecipeCLI:
+        """Parse, build, fit and test; returns the finished CLI."""
+        seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+        level = seed_log.level
+        seed_log.setLevel(logging.WARNING)  # "Seed set to 42" would precede a one-line usage error
+        try:  # everything the user gave is checked here: names, files, columns, classes, options
+            cli = self._cli(RecipeCLI, args)
+        except (ValueError, OSError) as error:
+            raise _usage_error(self.prog, error) from None
+        finally:
+            seed_log.setLevel(level)
+        try:
+            cli.fit_and_test()
+        except UsageError as error:
+            raise _usage_error(self.prog, error) from None
+        return cli
+
+
+class _Parsed(Exception):
+    def __init__(self, config: Any) -> None:
+        super().__init__("parsed")
+        self.config = config
+
+
+class _ConfigurationOnly(RecipeCLI):
+    """Stops right after parsing and checking, before the seed is set or anything is built."""
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        raise _Parsed(self.config)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from optim_callbacks import build_optimizer
-from recipes.vision_models import build_image_classifier, expected_input
+from recipes.models.vision import build_image_classifier, expected_input
 
 TINY = {
     "vit": {

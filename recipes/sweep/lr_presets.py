@@ -2,7 +2,7 @@
 
 A recipe's learning rate is tuned for its own optimizer (the BERT recipe: AdamW at 1e-4), and
 other optimizers need other rates: moving from Adam to SGD with momentum the LR must grow
-10-100x (CLAIMS.md), plain SGD needs ``1 / (1 - momentum)`` = 10x more again for the same
+10-100x (the SWATS estimate does this from data), plain SGD needs ``1 / (1 - momentum)`` = 10x more again for the same
 steady-state step, Adagrad's accumulated denominator wants about 10x Adam's. So each optimizer
 has a *scale*, its typical peak LR relative to Adam's on the same task, and its preset is
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from optim_callbacks.validation import closest
-from recipes.embedded import bbc_news_dir
+from recipes.data.embedded import bbc_news_dir
 
 __all__ = [
     "BBC_NEWS",

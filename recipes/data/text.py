@@ -7,7 +7,6 @@ to ``max_length`` and padded per batch.
 
 from __future__ import annotations
 
-import os
 from functools import cached_property
 from typing import Any
 
@@ -16,9 +15,10 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from optim_callbacks.validation import check_at_least
-from recipes.embedded import EMBEDDED_MODEL_ID, load_error, resolve_model_path
-from recipes.splits import EpochSeededSampler, stratified_split
-from recipes.text_datasets import BBC_NEWS, LabelledTexts, load_text_dataset
+from recipes.core.seeding import run_seed
+from recipes.data.embedded import EMBEDDED_MODEL_ID, load_error, resolve_model_path
+from recipes.data.splits import EpochSeededSampler, stratified_split
+from recipes.data.text_sources import BBC_NEWS, LabelledTexts, load_text_dataset
 
 __all__ = ["TextClassificationData"]
 
@@ -117,8 +117,7 @@ class TextClassificationData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # The shuffle follows the run's seed (as Lightning's DistributedSampler does under DDP).
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return self._loader("train", EpochSeededSampler(self.split("train"), seed=seed))
+        return self._loader("train", EpochSeededSampler(self.split("train"), seed=run_seed()))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

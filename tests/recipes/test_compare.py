@@ -9,25 +9,16 @@ import io
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from recipes import compare
-from recipes.compare_lr import LearningRate, choose_lr, lr_grid, preset_lrs
-from tests.recipe_tiny import keyword_rows, save_tiny_bert, write_csv
+from recipes.sweep.lr_presets import LearningRate, choose_lr, lr_grid, preset_lrs
 
 LRS = "adamw=3e-3,sgd=0.3"
 KEYS = {"adamw": "adamw-lr0.003-seed42", "sgd": "sgd-lr0.3-seed42"}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    return save_tiny_bert(folder / "bert"), write_csv(folder / "keywords.csv", keyword_rows())
 
 
 def sweep_args(tiny, out: Path, *extra: str) -> list[str]:
@@ -84,19 +75,6 @@ def _own_file(path: Path) -> bool:
     return path.is_file() and not path.is_symlink()
 
 
-def wandb_records(run_dir: Path) -> list[dict[str, Any]]:
-    """Every record of the run's one offline W&B run, via ``wandb leet inspect --json``."""
-    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    out = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
-
-
 def logged(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
     """``(optimizer steps taken, value)`` of a metric in the W&B history."""
     rows = [r["history"]["item"] for r in records if r["type"] == "history"]
@@ -113,7 +91,7 @@ def adamw_state_bytes(model_dir: Path) -> int:
     return sum(2 * p.numel() * 4 + 4 for p in model.parameters())
 
 
-def test_report_numbers_equal_the_metrics_wandb_recorded(sweep, tiny):
+def test_report_numbers_equal_the_metrics_wandb_recorded(sweep, tiny, wandb_run):
     results, out = sweep["results"], sweep["out"]
     target = results["target_accuracy"]
     runs = {run["optimizer"]: run for run in results["runs"]}
@@ -121,7 +99,7 @@ def test_report_numbers_equal_the_metrics_wandb_recorded(sweep, tiny):
     best_val = 0.0
     for run in runs.values():
         run_dir = out / "runs" / run["key"]
-        records = wandb_records(run_dir)
+        records = wandb_run.records(run_dir)
         (header,) = [r["run"] for r in records if r["type"] == "run"]
         assert (
             header["run_group"] == sweep["sweep"]["group"] and header["display_name"] == run["key"]
@@ -192,7 +170,7 @@ def test_rerun_keeps_finished_runs_and_restarts_unfinished_ones(sweep):
     assert sweep["sweep"]["main_runs"] == [KEYS["adamw"], KEYS["sgd"]]
 
 
-def test_lr_search_keeps_the_lr_with_the_best_validation_accuracy(sweep, tiny, tmp_path):
+def test_lr_search_keeps_the_lr_with_the_best_validation_accuracy(sweep, tiny, tmp_path, wandb_run):
     out = tmp_path / "search"
     shutil.copytree(sweep["out"], out)  # the sgd run at the preset LR is reused from there
     printed = run_compare(
@@ -204,7 +182,7 @@ def test_lr_search_keeps_the_lr_with_the_best_validation_accuracy(sweep, tiny, t
     assert entry["grid"] == [0.03, 0.3]
     finals = {}
     for lr, key in zip(entry["grid"], entry["runs"], strict=True):
-        records = wandb_records(out / "runs" / key)
+        records = wandb_run.records(out / "runs" / key)
         finals[lr] = (logged(records, "val_acc")[-1][1], logged(records, "val_loss")[-1][1])
     best = max(finals, key=lambda lr: (finals[lr][0], -finals[lr][1]))
     assert entry["chosen"] == best
@@ -214,7 +192,7 @@ def test_lr_search_keeps_the_lr_with_the_best_validation_accuracy(sweep, tiny, t
 
 
 @pytest.mark.ddp
-def test_a_sweep_of_ddp_runs_records_rank_zero_once(tiny, tmp_path):
+def test_a_sweep_of_ddp_runs_records_rank_zero_once(tiny, tmp_path, wandb_run):
     out = tmp_path / "ddp"
     ddp = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "4")
     run_compare(sweep_args(tiny, out, "--optimizers", "adamw", *ddp))
@@ -223,7 +201,7 @@ def test_a_sweep_of_ddp_runs_records_rank_zero_once(tiny, tmp_path):
     assert result["world_size"] == 2 and result["global_step"] == 4
     log = (run_dir / "output.log").read_text()
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log  # the second process did train
-    records = wandb_records(run_dir)  # exactly one W&B run: rank zero's
+    records = wandb_run.records(run_dir)  # exactly one W&B run: rank zero's
     (row,) = json.loads((out / "results.json").read_text())["runs"]
     assert row["final_val_acc"] == pytest.approx(logged(records, "val_acc")[-1][1], abs=1e-7)
     assert row["test_acc"] == pytest.approx(logged(records, "test_acc")[-1][1], abs=1e-7)

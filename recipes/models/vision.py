@@ -38,7 +38,7 @@ from transformers import (
 from transformers.image_processing_base import ImageProcessingMixin
 
 from optim_callbacks.validation import check_at_least, check_choice, check_unknown_options
-from recipes.vision_data import ImageInput
+from recipes.data.images import ImageInput
 
 __all__ = [
     "FAMILIES",

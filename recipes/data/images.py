@@ -9,7 +9,7 @@ Sources
 
 Validation images are a seeded random share of the training images; the test set stays the
 official one. Batches travel as ``uint8`` and are augmented, matched to the model's channels and
-size, and normalized on the device by :class:`~recipes.vision_transforms.ImageTransform`.
+size, and normalized on the device by :class:`~recipes.data.transforms.ImageTransform`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from optim_callbacks.validation import (
     check_choice,
     check_in_range,
 )
-from recipes.splits import EpochSeededSampler
-from recipes.vision_transforms import ImageTransform, resize
+from recipes.core.seeding import derived_seed, run_seed
+from recipes.data.splits import EpochSeededSampler
+from recipes.data.transforms import ImageTransform, resize
 
 __all__ = [
     "DEBIAN_FASHION_MNIST",
@@ -435,7 +436,7 @@ class ImageClassificationData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # The shuffle follows the run's seed (as Lightning's DistributedSampler does under DDP).
-        return self._loader(self.train_set, EpochSeededSampler(self.train_set, seed=_run_seed()))
+        return self._loader(self.train_set, EpochSeededSampler(self.train_set, seed=run_seed()))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)
@@ -454,8 +455,7 @@ class ImageClassificationData(L.LightningDataModule):
         train = self.trainer is not None and self.trainer.training
         generator = None
         if train:
-            entropy = [_run_seed(), self.trainer.global_rank, self.train_batches_seen]
-            seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+            seed = derived_seed(self.trainer.global_rank, self.train_batches_seen)
             generator = torch.Generator().manual_seed(seed)
             self.train_batches_seen += 1
         batch = {"pixel_values": self.transform(images, train=train, generator=generator)}
@@ -469,6 +469,3 @@ class ImageClassificationData(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_batches_seen = int(state_dict["train_batches_seen"])
 
-
-def _run_seed() -> int:
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))

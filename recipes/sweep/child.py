@@ -1,6 +1,6 @@
 """One run of a comparison sweep, in its own process: a recipe run with a :class:`RunRecorder`.
 
-    python -m recipes.compare_run RECIPE RESULT_FILE [recipe options ...]
+    python -m recipes.sweep.child RECIPE RESULT_FILE [recipe options ...]
 
 The sweep (:mod:`recipes.compare`) starts one of these per optimizer and seed, so every run
 starts from a fresh process: the peak memory is the run's own, a crash ends one run only, and
@@ -14,7 +14,6 @@ run's wall time and its process's peak resident memory.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import resource
 import sys
@@ -23,17 +22,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from recipes.sweep.files import write_json
+
 __all__ = [
     "RECORDER_CLASS",
     "machine_description",
     "main",
     "peak_process_memory_bytes",
-    "read_json",
     "run_recipe",
-    "write_json",
 ]
 
-RECORDER_CLASS = "recipes.compare_recorder.RunRecorder"
+RECORDER_CLASS = "recipes.sweep.recorder.RunRecorder"
 
 
 def peak_process_memory_bytes() -> int:
@@ -68,7 +67,7 @@ def run_recipe(recipe: str, args: Sequence[str]) -> dict[str, Any]:
     """Run ``recipes.<recipe>`` with ``args`` and the recorder; the run's results."""
     from lightning.pytorch.loggers import WandbLogger
 
-    from recipes.compare_recorder import RunRecorder
+    from recipes.sweep.recorder import RunRecorder
 
     started = time.perf_counter()
     module = importlib.import_module(f"recipes.{recipe}")
@@ -101,23 +100,10 @@ def run_recipe(recipe: str, args: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def read_json(path: Path) -> Any:
-    """The JSON content of ``path``; ``None`` if there is no such file."""
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write_json(path: Path, content: Any) -> None:
-    """Write ``content`` to ``path`` through a temporary file, so a reader never sees half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(content, indent=1))
-    os.replace(partial, path)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 2:
-        print("usage: python -m recipes.compare_run RECIPE RESULT_FILE [options]", file=sys.stderr)
+        print("usage: python -m recipes.sweep.child RECIPE RESULT_FILE [options]", file=sys.stderr)
         raise SystemExit(2)
     recipe, result_file, *args = argv
     result = run_recipe(recipe, args)

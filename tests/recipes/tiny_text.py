@@ -12,7 +12,7 @@ import random
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 CLASS_WORDS = {
     "business": ["market", "shares", "profit", "bank", "trade", "economy", "growth", "firm"],

@@ -5,10 +5,7 @@ label count, reduced precision, exact resume, two-process DDP, usage errors, YAM
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +13,12 @@ import pytest
 import torch
 import yaml
 
+from recipes.data.images import load_fashion_mnist
 from recipes.resnet_finetune import run as run_resnet
-from recipes.vision_data import load_fashion_mnist
 from recipes.vit_finetune import run as run_vit
-from tests.test_recipe_vision_data import write_idx, write_image_folder
+from tests.recipes.test_images import write_idx, write_image_folder
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNS = {"vit": run_vit, "resnet": run_resnet}
 TINY = {
     "vit": {
@@ -47,21 +44,6 @@ def fashion_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run as fast on one thread, and a second one only thrashes when the CPU is
-    shared (OpenMP threads waiting for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["vision_recipe"])  # args come from the test, not pytest
-
-
 def tiny_args(family: str, root: Path, *extra: str) -> list[str]:
     """A quiet, quick run of the tiny ``family`` model on the small Fashion-MNIST folder."""
     return [
@@ -74,19 +56,6 @@ def tiny_args(family: str, root: Path, *extra: str) -> list[str]:
     ]
 
 
-def wandb_summary(root_dir: Path) -> dict[str, Any]:
-    """The summary of the one offline W&B run under ``root_dir``, read back from disk."""
-    (path,) = root_dir.glob("wandb/offline-run-*/run-*.wandb")
-    out = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    return json.loads(out.stdout)["summary"]
-
-
 def group_of(cli: Any) -> dict[str, dict[str, Any]]:
     """Parameter name -> its optimizer group."""
     names = {id(p): n for n, p in cli.model.named_parameters()}
@@ -97,7 +66,7 @@ def group_of(cli: Any) -> dict[str, dict[str, Any]]:
     }
 
 
-def test_resnet_preset_learns_and_logs_to_wandb_offline(fashion_root, tmp_path):
+def test_resnet_preset_learns_and_logs_to_wandb_offline(fashion_root, tmp_path, wandb_run):
     cli = run_resnet(
         tiny_args(
             "resnet",
@@ -124,7 +93,7 @@ def test_resnet_preset_learns_and_logs_to_wandb_offline(fashion_root, tmp_path):
     assert conv["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine ends at zero
 
     cli.trainer.logger.experiment.finish()
-    summary = wandb_summary(tmp_path / "runs")
+    summary = wandb_run.summary(tmp_path / "runs")
     assert summary["test_acc"] == pytest.approx(results["test_acc"])
     assert summary["trainer/global_step"] == cli.trainer.global_step == 3 * 16  # 500 images / 32
     assert {"val_acc", "train_loss", "lr/decay", "grad_clip/pre_clip_norm"} <= summary.keys()
@@ -136,7 +105,7 @@ def test_vit_preset_with_layer_decay_learns(fashion_root, tmp_path, capsys):
         tiny_args(
             "vit",
             fashion_root,
-            *("--trainer.max_epochs", "4", "--lr", "3e-3", "--model.layer_decay", "0.8"),
+            *("--trainer.max_epochs", "4", "--lr", "3e-3", "--model.optimization.layer_decay", "0.8"),
             *("--data.augment", "false", "--logger", "csv"),
             *("--trainer.default_root_dir", str(tmp_path / "runs")),
         )
@@ -161,7 +130,7 @@ def test_vit_preset_with_layer_decay_learns(fashion_root, tmp_path, capsys):
 
 @pytest.mark.parametrize("family", ["vit", "resnet"])
 def test_a_saved_checkpoint_is_fine_tuned_with_another_label_count(fashion_root, tmp_path, family):
-    from recipes.vision_models import build_image_classifier
+    from recipes.models.vision import build_image_classifier
 
     # A "pretrained" RGB model with 7 labels that expects its own size and normalization.
     size = 32 if family == "vit" else 224
@@ -314,32 +283,12 @@ def test_yaml_config_spells_out_the_default_preset(family, capsys):
 
 
 @pytest.mark.ddp
-def test_two_process_ddp_scales_lr_and_keeps_ranks_in_step(fashion_root, tmp_path):
-    script = REPO_ROOT / "tests" / "scripts" / "ddp_vision.py"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+def test_two_process_ddp_scales_lr_and_keeps_ranks_in_step(fashion_root, tmp_path, two_processes):
     args = tiny_args("resnet", fashion_root, "--logger", "csv", "--trainer.max_epochs", "2")
-    args += [
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        "ddp",
-        "--data.max_train_images",
-        "256",
-    ]
-    args += ["--trainer.default_root_dir", str(tmp_path / "runs")]
+    args += ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    args += ["--data.max_train_images", "256", "--trainer.default_root_dir", str(tmp_path / "runs")]
     args += ["--trainer.callbacks+", "tests.scripts.ddp_vision.TrainIndexRecorder"]
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), *args],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = two_processes("ddp_vision.py", tmp_path, *args)
     assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
     # 256 images on 2 ranks at 32 per batch: 4 steps per epoch on each rank
     assert {r["global_step"] for r in ranks} == {8}

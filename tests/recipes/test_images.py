@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from recipes.vision_data import (
+from recipes.data.images import (
     ImageClassificationData,
     ImageInput,
     load_fashion_mnist,
     load_image_folder,
     read_idx,
 )
-from recipes.vision_transforms import (
+from recipes.data.transforms import (
     ImageTransform,
     match_channels,
     normalize,
