@@ -111,11 +111,10 @@ def build_module(model: str) -> L.LightningModule:
         from recipes.bert_finetune import BertClassifier
 
         return BertClassifier(num_classes=2)
+    from recipes.bert_finetune import PRESET
     from recipes.core.classification import ClassificationModule
 
-    return ClassificationModule(
-        stand_in_bert(model), num_classes=2, optimizer="adamw", lr=1e-4, weight_decay=0.01
-    )
+    return ClassificationModule(stand_in_bert(model), num_classes=2, optimization=PRESET)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -336,6 +336,21 @@ def profile(
     }
 
 
+def _extra_calls(
+    more: dict[tuple[str, str], tuple[int, float]],
+    fewer: dict[tuple[str, str], tuple[int, float]],
+    steps: int,
+) -> list[tuple[float, float, tuple[str, str]]]:
+    """``(ms per step, calls per step, (operator, shapes))`` of the calls ``more`` makes beyond
+    ``fewer``, priced at ``more``'s mean time per call, costliest first."""
+    rows = []
+    for key, (calls, milliseconds) in more.items():
+        extra_calls = calls - fewer.get(key, (0, 0.0))[0]
+        if extra_calls > 0:
+            rows.append((milliseconds / calls * extra_calls / steps, extra_calls / steps, key))
+    return sorted(rows, reverse=True)
+
+
 def print_profile_difference(
     recipe: dict[tuple[str, str], tuple[int, float]],
     bare: dict[tuple[str, str], tuple[int, float]],
@@ -343,23 +358,13 @@ def print_profile_difference(
 ) -> None:
     """The calls the recipe makes beyond the bare loop's (same operator, same input shapes),
     priced at the recipe's mean time per call of that operator and shapes."""
-    rows = []
-    for key, (calls, milliseconds) in recipe.items():
-        extra_calls = calls - bare.get(key, (0, 0.0))[0]
-        if extra_calls > 0:
-            rows.append((milliseconds / calls * extra_calls / steps, extra_calls / steps, key))
-    rows.sort(reverse=True)
+    rows = _extra_calls(recipe, bare, steps)
     print(f"\nwork the recipe does beyond the bare loop, per step ({steps} profiled steps):")
     print(f"  {'ms':>7} {'calls':>6}  operator  input shapes")
     for milliseconds, calls, (name, shapes) in rows[:12]:
         print(f"  {milliseconds:7.2f} {calls:6.1f}  {name}  {shapes[:80]}")
     print(f"  {sum(r[0] for r in rows):7.2f} {sum(r[1] for r in rows):6.1f}  (all extra calls)")
-    fewer = []
-    for key, (calls, milliseconds) in bare.items():
-        extra_calls = calls - recipe.get(key, (0, 0.0))[0]
-        if extra_calls > 0:
-            fewer.append((milliseconds / calls * extra_calls / steps, extra_calls / steps, key))
-    fewer.sort(reverse=True)
+    fewer = _extra_calls(bare, recipe, steps)
     print("and the work the bare loop does beyond the recipe:")
     for milliseconds, calls, (name, shapes) in fewer[:6]:
         print(f"  {milliseconds:7.2f} {calls:6.1f}  {name}  {shapes[:80]}")

@@ -21,12 +21,11 @@ split 80/10/10), one epoch of AdamW (lr 1e-4, weight decay 0.01, none on biases 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 
 from transformers import AutoModelForSequenceClassification
 
 from recipes.core.classification import ClassificationModule
-from recipes.core.cli import Recipe, RecipeCLI
+from recipes.core.cli import Recipe
 from recipes.core.optimization import OptimizerSettings
 from recipes.data.embedded import EMBEDDED_MODEL_ID, load_error, resolve_model_path
 from recipes.data.text import TextClassificationData
@@ -80,11 +79,7 @@ RECIPE = Recipe(
     data_to_model=("model_name_or_path",),
 )
 
-
-def run(args: Sequence[str] | None = None) -> RecipeCLI:
-    """Run the recipe with ``args`` (default: the command line); returns the finished CLI."""
-    return RECIPE.run(args)
-
+run = RECIPE.run  # run(args=None): parse (default: the command line), fit, test; the finished CLI
 
 if __name__ == "__main__":
     run()

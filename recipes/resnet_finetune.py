@@ -29,13 +29,12 @@ channel-matched to what the checkpoint expects, its normalization. The story, to
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from typing import Any, Literal
 
 from optim_callbacks import global_batch_size, scale_lr
 from optim_callbacks.validation import check_at_least, check_choice
 from recipes.core.classification import ClassificationModule
-from recipes.core.cli import Recipe, RecipeCLI
+from recipes.core.cli import Recipe
 from recipes.core.optimization import OptimizerSettings
 from recipes.data.images import ImageClassificationData
 from recipes.models.vision import build_image_classifier, expected_input
@@ -113,11 +112,7 @@ RECIPE = Recipe(
     trainer_defaults=TRAINER_DEFAULTS,
 )
 
-
-def run(args: Sequence[str] | None = None) -> RecipeCLI:
-    """Run the recipe with ``args`` (default: the command line); returns the finished CLI."""
-    return RECIPE.run(args)
-
+run = RECIPE.run  # run(args=None): parse (default: the command line), fit, test; the finished CLI
 
 if __name__ == "__main__":
     run()

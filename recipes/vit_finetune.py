@@ -30,11 +30,10 @@ story, top to bottom:
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from recipes.core.classification import ClassificationModule
-from recipes.core.cli import Recipe, RecipeCLI
+from recipes.core.cli import Recipe
 from recipes.core.optimization import OptimizerSettings
 from recipes.data.images import ImageClassificationData
 from recipes.models.vision import build_image_classifier, expected_input
@@ -92,11 +91,7 @@ RECIPE = Recipe(
     trainer_defaults=TRAINER_DEFAULTS,
 )
 
-
-def run(args: Sequence[str] | None = None) -> RecipeCLI:
-    """Run the recipe with ``args`` (default: the command line); returns the finished CLI."""
-    return RECIPE.run(args)
-
+run = RECIPE.run  # run(args=None): parse (default: the command line), fit, test; the finished CLI
 
 if __name__ == "__main__":
     run()

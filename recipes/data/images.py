@@ -468,4 +468,3 @@ class ImageClassificationData(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_batches_seen = int(state_dict["train_batches_seen"])
-

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from recipes.bert_finetune import run
-from tests.recipes.tiny_text import tiny_args
+from tests.recipes.tiny_text import assert_adam_state_follows_precision, tiny_args
 
 
 def test_tiny_bert_learns_the_keyword_classes_and_reports_every_metric(tiny, tmp_path, capsys):
@@ -79,13 +79,7 @@ def test_recipe_trains_in_reduced_precision(tiny, precision):
         )
     )
     assert torch.isfinite(torch.tensor(cli.test_results["test_loss"]))
-    optimizer = cli.trainer.optimizers[0]
-    state_dtype = next(iter(optimizer.state.values()))["exp_avg_sq"].dtype
-    eps = {group["eps"] for group in optimizer.param_groups}
-    if precision == "16-true":  # AmpEpsilon: Adam's state is float16, eps 1e-8 would vanish
-        assert state_dtype == torch.float16 and eps == {1e-4}
-    else:
-        assert state_dtype == torch.float32 and eps == {1e-8}
+    assert_adam_state_follows_precision(cli.trainer.optimizers[0], precision)
 
 
 def _checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:

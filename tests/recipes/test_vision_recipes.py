@@ -17,6 +17,7 @@ from recipes.data.images import load_fashion_mnist
 from recipes.resnet_finetune import run as run_resnet
 from recipes.vit_finetune import run as run_vit
 from tests.recipes.test_images import write_idx, write_image_folder
+from tests.recipes.tiny_text import assert_adam_state_follows_precision
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNS = {"vit": run_vit, "resnet": run_resnet}
@@ -105,7 +106,14 @@ def test_vit_preset_with_layer_decay_learns(fashion_root, tmp_path, capsys):
         tiny_args(
             "vit",
             fashion_root,
-            *("--trainer.max_epochs", "4", "--lr", "3e-3", "--model.optimization.layer_decay", "0.8"),
+            *(
+                "--trainer.max_epochs",
+                "4",
+                "--lr",
+                "3e-3",
+                "--model.optimization.layer_decay",
+                "0.8",
+            ),
             *("--data.augment", "false", "--logger", "csv"),
             *("--trainer.default_root_dir", str(tmp_path / "runs")),
         )
@@ -186,12 +194,7 @@ def test_recipes_train_in_reduced_precision(fashion_root, family, precision):
     assert torch.isfinite(torch.tensor(cli.test_results["test_loss"]))
     optimizer = cli.trainer.optimizers[0]
     if family == "vit":
-        state_dtype = next(iter(optimizer.state.values()))["exp_avg_sq"].dtype
-        eps = {group["eps"] for group in optimizer.param_groups}
-        if precision == "16-true":  # AmpEpsilon: Adam's state is float16, eps 1e-8 would vanish
-            assert state_dtype == torch.float16 and eps == {1e-4}
-        else:
-            assert state_dtype == torch.float32 and eps == {1e-8}
+        assert_adam_state_follows_precision(optimizer, precision)
     else:  # mixed precision keeps float32 weights and momentum; 16-true makes both float16
         buffer = next(iter(optimizer.state.values()))["momentum_buffer"]
         assert buffer.dtype == (torch.float16 if precision == "16-true" else torch.float32)

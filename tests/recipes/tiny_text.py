@@ -12,6 +12,8 @@ import random
 import sys
 from pathlib import Path
 
+import torch
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 CLASS_WORDS = {
@@ -110,3 +112,14 @@ def subprocess_env(home: Path, **overrides: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def assert_adam_state_follows_precision(optimizer, precision: str) -> None:
+    """Adam's second moment is float16 exactly under ``16-true``, and only then does
+    ``AmpEpsilon`` raise eps from 1e-8 (which float16 rounds to 0) to 1e-4."""
+    state_dtype = next(iter(optimizer.state.values()))["exp_avg_sq"].dtype
+    eps = {group["eps"] for group in optimizer.param_groups}
+    if precision == "16-true":
+        assert state_dtype == torch.float16 and eps == {1e-4}
+    else:
+        assert state_dtype == torch.float32 and eps == {1e-8}
