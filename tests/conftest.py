@@ -158,3 +158,34 @@ def keyword_csv(tmp_path_factory) -> Path:
 def tiny(tiny_bert, keyword_csv) -> tuple[Path, Path]:
     """``(tiny_bert, keyword_csv)``: the quick text task most recipe tests train on."""
     return tiny_bert, keyword_csv
+
+
+@pytest.fixture(scope="session")
+def killed_run():
+    """``kill(module, args, cwd, after_step, signal_number=SIGKILL)``: runs
+    ``python -m <module> ARGS`` in a child process that ``tests/scripts/kill.py`` ends with
+    the signal after optimizer step ``after_step``; asserts it ended so and returns what it
+    printed on stderr."""
+
+    def kill(
+        module: str, args: list[str], cwd: Path, after_step: int, signal_number: int = 9
+    ) -> str:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                module,
+                *args,
+                "--trainer.callbacks+=tests.scripts.kill.KillAfterStep",
+            ],
+            env=subprocess_env(KILL_AFTER_STEP=str(after_step), KILL_SIGNAL=str(signal_number)),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        expected = -signal_number if signal_number == 9 else done.returncode
+        assert done.returncode == expected and done.returncode != 0, done.stderr[-3000:]
+        return done.stderr
+
+    return kill

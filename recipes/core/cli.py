@@ -101,11 +101,25 @@ STANDARD_CALLBACKS: tuple[CallbackOption, ...] = (
         {
             "monitor": "val_acc",
             "mode": "max",
-            "save_last": "link",
             "filename": "epoch{epoch}-step{step}-val_acc{val_acc:.4f}",
             "auto_insert_metric_name": False,
         },
-        help="keep the checkpoint with the best validation accuracy and the last one",
+        help="keep the checkpoint with the best validation accuracy",
+    ),
+    CallbackOption(
+        "last_checkpoint",
+        ModelCheckpoint,
+        {
+            "monitor": None,
+            "save_top_k": 0,
+            "save_last": True,
+            "every_n_train_steps": 50,
+            "save_on_exception": True,
+            "filename": "interrupted-epoch{epoch}-step{step}",
+            "auto_insert_metric_name": False,
+        },
+        help="a rolling last.ckpt every 50 optimizer steps and at the end, and a checkpoint on "
+        "Ctrl-C or a crash; resume with --ckpt_path",
     ),
 )
 

@@ -2,7 +2,8 @@
 
 Until version 0.1 the recipe modules took ``layer_decay``, ``optimizer_options`` and
 ``scheduler_options`` directly (``--model.layer_decay 0.8``; a saved ``config.yaml`` has them
-under ``model:``); they are fields of ``model.optimization`` now. :func:`upgrade_args` rewrites
+under ``model:``); they are fields of ``model.optimization`` now, and ``last.ckpt`` belongs to
+the rolling ``last_checkpoint`` callback instead of the best-checkpoint one. :func:`upgrade_args` rewrites
 such flags and ``--config`` files on the way in, so a run's saved configuration, an old sweep's
 options and old shell history keep working. Everything else passes unchanged.
 """
@@ -30,6 +31,10 @@ def upgrade_config(config: dict) -> bool:
         if key in model:
             optimization.setdefault(key, model.pop(key))
     model["optimization"] = optimization
+    # The best-checkpoint callback kept last.ckpt then; the rolling last_checkpoint does now.
+    checkpoint = config.get("checkpoint")
+    if isinstance(checkpoint, dict) and (checkpoint.get("init_args") or {}).get("save_last"):
+        checkpoint["init_args"]["save_last"] = False
     return True
 
 

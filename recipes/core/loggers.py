@@ -82,7 +82,7 @@ def run_locations(trainer: L.Trainer) -> list[str]:
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and getattr(checkpoint, "best_model_path", ""):
         lines.append(f"Best checkpoint: {checkpoint.best_model_path}")
-        last = getattr(checkpoint, "last_model_path", "")
-        if last:
-            lines.append(f"Last checkpoint: {last} (resume with --ckpt_path {last})")
+    last = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "")
+    if last:
+        lines.append(f"Last checkpoint: {last} (resume with --ckpt_path {last})")
     return lines

@@ -31,8 +31,8 @@ from optim_callbacks.validation import (
     check_choice,
     check_in_range,
 )
-from recipes.core.seeding import derived_seed, run_seed
-from recipes.data.splits import EpochSeededSampler
+from recipes.core.seeding import derived_seed
+from recipes.data.resume import ResumableTrainOrder
 from recipes.data.transforms import ImageTransform, resize
 
 __all__ = [
@@ -263,7 +263,7 @@ def _dataset_statistics(
     return tuple(pixels.mean(dim=1).tolist()), tuple(pixels.std(dim=1).clamp_min(1e-3).tolist())
 
 
-class ImageClassificationData(L.LightningDataModule):
+class ImageClassificationData(ResumableTrainOrder, L.LightningDataModule):
     """Fashion-MNIST (default) or an image folder, split train/val/test, transformed per batch.
 
     The data is read (and checked) when the module is built, so a missing folder is reported
@@ -436,7 +436,7 @@ class ImageClassificationData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # The shuffle follows the run's seed (as Lightning's DistributedSampler does under DDP).
-        return self._loader(self.train_set, EpochSeededSampler(self.train_set, seed=run_seed()))
+        return self._loader(self.train_set, self.train_sampler(self.train_set))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)
@@ -464,7 +464,8 @@ class ImageClassificationData(L.LightningDataModule):
         return {**batch, "labels": labels}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_batches_seen": self.train_batches_seen}
+        return {"train_batches_seen": self.train_batches_seen, **self.train_order_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_batches_seen = int(state_dict["train_batches_seen"])
+        self.load_train_order_state(state_dict)

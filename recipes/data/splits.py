@@ -66,18 +66,31 @@ class EpochSeededSampler(RandomSampler):
     """A random permutation that is a function of ``(seed, epoch)`` only.
 
     Lightning calls ``set_epoch`` at the start of every training epoch, so epoch ``e`` of a
-    resumed run is shuffled exactly as in an uninterrupted one. Under DDP Lightning swaps any
-    ``RandomSampler`` for a ``DistributedSampler``, which is epoch-seeded the same way.
+    resumed run is shuffled exactly as in an uninterrupted one; :meth:`resume_within_epoch`
+    makes a run resumed in the middle of an epoch continue that epoch's order where it stopped.
+    Under DDP Lightning swaps any ``RandomSampler`` for a ``DistributedSampler``, which is
+    epoch-seeded the same way (but restarts a resumed epoch from its beginning).
     """
 
     def __init__(self, data_source: Sequence, seed: int = 0) -> None:
         super().__init__(data_source)
         self.seed = seed
         self.epoch = 0
+        self._resume_at: tuple[int, int] | None = None  # (epoch, samples already drawn)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume_within_epoch(self, epoch: int, samples_done: int) -> None:
+        """Leave out the first ``samples_done`` indices of epoch ``epoch``'s order, once: the
+        next pass over that epoch yields the rest; any other epoch is whole. ``len()`` stays the
+        epoch's full length, which is how Lightning counts a resumed epoch's batches."""
+        self._resume_at = (epoch, samples_done)
+
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        resume, self._resume_at = self._resume_at, None
+        if resume is not None and resume[0] == self.epoch:
+            order = order[resume[1] :]
+        yield from order

@@ -15,15 +15,15 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from optim_callbacks.validation import check_at_least
-from recipes.core.seeding import run_seed
 from recipes.data.embedded import EMBEDDED_MODEL_ID, load_error, resolve_model_path
-from recipes.data.splits import EpochSeededSampler, stratified_split
+from recipes.data.resume import ResumableTrainOrder
+from recipes.data.splits import stratified_split
 from recipes.data.text_sources import BBC_NEWS, LabelledTexts, load_text_dataset
 
 __all__ = ["TextClassificationData"]
 
 
-class TextClassificationData(L.LightningDataModule):
+class TextClassificationData(ResumableTrainOrder, L.LightningDataModule):
     """Texts and labels, split 80/10/10 (stratified, seeded) and tokenized.
 
     Args:
@@ -117,10 +117,16 @@ class TextClassificationData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # The shuffle follows the run's seed (as Lightning's DistributedSampler does under DDP).
-        return self._loader("train", EpochSeededSampler(self.split("train"), seed=run_seed()))
+        return self._loader("train", self.train_sampler(self.split("train")))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.train_order_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.load_train_order_state(state_dict)

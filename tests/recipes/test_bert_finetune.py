@@ -116,6 +116,45 @@ def test_resume_from_a_checkpoint_continues_exactly(tiny, tmp_path):
     assert different == []
 
 
+def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint_exactly(
+    tiny, tmp_path, killed_run
+):
+    """SIGKILL after step 5 of an epoch of 24 steps; last.ckpt rolls every 2 steps (step 4)."""
+    model_dir, data = tiny
+    common = tiny_args(model_dir, data, "--logger", "csv", "--trainer.max_epochs", "2")
+    common += ["--trainer.limit_test_batches", "1", "--last_checkpoint.every_n_train_steps", "2"]
+    straight = run([*common, "--trainer.default_root_dir", str(tmp_path / "straight")])
+
+    killed_root = tmp_path / "killed"
+    args = [*common, "--trainer.default_root_dir", str(killed_root)]
+    killed_run("recipes.bert_finetune", args, tmp_path, after_step=5)
+    (last,) = killed_root.glob("**/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 4  # mid-epoch
+
+    resumed = run(
+        [*common, "--trainer.default_root_dir", str(killed_root), "--ckpt_path", str(last)]
+    )
+    assert resumed.trainer.global_step == straight.trainer.global_step == 2 * 24
+    expected = _checkpoint_tensors(Path(straight.trainer.checkpoint_callback.dirpath) / "last.ckpt")
+    actual = _checkpoint_tensors(Path(resumed.trainer.checkpoint_callback.dirpath) / "last.ckpt")
+    assert expected.keys() == actual.keys()
+    assert [k for k in expected if not torch.equal(expected[k], actual[k])] == []
+    assert resumed.test_results == straight.test_results
+
+
+def test_ctrl_c_saves_a_checkpoint_the_run_resumes_from(tiny, tmp_path, killed_run):
+    model_dir, data = tiny
+    root = tmp_path / "interrupted"
+    args = tiny_args(model_dir, data, "--logger", "csv", "--trainer.max_epochs", "1")
+    args += ["--trainer.limit_test_batches", "1", "--trainer.default_root_dir", str(root)]
+    killed_run("recipes.bert_finetune", args, tmp_path, after_step=3, signal_number=2)
+    (saved,) = root.glob("**/checkpoints/interrupted-epoch0-step3.ckpt")
+    (last,) = root.glob("**/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    resumed = run([*args, "--ckpt_path", str(saved)])
+    assert resumed.trainer.global_step == 24
+
+
 def test_adam_to_sgd_switch_at_half_of_training_is_one_flag(tiny):
     model_dir, data = tiny
     cli = run(

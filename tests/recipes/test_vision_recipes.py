@@ -209,30 +209,42 @@ def _checkpoint_tensors(path: Path) -> dict[str, Any]:
     return tensors
 
 
-def test_resuming_from_an_epoch_checkpoint_continues_exactly(fashion_root, tmp_path):
+@pytest.mark.parametrize("interruption", ["epoch_checkpoint", "killed_mid_epoch"])
+def test_resuming_continues_exactly(fashion_root, tmp_path, killed_run, interruption):
     # Augmentation, shuffling, BatchNorm statistics, momentum and the schedule all have to
     # line up for the resumed run to end bit for bit where the uninterrupted one ended.
     common = tiny_args("resnet", fashion_root, "--logger", "none", "--trainer.max_epochs", "2")
     common += ["--trainer.limit_test_batches", "1", "--data.max_train_images", "256"]
     common += ["--checkpoint.save_top_k", "-1"]  # keep every epoch's checkpoint
     common += ["--data.crop_padding", "4"]  # random crops and flips
+    common += ["--last_checkpoint.every_n_train_steps", "2"]
     straight = run_resnet([*common, "--trainer.default_root_dir", str(tmp_path / "straight")])
     folder = Path(straight.trainer.checkpoint_callback.dirpath)
-    (after_first_epoch,) = folder.glob("epoch0-*.ckpt")
+    if interruption == "epoch_checkpoint":
+        (start,) = folder.glob("epoch0-*.ckpt")
+        root = tmp_path / "resumed"
+        batches_seen = 8
+    else:  # SIGKILL after step 11 of 16 (8 per epoch): last.ckpt is step 10's
+        root = tmp_path / "killed"
+        killed_run(
+            "recipes.resnet_finetune",
+            [*common, "--trainer.default_root_dir", str(root)],
+            tmp_path,
+            11,
+        )
+        (start,) = root.glob("**/last.ckpt")
+        batches_seen = 10
+    assert _checkpoint_tensors(start)["data"]["train_batches_seen"] == batches_seen
     resumed = run_resnet(
-        [
-            *common,
-            *("--trainer.default_root_dir", str(tmp_path / "resumed")),
-            *("--ckpt_path", str(after_first_epoch)),
-        ]
+        [*common, "--trainer.default_root_dir", str(root), "--ckpt_path", str(start)]
     )
     assert resumed.trainer.global_step == straight.trainer.global_step == 2 * 8
     expected = _checkpoint_tensors(folder / "last.ckpt")
     actual = _checkpoint_tensors(Path(resumed.trainer.checkpoint_callback.dirpath) / "last.ckpt")
-    assert _checkpoint_tensors(after_first_epoch)["data"] == {"train_batches_seen": 8}
-    assert expected["data"] == actual["data"] == {"train_batches_seen": 16}
+    assert expected["data"]["train_batches_seen"] == actual["data"]["train_batches_seen"] == 16
     assert expected.keys() == actual.keys()
     assert [k for k in expected if k != "data" and not torch.equal(expected[k], actual[k])] == []
+    assert resumed.test_results == straight.test_results
 
 
 @pytest.mark.parametrize(
