@@ -1,8 +1,10 @@
 """Argument checks that fail with one clear message.
 
 Every message names the parameter, the value it got and what is allowed; for names it also
-suggests the closest valid one. All checks raise ``ValueError`` so callers (and the CLI) can
-report them without a stack trace from deep inside torch.
+suggests the closest valid one. Numeric checks refuse NaN and infinities (an ``lr`` of ``inf``
+would otherwise pass ``> 0`` and turn every weight into NaN at the first step). All checks
+raise ``ValueError`` so callers (and the CLI) can report them without a stack trace from deep
+inside torch.
 """
 
 from __future__ import annotations
@@ -58,21 +60,22 @@ def check_unknown_options(param: str, given: Iterable[str], allowed: Iterable[st
             )
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+def _is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_positive(param: str, value: Any) -> Any:
-    """Check ``value > 0``."""
-    if not _is_number(value) or value <= 0:
-        raise ValueError(f"{param}: got {value!r}; allowed: a number > 0")
+    """Check that ``value`` is a finite number ``> 0``."""
+    if not _is_finite_number(value) or value <= 0:
+        raise ValueError(f"{param}: got {value!r}; allowed: a finite number > 0")
     return value
 
 
 def check_non_negative(param: str, value: Any) -> Any:
-    """Check ``value >= 0``."""
-    if not _is_number(value) or value < 0:
-        raise ValueError(f"{param}: got {value!r}; allowed: a number >= 0")
+    """Check that ``value`` is a finite number ``>= 0``."""
+    if not _is_finite_number(value) or value < 0:
+        raise ValueError(f"{param}: got {value!r}; allowed: a finite number >= 0")
     return value
 
 
@@ -92,15 +95,17 @@ def check_in_range(
     low_inclusive: bool = True,
     high_inclusive: bool = False,
 ) -> Any:
-    """Check ``low <= value < high`` (bounds' inclusivity configurable)."""
-    ok = _is_number(value)
-    if ok:
-        ok = (value >= low if low_inclusive else value > low) and (
-            value <= high if high_inclusive else value < high
-        )
+    """Check that ``value`` is a finite number with ``low <= value < high`` (bounds'
+    inclusivity configurable). NaN and infinities are refused even against an infinite bound."""
+    ok = _is_finite_number(value) and (
+        (value >= low if low_inclusive else value > low)
+        and (value <= high if high_inclusive else value < high)
+    )
     if not ok:
         interval = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
-        raise ValueError(f"{param}: got {value!r}; allowed: a number in {interval}")
+        # Within finite bounds "a number in [a, b)" already says "finite".
+        kind = "a number" if math.isfinite(low) and math.isfinite(high) else "a finite number"
+        raise ValueError(f"{param}: got {value!r}; allowed: {kind} in {interval}")
     return value
 
 

@@ -89,6 +89,18 @@ def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     return torch.linalg.vector_norm(per_tensor, norm_type)
 
 
+def _check_norm_type(value: Any) -> float:
+    """A p-norm's ``p``: a finite number > 0, or ``math.inf`` (the largest absolute element)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == math.inf:
+        return math.inf
+    try:
+        return float(check_positive("norm_type", value))
+    except ValueError:
+        raise ValueError(
+            f"norm_type: got {value!r}; allowed: a finite number > 0 or math.inf"
+        ) from None
+
+
 def _unitwise_norm(tensor: torch.Tensor) -> torch.Tensor:
     """Frobenius norm per output unit (dim 0), shaped to broadcast against ``tensor``."""
     if tensor.ndim <= 1:
@@ -184,7 +196,7 @@ class GradientClipping(Callback):
                     f"allowed with mode={mode!r}: {', '.join(self._options_of(mode)) or 'none'}"
                 )
         self.max_norm = check_positive("max_norm", 1.0 if max_norm is None else max_norm)
-        self.norm_type = float(check_positive("norm_type", norm_type))
+        self.norm_type = _check_norm_type(norm_type)
         self.max_value = check_positive("max_value", 1.0 if max_value is None else max_value)
         self.clip_factor = check_positive(
             "clip_factor", 0.01 if clip_factor is None else clip_factor
