@@ -17,6 +17,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import nn
 
+from optim_callbacks._compat import norm_base_classes
 from optim_callbacks.validation import check_at_least, check_choice, check_positive
 
 __all__ = [
@@ -31,7 +32,7 @@ __all__ = [
 ParamsT: TypeAlias = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
+    *norm_base_classes(),  # BatchNorm*, SyncBatchNorm, InstanceNorm*
     nn.LayerNorm,
     nn.GroupNorm,
     nn.LocalResponseNorm,

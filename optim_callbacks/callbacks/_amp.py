@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
+
+from optim_callbacks import _compat
 
 __all__ = ["active_grad_scaler", "unscale_gradients"]
 
@@ -28,8 +29,6 @@ def active_grad_scaler(trainer: pl.Trainer) -> Any:
 def unscale_gradients(trainer: pl.Trainer, optimizer: Optimizer) -> None:
     """Make sure ``optimizer``'s gradients are unscaled (idempotent within a step)."""
     scaler = active_grad_scaler(trainer)
-    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+    if scaler is None or not _compat.step_unscales_gradients(optimizer):
         return
-    if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.UNSCALED:
-        return
-    scaler.unscale_(optimizer)
+    _compat.unscale_once(scaler, optimizer)

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 
+from optim_callbacks._compat import batches_that_stepped
 from optim_callbacks.moment_math import (
     STATISTICS,
     GroupHistogram,
@@ -57,6 +58,7 @@ class _Snapshot:
     params: list[Tensor]
     before: list[Tensor] | None
     hyperparameters: list[dict[str, Any]]  # per parameter: lr, eps, betas, amsgrad of its group
+    step: int  # the step Lightning's loggers get for this batch
 
 
 class MomentStatistics(Callback):
@@ -167,7 +169,11 @@ class MomentStatistics(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        if not trainer.is_global_zero or not self._logs_this_step(trainer):
+        if not trainer.is_global_zero:
+            return
+        # The count Lightning's log_every_n_steps uses, and the step it logs this batch at.
+        step = batches_that_stepped(trainer)
+        if (step + 1) % self.every_n_steps != 0:
             return
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer.optimizer
@@ -187,7 +193,7 @@ class MomentStatistics(Callback):
         before = None
         if "update_to_weight" in self.statistics:
             before = snapshot_parameters(params)
-        self._pending[id(optimizer)] = _Snapshot(optimizer, params, before, hyperparameters)
+        self._pending[id(optimizer)] = _Snapshot(optimizer, params, before, hyperparameters, step)
 
     def on_train_batch_end(
         self,
@@ -201,9 +207,7 @@ class MomentStatistics(Callback):
             return
         snapshots = list(self._pending.values())
         self._pending.clear()
-        step = (
-            trainer.fit_loop.epoch_loop._batches_that_stepped
-        )  # the step Lightning logs this batch at
+        step = snapshots[0].step  # Lightning counts this batch only after on_train_batch_end
         scalars, histograms = self.compute(snapshots, step)
         self._log(trainer, scalars, histograms, step)
 
@@ -264,10 +268,6 @@ class MomentStatistics(Callback):
             cached = (optimizer, spec_for(optimizer))
             self._specs[id(optimizer)] = cached
         return cached[1]
-
-    def _logs_this_step(self, trainer: pl.Trainer) -> bool:
-        # The same count Lightning's log_every_n_steps uses: batches that stepped the optimizer.
-        return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % self.every_n_steps == 0
 
     def _map_layers(self, pl_module: pl.LightningModule) -> None:
         """Layer of each parameter (its module's path) and the layers logged one by one."""

@@ -1,0 +1,178 @@
+"""The one door to torch and Lightning internals.
+
+``optim_callbacks`` needs five things that neither torch nor Lightning offers as public API. This
+module is the only one in the package that touches them: each has one named function below that
+says what it reads and why, with a fallback to public API where one exists.
+``tests/lib/test_compat.py`` asserts, on the installed versions, that every private path still
+resolves (so no fallback is silently in use) and that each fallback gives the same answer where
+one can be computed. A torch or Lightning upgrade that moves one of them fails there, by name,
+and not somewhere inside a callback. When a fallback is taken at run time, it warns once.
+
+Not here, on purpose: the ``torch._foreach_*`` operations (``_foreach_norm``, ``_foreach_mul_``,
+...). Despite the underscore they are documented torch API (the "Foreach operations" section of
+the torch reference), the kernels ``torch.optim`` itself is built on; they are called where they
+are needed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+__all__ = [
+    "FUSED_DEVICES_FALLBACK",
+    "NORM_BASE_FALLBACK",
+    "batches_that_stepped",
+    "fused_kernel_devices",
+    "norm_base_classes",
+    "step_unscales_gradients",
+    "unscale_once",
+]
+
+# Device types torch.optim had fused Adam/AdamW/SGD kernels for when this was written (torch's own
+# list adds hpu, mtia and the privateuse1 backend).
+FUSED_DEVICES_FALLBACK: tuple[str, ...] = ("cpu", "cuda", "mps", "xpu")
+
+# Every public class of torch.nn derived from torch's private normalization base class.
+NORM_BASE_FALLBACK: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LazyInstanceNorm1d,
+    nn.LazyInstanceNorm2d,
+    nn.LazyInstanceNorm3d,
+)
+
+_warned: set[str] = set()
+
+
+def _fell_back(private: str, fallback: str) -> None:
+    """Warn once per access that its private path is gone and the fallback is in use."""
+    if private in _warned:
+        return
+    _warned.add(private)
+    warnings.warn(
+        f"optim_callbacks._compat: {private} does not resolve on the installed torch/Lightning; "
+        f"using {fallback} instead (tests/lib/test_compat.py names what moved)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def fused_kernel_devices() -> tuple[str, ...]:
+    """Device types for which torch has fused optimizer kernels (``fused=True``).
+
+    Reads ``torch.utils._foreach_utils._get_fused_kernels_supported_devices()``, the list
+    torch's own optimizers check ``fused=True`` against. ``build_optimizer`` asks it before it
+    picks fused kernels, so that ``impl="auto"`` never requests a kernel torch would refuse.
+    Fallback: :data:`FUSED_DEVICES_FALLBACK`.
+    """
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        _fell_back(
+            "torch.utils._foreach_utils._get_fused_kernels_supported_devices",
+            f"FUSED_DEVICES_FALLBACK {FUSED_DEVICES_FALLBACK}",
+        )
+        return FUSED_DEVICES_FALLBACK
+    return tuple(_get_fused_kernels_supported_devices())
+
+
+def norm_base_classes() -> tuple[type[nn.Module], ...]:
+    """The base classes of torch's batch and instance normalization modules.
+
+    Reads ``torch.nn.modules.batchnorm._NormBase``, the one class every ``BatchNorm*``,
+    ``SyncBatchNorm`` and ``InstanceNorm*`` (lazy ones included) derives from, so that
+    :func:`optim_callbacks.param_groups.no_decay_parameter_names` also recognises subclasses
+    of them. Fallback: :data:`NORM_BASE_FALLBACK`, the public classes themselves.
+    """
+    base = getattr(nn.modules.batchnorm, "_NormBase", None)
+    if not isinstance(base, type):
+        _fell_back(
+            "torch.nn.modules.batchnorm._NormBase", "the public BatchNorm/InstanceNorm classes"
+        )
+        return NORM_BASE_FALLBACK
+    return (base,)
+
+
+def batches_that_stepped(trainer: Any) -> int:
+    """Training batches so far in which the optimizer stepped: the ``step`` Lightning gives its
+    loggers for metrics logged in the current batch (what ``log_every_n_steps`` counts).
+
+    Reads ``trainer.fit_loop.epoch_loop._batches_that_stepped`` (Lightning's own
+    ``LearningRateMonitor`` logs at it; there is no public attribute). Lightning increments it
+    after ``on_train_batch_end``, so it is the same number throughout one batch's hooks.
+    Fallback: ``trainer.global_step``, the same number under automatic optimization (one
+    optimizer step per batch) when read before the batch's optimizer step, i.e. up to
+    ``on_before_optimizer_step``; with manual optimization and several optimizer steps per
+    batch it counts each step.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    try:
+        return int(loop._batches_that_stepped)
+    except AttributeError:
+        _fell_back("trainer.fit_loop.epoch_loop._batches_that_stepped", "trainer.global_step")
+        return int(trainer.global_step)
+
+
+def step_unscales_gradients(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step`` unscales AMP-scaled gradients itself (torch's ``fused=True``
+    kernels), so that a ``GradScaler`` hands it the scale instead of unscaling ``.grad`` first.
+
+    Reads ``optimizer._step_supports_amp_scaling``, the flag ``GradScaler.step`` and Lightning's
+    ``MixedPrecision`` plugin decide by. Lightning leaves such an optimizer's gradients scaled
+    until its step, so a callback that reads gradients must unscale them first. The flag is set
+    only on optimizers that have it (absent means no); fallback for an optimizer without it: a
+    ``torch.optim`` class built with ``fused=True``.
+    """
+    flag = getattr(optimizer, "_step_supports_amp_scaling", None)
+    if flag is not None:
+        return bool(flag)
+    fused = bool(getattr(optimizer, "defaults", {}).get("fused"))
+    return fused and type(optimizer).__module__.startswith("torch.optim")
+
+
+def _already_unscaled(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> bool | None:
+    """Whether ``scaler.unscale_(optimizer)`` was called since the last ``update()``; ``None``
+    when the private state does not resolve."""
+    try:
+        from torch.amp.grad_scaler import OptState
+
+        return scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.UNSCALED
+    except (ImportError, AttributeError, KeyError, TypeError):
+        return None
+
+
+def unscale_once(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> None:
+    """``scaler.unscale_(optimizer)`` unless it was already called since the last ``update()``
+    (a second call would raise), so several callbacks may ask for unscaled gradients in one step.
+
+    Reads ``scaler._per_optimizer_states[id(optimizer)]["stage"]`` against
+    ``torch.amp.grad_scaler.OptState.UNSCALED``, the state ``unscale_`` itself checks. Fallback:
+    call ``unscale_`` and take torch's "already been called" ``RuntimeError`` as the answer.
+    """
+    unscaled = _already_unscaled(scaler, optimizer)
+    if unscaled is None:
+        _fell_back(
+            "GradScaler._per_optimizer_states / torch.amp.grad_scaler.OptState",
+            "GradScaler.unscale_ and its 'already been called' RuntimeError",
+        )
+        try:
+            scaler.unscale_(optimizer)
+        except RuntimeError as error:
+            if "already been called" not in str(error):
+                raise
+        return
+    if not unscaled:
+        scaler.unscale_(optimizer)
