@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from optim_callbacks._compat import fused_kernel_devices
 from optim_callbacks.adabelief import AdaBelief
 from optim_callbacks.param_groups import ParamsT, param_groups
 from optim_callbacks.registry import Registry
@@ -47,7 +48,9 @@ class OptimizerSpec:
     ``state_keys`` names the per-parameter state tensors the optimizer may keep;
     ``first_moment`` / ``second_moment`` name the ones that play those roles (``None`` when the
     optimizer has none), so ``adaptive`` is true exactly for optimizers with a per-element
-    second-moment estimate.
+    second-moment estimate. ``identity`` names the options that tell this entry from other
+    entries of the same class (``sgd``, ``momentum`` and ``nesterov`` are all
+    ``torch.optim.SGD``): see :meth:`matches`.
     """
 
     name: str
@@ -61,6 +64,7 @@ class OptimizerSpec:
     has_betas: bool = False
     has_momentum: bool = False
     factory: Callable[..., Optimizer] | None = None
+    identity: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
@@ -72,14 +76,81 @@ class OptimizerSpec:
     def build(self, params: Any, **kwargs: Any) -> Optimizer:
         return (self.factory or self.optimizer_class)(params, **kwargs)
 
-    def options(self) -> list[str]:
-        """Keyword options the optimizer accepts (besides ``params``)."""
+    def _parameters(self) -> dict[str, inspect.Parameter]:
+        """The keyword options of the class's constructor (besides ``params``)."""
         signature = inspect.signature(self.optimizer_class.__init__)
-        return [
-            name
+        return {
+            name: p
             for name, p in signature.parameters.items()
             if name not in ("self", "params") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        ]
+        }
+
+    def options(self) -> list[str]:
+        """Keyword options the optimizer accepts (besides ``params``)."""
+        return list(self._parameters())
+
+    def matches(self, optimizer: Optimizer) -> bool:
+        """Whether ``optimizer`` is one of this entry's: an instance of its class whose
+        ``identity`` options are each on (non-zero, true) or off exactly as in the entry's
+        defaults (or the constructor's, for an option the entry leaves alone).
+
+        The options are read from the parameter groups, which are what the step uses and what a
+        state dict carries (on in any group counts as on), else from ``optimizer.defaults``. No
+        attribute of the instance is involved, so the answer survives ``copy.deepcopy``,
+        pickling, a state dict loaded into a fresh instance and an optimizer built directly
+        with torch: ``torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)`` is
+        ``nesterov``'s.
+        """
+        if not isinstance(optimizer, self.optimizer_class):
+            return False
+        constructor = self._parameters()
+        for name in self.identity:
+            default = self.defaults.get(name, getattr(constructor.get(name), "default", None))
+            if _option_is_on(optimizer, name) != _is_on(default):
+                return False
+        return True
+
+    def check_options(
+        self,
+        *,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        layer_decay: float | None = None,
+        impl: str = "auto",
+        **options: Any,
+    ) -> None:
+        """Refuse, with one ``ValueError`` naming the parameter, what :func:`build_optimizer`
+        would refuse for this entry before it sees any parameter: an unknown ``impl``, an option
+        the torch class does not take (with the closest name), a non-finite or out-of-range
+        ``lr``, ``weight_decay``, ``eps``, ``momentum``, ``betas``, ... (the entry's defaults
+        filled in), a ``layer_decay`` outside ``(0, 1]``. ``None`` means the entry's default."""
+        check_choice("impl", impl, IMPLEMENTATIONS)
+        check_unknown_options(
+            f"{self.name} options",
+            options,
+            [k for k in self.options() if k not in ("lr", "weight_decay")],
+        )
+        values: dict[str, Any] = {**self.defaults, **options}
+        if lr is not None:
+            values["lr"] = lr
+        if weight_decay is not None:
+            values["weight_decay"] = weight_decay
+        _check_hyperparameters(values)
+        if layer_decay is not None:
+            check_in_range(
+                "layer_decay", layer_decay, 0.0, 1.0, low_inclusive=False, high_inclusive=True
+            )
+
+
+def _is_on(value: Any) -> bool:
+    return bool(value) if value is not None else False
+
+
+def _option_is_on(optimizer: Optimizer, name: str) -> bool:
+    values = [group[name] for group in optimizer.param_groups if name in group]
+    if not values:
+        values = [optimizer.defaults.get(name)]
+    return any(_is_on(v) for v in values)
 
 
 OPTIMIZERS: Registry[OptimizerSpec] = Registry("optimizer")
@@ -96,12 +167,15 @@ def register_optimizer(
     has_eps: bool | None = None,
     has_betas: bool | None = None,
     has_momentum: bool | None = None,
+    identity: tuple[str, ...] = (),
     aliases: tuple[str, ...] = (),
     replace: bool = False,
 ) -> Callable[[type[Optimizer]], type[Optimizer]]:
     """Class decorator that adds a user optimizer to ``OPTIMIZERS``.
 
-    Capability flags left as ``None`` are read from the constructor's keyword names::
+    Capability flags left as ``None`` are read from the constructor's keyword names;
+    ``identity`` is needed only when several entries share the class (see
+    :meth:`OptimizerSpec.matches`)::
 
         @register_optimizer("lion", description="sign of an EMA", state_keys=("exp_avg",))
         class Lion(torch.optim.Optimizer): ...
@@ -120,6 +194,7 @@ def register_optimizer(
             has_eps="eps" in accepted if has_eps is None else has_eps,
             has_betas="betas" in accepted if has_betas is None else has_betas,
             has_momentum="momentum" in accepted if has_momentum is None else has_momentum,
+            identity=identity,
         )
         OPTIMIZERS.register(name, spec, aliases=aliases, replace=replace)
         return cls
@@ -132,6 +207,7 @@ def _add(spec: OptimizerSpec, aliases: tuple[str, ...] = ()) -> None:
 
 
 _SGD_STATE = ("momentum_buffer",)
+_SGD_IDENTITY = ("momentum", "nesterov")  # sgd: neither; momentum: momentum only; nesterov: both
 _ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 _add(
@@ -142,6 +218,7 @@ _add(
         defaults={"lr": 0.01, "momentum": 0.0, "weight_decay": 0.0},
         state_keys=_SGD_STATE,
         has_momentum=True,
+        identity=_SGD_IDENTITY,
     )
 )
 _add(
@@ -153,6 +230,7 @@ _add(
         state_keys=_SGD_STATE,
         first_moment="momentum_buffer",
         has_momentum=True,
+        identity=_SGD_IDENTITY,
     )
 )
 _add(
@@ -164,6 +242,7 @@ _add(
         state_keys=_SGD_STATE,
         first_moment="momentum_buffer",
         has_momentum=True,
+        identity=_SGD_IDENTITY,
     )
 )
 _add(
@@ -242,33 +321,32 @@ _add(
 
 
 def spec_for(optimizer: Optimizer) -> OptimizerSpec | None:
-    """The registry entry an optimizer instance was built from (or, failing that, the first
-    entry with its class); ``None`` for an optimizer the registry does not know."""
-    name = getattr(optimizer, "registry_name", None)
-    if name in OPTIMIZERS:
-        return OPTIMIZERS.get(name)
+    """The registry entry of an optimizer instance, told from its class and parameter groups
+    (:meth:`OptimizerSpec.matches`): of the entries for the nearest class in the optimizer's
+    MRO, the first that matches (the first of them when none does, for an option combination
+    no entry declares); ``None`` for an optimizer the registry does not know."""
+    entries = [spec for _, spec in OPTIMIZERS.items()]
     for cls in type(optimizer).__mro__:
-        for _, spec in OPTIMIZERS.items():
-            if spec.optimizer_class is cls:
-                return spec
+        candidates = [spec for spec in entries if spec.optimizer_class is cls]
+        if candidates:
+            return next((spec for spec in candidates if spec.matches(optimizer)), candidates[0])
     return None
 
 
-def _validate_hyperparameters(kwargs: Mapping[str, Any]) -> None:
-    for key in ("lr",):
-        if key in kwargs and not isinstance(kwargs[key], torch.Tensor):
-            check_positive(key, kwargs[key])
-    for key in ("eps",):
-        if key in kwargs:
-            check_positive(key, kwargs[key])
+def _check_hyperparameters(values: Mapping[str, Any]) -> None:
+    """The value checks of the torch options the registry's optimizers share."""
+    if "lr" in values and not isinstance(values["lr"], torch.Tensor):
+        check_positive("lr", values["lr"])
+    if "eps" in values:
+        check_positive("eps", values["eps"])
     for key in ("momentum", "weight_decay", "dampening", "lr_decay", "initial_accumulator_value"):
-        if key in kwargs:
-            check_non_negative(key, kwargs[key])
+        if key in values:
+            check_non_negative(key, values[key])
     for key in ("rho", "alpha"):
-        if key in kwargs:
-            check_in_range(key, kwargs[key], 0.0, 1.0, high_inclusive=True)
-    if "betas" in kwargs:
-        check_betas("betas", kwargs["betas"])
+        if key in values:
+            check_in_range(key, values[key], 0.0, 1.0, high_inclusive=True)
+    if "betas" in values:
+        check_betas("betas", values["betas"])
 
 
 def _all_tensors(groups: list[dict[str, Any]]) -> list[torch.Tensor]:
@@ -292,18 +370,14 @@ def _choose_implementation(
                 if key in accepted:
                     kwargs.setdefault(key, False)
         return
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
     tensors = _all_tensors(groups)
     torch_kernels = spec.optimizer_class.__module__.startswith("torch.")
+    devices = fused_kernel_devices() if torch_kernels else ()
     fused_ok = (
         "fused" in accepted
         and bool(tensors)
         and all(t.is_floating_point() for t in tensors)
-        and (
-            not torch_kernels
-            or all(t.device.type in _get_fused_kernels_supported_devices() for t in tensors)
-        )
+        and (not torch_kernels or all(t.device.type in devices for t in tensors))
         and not kwargs.get("differentiable", False)
     )
     if fused_ok and (impl == "fused" or (impl == "auto" and torch_kernels)):
@@ -334,26 +408,20 @@ def build_optimizer(
     weight decay on biases, normalization weights and 1-D parameters unless ``no_decay=False``;
     layer-wise LR decay with ``layer_decay``) or an iterable of parameters / group dicts.
     ``lr`` and ``weight_decay`` default to the entry's defaults; ``options`` are the torch
-    class's keyword arguments (validated: an unknown key is an error naming the valid ones).
+    class's keyword arguments. Everything is checked by :meth:`OptimizerSpec.check_options`
+    first (an unknown key is an error naming the closest valid one).
     A group's ``lr_scale`` multiplies its learning rate. ``impl`` picks torch's ``fused`` or
     ``foreach`` kernels (``auto``: fused where supported, else foreach).
     """
     spec = OPTIMIZERS.get(name)
-    check_choice("impl", impl, IMPLEMENTATIONS)
-    allowed = spec.options()
-    check_unknown_options(
-        f"{spec.name} options", options, [k for k in allowed if k not in ("lr", "weight_decay")]
+    spec.check_options(
+        lr=lr, weight_decay=weight_decay, layer_decay=layer_decay, impl=impl, **options
     )
     kwargs: dict[str, Any] = {**spec.defaults, **options}
     if lr is not None:
         kwargs["lr"] = lr
     if weight_decay is not None:
         kwargs["weight_decay"] = weight_decay
-    _validate_hyperparameters(kwargs)
-    if layer_decay is not None:
-        check_in_range(
-            "layer_decay", layer_decay, 0.0, 1.0, low_inclusive=False, high_inclusive=True
-        )
 
     if isinstance(model_or_params, nn.Module):
         groups = param_groups(
@@ -372,17 +440,15 @@ def build_optimizer(
     for group in groups:
         if "lr_scale" in group and "lr" not in group and base_lr is not None:
             group["lr"] = base_lr * group["lr_scale"]
-        for key in ("lr", "weight_decay", "eps", "momentum"):
-            if key in group:
-                _validate_hyperparameters({key: group[key]})
+        _check_hyperparameters(
+            {k: group[k] for k in ("lr", "weight_decay", "eps", "momentum") if k in group}
+        )
     if not _all_tensors(groups):
         raise ValueError(
             f"model_or_params: got no parameters to optimize for optimizer {spec.name!r}"
         )
     _choose_implementation(spec, kwargs, groups, impl)
-    optimizer = spec.build(groups, **kwargs)
-    optimizer.registry_name = spec.name  # lets spec_for() tell momentum from plain sgd
-    return optimizer
+    return spec.build(groups, **kwargs)
 
 
 def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:

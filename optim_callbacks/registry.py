@@ -37,6 +37,13 @@ class Registry(Generic[Entry]):
             self._aliases[alias] = name
         return entry
 
+    def unregister(self, name: str) -> Entry:
+        """Remove ``name`` (or the entry an alias of it names) and its aliases; return the entry."""
+        key = self.canonical(name)
+        for alias in [a for a, target in self._aliases.items() if target == key]:
+            del self._aliases[alias]
+        return self._entries.pop(key)
+
     def canonical(self, name: str) -> str:
         """The registered name for ``name`` or one of its aliases."""
         key = name.lower() if isinstance(name, str) else name

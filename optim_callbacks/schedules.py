@@ -41,6 +41,7 @@ from optim_callbacks.validation import (
     check_at_least,
     check_choice,
     check_in_range,
+    check_non_negative,
     check_positive,
     check_unknown_options,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "SCHEDULES",
     "ScheduleSpec",
     "build_scheduler",
+    "check_warmup",
     "lightning_scheduler_config",
     "register_schedule",
     "resolve_warmup_steps",
@@ -167,6 +169,11 @@ def with_warmup(
     return schedule(step - warmup_steps, max(1, total_steps - warmup_steps), **(options or {}))
 
 
+WARMUP_KINDS = ("linear", "exponential")
+# Options whose value is a list of steps (their ``_epochs`` form a list of epochs).
+_LIST_OPTIONS = ("milestones",)
+
+
 @dataclass(frozen=True)
 class ScheduleSpec:
     """A named schedule: the multiplier function, its options' defaults and which options may
@@ -180,6 +187,63 @@ class ScheduleSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+
+    def check_options(
+        self,
+        warmup: int | float = 0,
+        *,
+        warmup_kind: str = "linear",
+        warmup_start_ratio: float = 0.01,
+        **options: Any,
+    ) -> None:
+        """Refuse, with one ``ValueError`` naming the parameter, what :func:`schedule_multiplier`
+        would refuse for this schedule before it knows the number of steps: a warmup that is
+        neither steps (an int >= 0) nor a fraction in [0, 1), an unknown warmup kind or start
+        ratio, an option the schedule does not take (``<option>_epochs`` included, with the
+        closest name), an option given both in steps and in epochs, and option values out of
+        range. What needs the step count (warmup shorter than training, converting epochs)
+        :func:`schedule_multiplier` checks."""
+        check_warmup(warmup)
+        check_choice("warmup_kind", warmup_kind, WARMUP_KINDS)
+        check_in_range(
+            "warmup_start_ratio",
+            warmup_start_ratio,
+            0.0,
+            1.0,
+            low_inclusive=False,
+            high_inclusive=True,
+        )
+        epoch_keys = {f"{k}_epochs": k for k in self.epoch_options}
+        check_unknown_options(
+            f"{self.name} scheduler options", options, [*self.defaults, *epoch_keys]
+        )
+        for epochs_key, key in epoch_keys.items():
+            epochs = options.get(epochs_key)
+            if epochs is None:
+                continue
+            if options.get(key) is not None:
+                raise ValueError(f"{key}: give either {key} or {epochs_key}, not both")
+            _check_epochs(epochs_key, epochs, as_list=key in _LIST_OPTIONS)
+        _check_option_values({k: v for k, v in options.items() if k not in epoch_keys})
+
+    def epochs_to_steps(
+        self, options: Mapping[str, Any], steps_per_epoch: int | None
+    ) -> dict[str, Any]:
+        """``options`` with every ``<option>_epochs`` replaced by ``<option>`` in steps."""
+        epoch_keys = {f"{k}_epochs" for k in self.epoch_options}
+        resolved = {k: v for k, v in options.items() if k not in epoch_keys}
+        for key in self.epoch_options:
+            epochs = options.get(f"{key}_epochs")
+            if epochs is None:
+                continue
+            if steps_per_epoch is None:
+                raise ValueError(f"{key}_epochs: needs steps_per_epoch to convert epochs to steps")
+            check_at_least("steps_per_epoch", steps_per_epoch, 1)
+            if isinstance(epochs, (list, tuple)):
+                resolved[key] = [round(e * steps_per_epoch) for e in epochs]
+            else:
+                resolved[key] = max(1, round(epochs * steps_per_epoch))
+        return resolved
 
 
 SCHEDULES: Registry[ScheduleSpec] = Registry("scheduler")
@@ -268,20 +332,23 @@ for _spec, _aliases in (
 ):
     register_schedule(_spec, aliases=_aliases)
 
-WARMUP_KINDS = ("linear", "exponential")
 
-
-def resolve_warmup_steps(warmup: int | float, total_steps: int) -> int:
-    """Warmup given as steps (an int) or as a fraction of ``total_steps`` (a float in [0, 1))."""
+def check_warmup(warmup: Any) -> None:
+    """Warmup is steps (an int >= 0) or a fraction of all steps (a float in [0, 1))."""
     if isinstance(warmup, bool) or not isinstance(warmup, (int, float)):
         raise ValueError(
             f"warmup: got {warmup!r}; allowed: steps (an int >= 0) or a fraction in [0, 1)"
         )
     if isinstance(warmup, float):
         check_in_range("warmup", warmup, 0.0, 1.0)
-        steps = round(warmup * total_steps)
     else:
-        steps = check_at_least("warmup", warmup, 0)
+        check_at_least("warmup", warmup, 0)
+
+
+def resolve_warmup_steps(warmup: int | float, total_steps: int) -> int:
+    """Warmup given as steps (an int) or as a fraction of ``total_steps`` (a float in [0, 1))."""
+    check_warmup(warmup)
+    steps = round(warmup * total_steps) if isinstance(warmup, float) else warmup
     if steps >= total_steps:
         raise ValueError(
             f"warmup: got {warmup!r} ({steps} steps); allowed: fewer than total_steps ({total_steps})"
@@ -289,7 +356,18 @@ def resolve_warmup_steps(warmup: int | float, total_steps: int) -> int:
     return steps
 
 
-def _validate_options(spec: ScheduleSpec, options: dict[str, Any]) -> None:
+def _check_epochs(param: str, epochs: Any, *, as_list: bool) -> None:
+    if not as_list:
+        check_positive(param, epochs)
+        return
+    if isinstance(epochs, str) or not isinstance(epochs, (list, tuple)):
+        raise ValueError(f"{param}: got {epochs!r}; allowed: a list of epochs >= 0")
+    for i, mark in enumerate(epochs):
+        check_non_negative(f"{param}[{i}]", mark)
+
+
+def _check_option_values(options: Mapping[str, Any]) -> None:
+    """The value checks of the options the registry's schedules share (by name)."""
     for key in ("gamma", "cycle_mult", "power", "cycle_decay"):
         if options.get(key) is not None:
             check_positive(key, options[key])
@@ -311,8 +389,11 @@ def _validate_options(spec: ScheduleSpec, options: dict[str, Any]) -> None:
     for key in ("step_size", "cycle_steps"):
         if options.get(key) is not None:
             check_at_least(key, options[key], 1)
-    if options.get("milestones") is not None:
-        for i, mark in enumerate(options["milestones"]):
+    milestones = options.get("milestones")
+    if milestones is not None:
+        if isinstance(milestones, str) or not isinstance(milestones, (list, tuple)):
+            raise ValueError(f"milestones: got {milestones!r}; allowed: a list of steps >= 0")
+        for i, mark in enumerate(milestones):
             check_at_least(f"milestones[{i}]", mark, 0)
 
 
@@ -326,30 +407,15 @@ def schedule_multiplier(
     steps_per_epoch: int | None = None,
     **options: Any,
 ) -> Callable[[int], float]:
-    """The picklable function ``step -> multiplier`` for schedule ``name`` with warmup."""
+    """The picklable function ``step -> multiplier`` for schedule ``name`` with warmup.
+
+    The options are checked by :meth:`ScheduleSpec.check_options` first."""
     spec = SCHEDULES.get(name)
     check_at_least("total_steps", total_steps, 1)
-    check_choice("warmup_kind", warmup_kind, WARMUP_KINDS)
-    check_in_range(
-        "warmup_start_ratio", warmup_start_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=True
+    spec.check_options(
+        warmup, warmup_kind=warmup_kind, warmup_start_ratio=warmup_start_ratio, **options
     )
-    epoch_keys = [f"{k}_epochs" for k in spec.epoch_options]
-    check_unknown_options(f"{spec.name} scheduler options", options, [*spec.defaults, *epoch_keys])
-    resolved = {k: v for k, v in options.items() if k not in epoch_keys}
-    for key in spec.epoch_options:
-        epochs = options.get(f"{key}_epochs")
-        if epochs is None:
-            continue
-        if key in resolved and resolved[key] is not None:
-            raise ValueError(f"{key}: give either {key} or {key}_epochs, not both")
-        if steps_per_epoch is None:
-            raise ValueError(f"{key}_epochs: needs steps_per_epoch to convert epochs to steps")
-        check_at_least("steps_per_epoch", steps_per_epoch, 1)
-        if isinstance(epochs, (list, tuple)):
-            resolved[key] = [round(e * steps_per_epoch) for e in epochs]
-        else:
-            resolved[key] = max(1, round(epochs * steps_per_epoch))
-    _validate_options(spec, resolved)
+    resolved = spec.epochs_to_steps(options, steps_per_epoch)
     warmup_steps = resolve_warmup_steps(warmup, total_steps)
     return functools.partial(
         with_warmup,
