@@ -5,4 +5,10 @@ from optim_callbacks.callbacks.clipping import GradientClipping
 from optim_callbacks.callbacks.moment_stats import MomentStatistics
 from optim_callbacks.callbacks.optimizer_switch import AdamToSGD, OptimizerSwitch
 
-__all__: list[str] = ["AdamToSGD", "AmpEpsilon", "GradientClipping", "MomentStatistics", "OptimizerSwitch"]
+__all__: list[str] = [
+    "AdamToSGD",
+    "AmpEpsilon",
+    "GradientClipping",
+    "MomentStatistics",
+    "OptimizerSwitch",
+]

@@ -12,8 +12,10 @@ Practitioners train fast with Adam and finish with SGD, which often generalizes 
 The SGD learning rate is given (``lr``, a *base* LR like the one given to Adam) or estimated by
 SWATS: ``Lambda_k = lambda_k / (1 - beta2 ** k)`` per parameter group (or per parameter tensor
 with ``granularity="layer"``). In the SGD phase the momentum buffer is torch's ordinary
-heavy-ball buffer ``b = mu * b + g`` with ``w -= lr * b``: no ``(1 - beta1)`` rescaling of the
-buffer (the bug of public SWATS implementations, see DESIGN.md).
+heavy-ball buffer ``b = mu * b + g`` with ``w -= lr * b``, whose steps on a constant gradient
+``g`` grow to ``lr * g / (1 - mu)``. There is no ``(1 - beta1)`` rescaling of the buffer: public
+SWATS code that multiplies the buffer itself by ``1 - beta1`` at every step never reaches that
+steady state.
 
 The learning-rate schedule continues. Our schedules are ``LambdaLR`` multipliers ``f(step)``
 (:mod:`optim_callbacks.schedules`); Adam's group ``i`` ran at ``base_i * f(step)``, SGD runs at
@@ -31,6 +33,12 @@ an optimizer step (or at an epoch start), so never inside an accumulation window
 ``GradScaler.update()``, whose per-optimizer state is rebuilt for the new optimizer at its
 first step.
 
+The code is split by concern: :mod:`~optim_callbacks.callbacks.switch_checks` (what is
+refused, and when), :mod:`~optim_callbacks.callbacks.switch_target` (the SGD optimizer: groups,
+base LRs from a given LR or the SWATS estimate, momentum buffer),
+:mod:`~optim_callbacks.callbacks.optimizer_swap` (putting it in the Trainer's place) and
+:mod:`~optim_callbacks.callbacks.swats` (the statistics); this module decides when.
+
 Resume: the callback's state (switched or not, the step, the SGD base LRs, the SWATS
 statistics) is checkpointed. Lightning restores callbacks, then calls
 ``configure_optimizers``, then ``on_fit_start``, then loads optimizer and scheduler state; the
@@ -43,53 +51,40 @@ at the same step with the same learning rates.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
 
 from optim_callbacks.callbacks._amp import unscale_gradients
+from optim_callbacks.callbacks.optimizer_swap import keep_lr_series_name, replace_optimizer
 from optim_callbacks.callbacks.swats import StepTracker, SwatsStatistics
-from optim_callbacks.optimizers import OPTIMIZERS, OptimizerSpec, build_optimizer, spec_for
-from optim_callbacks.validation import (
-    check_at_least,
-    check_choice,
-    check_in_range,
-    check_non_negative,
-    check_positive,
+from optim_callbacks.callbacks.switch_checks import (
+    check_adam_family,
+    check_lr_scheduler,
+    check_source_optimizer,
+    check_switch_arguments,
+    check_trainer,
+    fraction_to_step,
 )
+from optim_callbacks.callbacks.switch_target import (
+    SwitchUnit,
+    beta2_of,
+    build_sgd,
+    estimated_lr_conversions,
+    given_lr_bases,
+    momentum_from_first_moment,
+    source_base_lrs,
+    switch_units,
+)
+from optim_callbacks.optimizers import OptimizerSpec
 
 __all__ = ["AdamToSGD", "OptimizerSwitch"]
 
-TARGET_MOMENTUM = {"sgd": 0.0, "momentum": 0.9, "nesterov": 0.9}
-GRANULARITIES = ("group", "layer")
-MOMENTUM_INITS = ("zero", "adam")
-DEFAULT_BETA2 = 0.999
 LOG_PREFIX = "optimizer_switch"
-
-
-class _Unit(NamedTuple):
-    """Parameters measured together by SWATS and, when LRs are estimated, one SGD group."""
-
-    group_index: int
-    params: list[torch.Tensor]
-    label: str | None  # parameter name in per-layer mode
-
-
-def notify_optimizers_changed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """The project's interplay protocol: tell every callback that caches per-optimizer
-    information that the optimizer(s) were replaced."""
-    for callback in trainer.callbacks:
-        hook = getattr(callback, "on_optimizers_changed", None)
-        if callable(hook):
-            hook(trainer, pl_module)
 
 
 class OptimizerSwitch(Callback):
@@ -139,52 +134,12 @@ class OptimizerSwitch(Callback):
         beta2: float | None = None,
         estimated_lr_scale: float = 1.0,
     ) -> None:
-        self.to = check_choice("to", to, TARGET_MOMENTUM)
-        given = {
-            k: v
-            for k, v in (("at_step", at_step), ("at_epoch", at_epoch), ("at_fraction", at_fraction))
-            if v is not None
-        }
-        if len(given) > 1:
-            listing = ", ".join(f"{k}={v!r}" for k, v in given.items())
-            raise ValueError(
-                f"at_step/at_epoch/at_fraction: got {listing}; allowed: at most one of them "
-                "(none: switch automatically by the SWATS criterion)"
-            )
-        if at_step is not None:
-            check_at_least("at_step", at_step, 1)
-        if at_epoch is not None:
-            check_at_least("at_epoch", at_epoch, 1)
-        if at_fraction is not None:
-            check_in_range("at_fraction", at_fraction, 0.0, 1.0, low_inclusive=False)
-        if lr is not None:
-            check_positive("lr", lr)
-        momentum = TARGET_MOMENTUM[to] if momentum is None else momentum
-        check_in_range("momentum", momentum, 0.0, 1.0)
-        if to == "nesterov" and momentum == 0:
-            raise ValueError(
-                "momentum: got 0 with to='nesterov'; allowed: a number in (0, 1) for Nesterov momentum"
-            )
-        if weight_decay is not None:
-            check_non_negative("weight_decay", weight_decay)
-        check_choice("momentum_init", momentum_init, MOMENTUM_INITS)
-        if momentum_init == "adam" and momentum == 0:
-            raise ValueError(
-                "momentum_init: got 'adam' with momentum=0; allowed: 'zero' (plain SGD keeps no buffer)"
-            )
-        check_choice("granularity", granularity, GRANULARITIES)
-        check_positive("epsilon", epsilon)
-        check_at_least("min_steps", min_steps, 1)
-        if beta2 is not None:
-            check_in_range("beta2", beta2, 0.0, 1.0)
-        check_positive("estimated_lr_scale", estimated_lr_scale)
-
+        self.to = to
         self.at_step = at_step
         self.at_epoch = at_epoch
         self.at_fraction = at_fraction
         self.lr = lr
-        self.momentum = float(momentum)
-        self.nesterov = to == "nesterov"
+        self.momentum = momentum  # None: to's default, resolved by the check below
         self.weight_decay = weight_decay
         self.momentum_init = momentum_init
         self.granularity = granularity
@@ -192,6 +147,8 @@ class OptimizerSwitch(Callback):
         self.min_steps = min_steps
         self.beta2 = beta2
         self.estimated_lr_scale = estimated_lr_scale
+        self.momentum = check_switch_arguments(self)
+        self.nesterov = to == "nesterov"
 
         # checkpointed state
         self.switched = False
@@ -201,7 +158,7 @@ class OptimizerSwitch(Callback):
         self.statistics: SwatsStatistics | None = None
 
         self._target_step: int | None = at_step
-        self._units: list[_Unit] = []
+        self._units: list[SwitchUnit] = []
         self._tracker: StepTracker | None = None
         self._lrs_in_step: list[float] = []
         self._steps_at_batch_start = 0
@@ -238,59 +195,20 @@ class OptimizerSwitch(Callback):
     # ----------------------------------------------------------------- trainer checks
 
     def _check_source(self, optimizer: Optimizer) -> OptimizerSpec:
-        spec = spec_for(optimizer)
-        adaptive = sorted(name for name, s in OPTIMIZERS.items() if s.adaptive)
-        if spec is None:
-            raise ValueError(
-                f"optimizer: got {type(optimizer).__name__}, which the optimizer registry does not know; "
-                f"allowed: an adaptive registry optimizer ({', '.join(adaptive)}) or one registered "
-                "with register_optimizer(..., second_moment=...)"
-            )
-        if not spec.adaptive:
-            raise ValueError(
-                f"optimizer: got {spec.name!r} ({type(optimizer).__name__}), which keeps no adaptive second "
-                f"moment: there is nothing to switch from; allowed: {', '.join(adaptive)}"
-            )
-        if self.momentum_init == "adam" and spec.first_moment is None:
-            raise ValueError(
-                f"momentum_init: got 'adam' but optimizer {spec.name!r} keeps no first moment; allowed: 'zero'"
-            )
-        return spec
+        return check_source_optimizer(optimizer, momentum_init=self.momentum_init)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not pl_module.automatic_optimization:
-            raise ValueError(
-                "automatic_optimization: got False; allowed: True (OptimizerSwitch steers Lightning's optimizer loop)"
-            )
-        if len(trainer.optimizers) != 1:
-            raise ValueError(
-                f"optimizers: got {len(trainer.optimizers)}; allowed: exactly one optimizer to switch"
-            )
-        source = trainer.optimizers[0]
+        source = check_trainer(trainer, pl_module)
         spec = self._check_source(source)
-        config = self._scheduler_config(trainer, source)
-        if config is not None and config.name is None:
-            # LearningRateMonitor names an unnamed scheduler after the optimizer class
-            # ("lr-Adam" -> "lr-SGD"); a fixed name keeps one series across the switch.
-            config.name = "lr"
-            rank_zero_info(
-                "OptimizerSwitch: named the LR scheduler 'lr' so its logged series survives the switch"
-            )
-
+        keep_lr_series_name(check_lr_scheduler(trainer, source))
         if self.at_fraction is not None:
-            total = trainer.estimated_stepping_batches
-            if not math.isfinite(total):
-                raise ValueError(
-                    f"at_fraction: got {self.at_fraction!r} but the training length is unbounded; "
-                    "allowed: set max_steps or max_epochs, or use at_step/at_epoch"
-                )
-            self._target_step = max(1, round(self.at_fraction * int(total)))
+            self._target_step = fraction_to_step(self.at_fraction, trainer)
 
         names = {id(p): name for name, p in pl_module.named_parameters()}
-        self._units = _units(source, per_tensor=self.granularity == "layer", names=names)
+        self._units = switch_units(source, per_tensor=self.granularity == "layer", names=names)
         if self.automatic or self.estimates_lr:
             self.statistics = SwatsStatistics(
-                [self._beta2(source.param_groups[u.group_index]) for u in self._units],
+                [beta2_of(source.param_groups[u.group_index], self.beta2) for u in self._units],
                 self.epsilon,
                 self.min_steps,
             )
@@ -315,32 +233,6 @@ class OptimizerSwitch(Callback):
             rank_zero_info(
                 f"OptimizerSwitch: resumed in the SGD phase (switched at step {self.switch_step})"
             )
-
-    @staticmethod
-    def _scheduler_config(trainer: pl.Trainer, optimizer: Optimizer) -> Any:
-        configs = [c for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
-        if len(configs) > 1:
-            raise ValueError(
-                f"lr_scheduler: got {len(configs)} schedulers on the optimizer; allowed: at most one"
-            )
-        if not configs:
-            return None
-        if type(configs[0].scheduler) is not LambdaLR:
-            raise ValueError(
-                f"lr_scheduler: got {type(configs[0].scheduler).__name__}; allowed: LambdaLR (build_scheduler), "
-                "whose multiplier OptimizerSwitch continues on SGD, or no scheduler"
-            )
-        return configs[0]
-
-    def _beta2(self, group: dict[str, Any]) -> float:
-        if self.beta2 is not None:
-            return self.beta2
-        if "betas" in group:
-            return float(group["betas"][1])
-        for key in ("alpha", "rho"):
-            if key in group:
-                return float(group[key])
-        return DEFAULT_BETA2
 
     # ----------------------------------------------------------------- when to switch
 
@@ -410,22 +302,18 @@ class OptimizerSwitch(Callback):
         source = trainer.optimizers[0]
         spec = self._check_source(source)
         layout = self._sgd_layout(source)
-        adam_bases = [
-            float(
-                source.param_groups[u.group_index].get(
-                    "initial_lr", source.param_groups[u.group_index]["lr"]
-                )
-            )
-            for u in layout
-        ]
         if self.estimates_lr:
-            estimates, conversions = self._estimates()
+            assert self.statistics is not None
+            estimates, conversions = estimated_lr_conversions(
+                self.statistics, self.estimated_lr_scale
+            )
             self.estimated_lrs = estimates
-            base_lrs = [c * base for c, base in zip(conversions, adam_bases, strict=True)]
+            bases = source_base_lrs(source, layout)
+            base_lrs = [c * base for c, base in zip(conversions, bases, strict=True)]
         else:
-            reference = float(source.defaults["lr"])
+            assert self.lr is not None
             self.estimated_lrs = None
-            base_lrs = [self.lr * base / reference for base in adam_bases]
+            base_lrs = given_lr_bases(self.lr, source, layout)
         self.switched = True
         self.switch_step = trainer.global_step
         self.sgd_base_lrs = base_lrs
@@ -437,44 +325,11 @@ class OptimizerSwitch(Callback):
             self._tracker = None
         self._report(trainer, spec, sgd)
 
-    def _estimates(self) -> tuple[list[float], list[float]]:
-        """Per SGD group: the SWATS learning rate and its ratio to the LR Adam used (the
-        conversion factor applied to Adam's base LR)."""
-        assert self.statistics is not None
-        stats = self.statistics
-        estimates: list[float | None] = []
-        conversions: list[float | None] = []
-        for unit in range(len(stats)):
-            if stats.latched[unit]:
-                estimate, lr_used = stats.latched_estimate[unit], stats.latched_lr[unit]
-            else:
-                estimate, lr_used = stats.estimate(unit), stats.last_lr[unit]
-            if estimate is None or estimate <= 0 or not lr_used:
-                estimates.append(None)
-                conversions.append(None)
-                continue
-            estimate *= self.estimated_lr_scale
-            estimates.append(estimate)
-            conversions.append(estimate / lr_used)
-        known = [c for c in conversions if c is not None]
-        if len(known) < len(conversions):
-            fallback = sum(known) / len(known) if known else 1.0
-            rank_zero_warn(
-                "OptimizerSwitch: no usable SWATS estimate for some parameters (no measured step); they "
-                + (
-                    "get the mean conversion of the others"
-                    if known
-                    else "keep Adam's learning rate"
-                )
-            )
-            conversions = [fallback if c is None else c for c in conversions]
-        return [math.nan if e is None else e for e in estimates], [float(c) for c in conversions]
-
-    def _sgd_layout(self, source: Optimizer) -> list[_Unit]:
+    def _sgd_layout(self, source: Optimizer) -> list[SwitchUnit]:
         """One SGD group per SWATS unit when LRs are estimated per unit, else per source group."""
         if self.estimates_lr:
             return self._units
-        return _units(source, per_tensor=False, names={})
+        return switch_units(source, per_tensor=False, names={})
 
     def _install(
         self,
@@ -487,51 +342,18 @@ class OptimizerSwitch(Callback):
         carry_momentum: bool,
     ) -> Optimizer:
         layout = self._sgd_layout(source)
-        sgd = self._build_sgd(source, layout, base_lrs)
-        if carry_momentum:
-            _momentum_from_first_moment(source, sgd, spec, self.momentum)
-        configs = []
-        for config in trainer.lr_scheduler_configs:
-            if config.scheduler.optimizer is source:
-                old = config.scheduler
-                lambdas = [old.lr_lambdas[u.group_index] for u in layout]
-                # The constructor takes one step: start one behind the old scheduler so both
-                # stand at the same step and SGD's LR is sgd_base * f(that step). (On resume the
-                # old one is fresh, at 0, and Lightning loads the checkpointed state next.)
-                scheduler = LambdaLR(sgd, lambdas, last_epoch=old.last_epoch - 1)
-                config = dataclasses.replace(config, scheduler=scheduler)
-            configs.append(config)
-        trainer.strategy.optimizers = [sgd]
-        trainer.strategy.lr_scheduler_configs = configs
-        notify_optimizers_changed(trainer, pl_module)
-        return sgd
-
-    def _build_sgd(
-        self, source: Optimizer, layout: list[_Unit], base_lrs: Sequence[float]
-    ) -> Optimizer:
-        decaying = [float(g.get("weight_decay", 0.0)) > 0 for g in source.param_groups]
-        if self.weight_decay is not None and self.weight_decay > 0 and not any(decaying):
-            rank_zero_warn(
-                f"OptimizerSwitch: weight_decay={self.weight_decay:g} has no group to apply to: the source "
-                "optimizer decays none (build it with weight_decay > 0 to get decay/no-decay groups)"
-            )
-        own_keys = set(source.defaults) | {"params", "initial_lr", "lr", "weight_decay"}
-        groups = []
-        for unit, base in zip(layout, base_lrs, strict=True):
-            original = source.param_groups[unit.group_index]
-            group = {k: v for k, v in original.items() if k not in own_keys}  # name, lr_scale, ...
-            weight_decay = float(original.get("weight_decay", 0.0))
-            if self.weight_decay is not None:
-                weight_decay = self.weight_decay if decaying[unit.group_index] else 0.0
-            group.update(params=unit.params, lr=base, weight_decay=weight_decay)
-            if unit.label is not None:
-                group["name"] = f"{original.get('name', f'pg{unit.group_index + 1}')}.{unit.label}"
-            groups.append(group)
-        sgd = build_optimizer(
-            self.to, groups, lr=max(base_lrs), momentum=self.momentum, nesterov=self.nesterov
+        sgd = build_sgd(
+            source,
+            layout,
+            base_lrs,
+            to=self.to,
+            momentum=self.momentum,
+            nesterov=self.nesterov,
+            weight_decay=self.weight_decay,
         )
-        for group, base in zip(sgd.param_groups, base_lrs, strict=True):
-            group["initial_lr"] = base
+        if carry_momentum:
+            momentum_from_first_moment(source, sgd, spec, self.momentum)
+        replace_optimizer(trainer, pl_module, source, sgd, [u.group_index for u in layout])
         return sgd
 
     def _report(self, trainer: pl.Trainer, spec: OptimizerSpec, sgd: Optimizer) -> None:
@@ -596,43 +418,5 @@ class AdamToSGD(OptimizerSwitch):
 
     def _check_source(self, optimizer: Optimizer) -> OptimizerSpec:
         spec = super()._check_source(optimizer)
-        if not spec.has_betas:
-            adam_family = sorted(
-                name for name, s in OPTIMIZERS.items() if s.adaptive and s.has_betas
-            )
-            raise ValueError(
-                f"optimizer: got {spec.name!r}; allowed for AdamToSGD: {', '.join(adam_family)} "
-                "(use OptimizerSwitch for other adaptive optimizers)"
-            )
+        check_adam_family(spec)
         return spec
-
-
-def _units(source: Optimizer, *, per_tensor: bool, names: dict[int, str]) -> list[_Unit]:
-    units = []
-    for index, group in enumerate(source.param_groups):
-        params = [p for p in group["params"]]
-        if not per_tensor:
-            units.append(_Unit(index, params, None))
-            continue
-        for position, param in enumerate(params):
-            units.append(_Unit(index, [param], names.get(id(param), f"param{position}")))
-    return units
-
-
-@torch.no_grad()
-def _momentum_from_first_moment(
-    source: Optimizer, sgd: Optimizer, spec: OptimizerSpec, momentum: float
-) -> None:
-    """``b = m / (1 - beta1 ** t) / (1 - momentum)``: Adam's bias-corrected first moment (an
-    average of gradients) scaled to the heavy-ball buffer's steady state ``g / (1 - momentum)``."""
-    assert spec.first_moment is not None
-    beta1_of = {id(p): float(g["betas"][0]) for g in source.param_groups for p in g["params"]}
-    for group in sgd.param_groups:
-        for param in group["params"]:
-            state = source.state.get(param, {})
-            if spec.first_moment not in state:
-                continue
-            steps = float(state.get("step", 1))
-            correction = 1.0 - beta1_of[id(param)] ** steps
-            buffer = state[spec.first_moment].detach().clone().div_(correction * (1.0 - momentum))
-            sgd.state[param]["momentum_buffer"] = buffer
