@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -390,57 +391,89 @@ def moment_statistics(
     if second is not None and "second_moment_underflow" in wanted:
         _underflow_sums(moments, second, sums)
     reduced, contributors = sums.reduce(groups, len(moments), device)
-    outputs = [reduced.flatten()]
+    width = len(groups)
+    buffer = _HostBuffer()
+    buffer.pack("sums", reduced)  # [columns, groups]
 
     want_percentiles = bool(percentiles) and bool({"sqrt_second_moment", "step_size"} & wanted)
-    want_histograms = histogram_bins > 0
     has_adam = [any(moments[i].adam_like for i in members) for members in groups]
-    quantile_count = hist_rows = 0
-    if second is not None and (want_percentiles or want_histograms):
+    if second is not None and (want_percentiles or histogram_bins > 0):
         roots, steps = _sampled_rows(moments, second, max_samples, generator)
         if want_percentiles:
             q = torch.tensor([p / 100 for p in percentiles], dtype=roots.dtype, device=device)
             quantiles = torch.nanquantile(torch.cat([roots, steps]), q, dim=1)  # [Q, 2 * groups]
-            quantile_count = quantiles.numel()
-            outputs.append(quantiles.flatten())
-        if want_histograms and any(has_adam):
+            buffer.pack("sqrt_second_moment_quantiles", quantiles[:, :width])  # [Q, groups]
+            buffer.pack("step_size_quantiles", quantiles[:, width:])
+        if histogram_bins > 0 and any(has_adam):
             counts, low, high = _row_histograms(steps.log10(), histogram_bins)
-            hist_rows = len(groups)
-            outputs += [counts.flatten(), low, high]
-    host = torch.cat(outputs).tolist()  # the one device-to-host transfer
+            buffer.pack("histogram_counts", counts)  # [groups, bins]
+            buffer.pack("histogram_low", low)  # [groups]
+            buffer.pack("histogram_high", high)
+    buffer.transfer()  # the one device-to-host copy
 
     # --- decode on the host ---------------------------------------------------------------
-    width = len(groups)
-    table = {
-        name: (host[c * width : (c + 1) * width], contributors[c])
-        for c, name in enumerate(sums.columns)
-    }
-    position = len(sums.columns) * width
+    sums_host = buffer["sums"]
+    table = {name: (sums_host[c], contributors[c]) for c, name in enumerate(sums.columns)}
     results: list[dict[str, float]] = []
     for g in range(width):
         values = {name: column[g] for name, (column, present) in table.items() if present[g] > 0}
         results.append(_scalars(values))
-    if quantile_count:
-        quantiles_host = host[position : position + quantile_count]
-        position += quantile_count
-        rows = 2 * width
+    if "sqrt_second_moment_quantiles" in buffer:
+        roots_q = buffer["sqrt_second_moment_quantiles"]
+        steps_q = buffer["step_size_quantiles"]
         for g in range(width):
             for k, p in enumerate(percentiles):
                 label = percentile_label(p)
                 if "sqrt_second_moment" in wanted and second.counts[g] > 0:
-                    results[g][f"sqrt_second_moment_{label}"] = quantiles_host[k * rows + g]
+                    results[g][f"sqrt_second_moment_{label}"] = roots_q[k][g]
                 if "step_size" in wanted and has_adam[g]:
-                    results[g][f"step_size_{label}"] = quantiles_host[k * rows + width + g]
+                    results[g][f"step_size_{label}"] = steps_q[k][g]
     histograms: list[GroupHistogram | None] = [None] * width
-    if hist_rows:
-        counts_host = host[position : position + hist_rows * histogram_bins]
-        lows = host[position + hist_rows * histogram_bins :][:hist_rows]
-        highs = host[position + hist_rows * histogram_bins + hist_rows :][:hist_rows]
+    if "histogram_counts" in buffer:
+        counts_host, lows, highs = (
+            buffer["histogram_counts"],
+            buffer["histogram_low"],
+            buffer["histogram_high"],
+        )
         for g in range(width):
             if has_adam[g]:
-                bins = counts_host[g * histogram_bins : (g + 1) * histogram_bins]
-                histograms[g] = GroupHistogram(bins, lows[g], highs[g])
+                histograms[g] = GroupHistogram(counts_host[g], lows[g], highs[g])
     return results, histograms
+
+
+class _HostBuffer:
+    """Device tensors packed under names into one flat buffer, so that all of them leave the
+    device in one transfer; the host then reads each back by name (``buffer[name]``), as a list
+    (1-D) or a list of rows (2-D), from the slice :meth:`pack` recorded for it."""
+
+    def __init__(self) -> None:
+        self._parts: list[Tensor] = []
+        self._layout: dict[str, tuple[slice, tuple[int, ...]]] = {}
+        self._size = 0
+        self._host: list[float] = []
+
+    def pack(self, name: str, tensor: Tensor) -> None:
+        if tensor.ndim > 2:
+            raise ValueError(f"{name}: got a {tensor.ndim}-d tensor; allowed: 1-d or 2-d")
+        flat = tensor.reshape(-1)
+        self._layout[name] = (slice(self._size, self._size + flat.numel()), tuple(tensor.shape))
+        self._size += flat.numel()
+        self._parts.append(flat)
+
+    def transfer(self) -> None:
+        """The device-to-host copy (one ``cat`` on the device, one ``tolist``)."""
+        self._host = torch.cat(self._parts).tolist() if self._parts else []
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._layout
+
+    def __getitem__(self, name: str) -> list[Any]:
+        where, shape = self._layout[name]
+        values = self._host[where]
+        if len(shape) < 2:
+            return values
+        rows, columns = shape
+        return [values[r * columns : (r + 1) * columns] for r in range(rows)]
 
 
 def _scalars(sums: dict[str, float]) -> dict[str, float]:
