@@ -1,4 +1,4 @@
-"""DDP job for tests/test_clipping.py: two gloo processes, GradientClipping + AmpEpsilon.
+"""DDP job for tests/lib/test_clipping.py: two gloo processes, GradientClipping + AmpEpsilon.
 
 Run as ``python tests/scripts/ddp_clipping.py OUT_DIR``. Precision ``16-true`` with AdamW on the
 foreach path (float16 state, so AmpEpsilon acts); rank 0's loss is NaN at global step 2, which the
@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import Callback
 
 from optim_callbacks import AmpEpsilon, GradientClipping
-from tests.tiny import TinyRegressor, tiny_trainer
+from tests.lib.tiny import TinyRegressor, tiny_trainer
 
 
 class RankZeroNaN(TinyRegressor):

@@ -1,4 +1,4 @@
-"""Two-process DDP run of MomentStatistics (run by tests/test_moment_stats.py, not collected).
+"""Two-process DDP run of MomentStatistics (run by tests/lib/test_moment_stats.py, not collected).
 
 Usage: ``python tests/scripts/ddp_moments.py OUT_DIR``. Each rank writes ``rank<r>.json``: the
 rows its logger received from the callback (a logger that records on every rank), the statistics
@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from optim_callbacks import MomentStatistics
-from tests.test_moment_stats import Recorder, RecordingLogger, expected_statistics
-from tests.tiny import TinyRegressor, tiny_trainer
+from tests.lib.test_moment_stats import Recorder, RecordingLogger, expected_statistics
+from tests.lib.tiny import TinyRegressor, tiny_trainer
 
 
 def main(out_dir: Path) -> None:

@@ -1,6 +1,6 @@
 """Two gloo processes train with AdamToSGD (SWATS); each rank writes what it saw as JSON.
 
-Run by tests/test_optimizer_switch.py as ``python tests/scripts/ddp_switch.py OUT_DIR``; Lightning
+Run by tests/lib/test_optimizer_switch.py as ``python tests/scripts/ddp_switch.py OUT_DIR``; Lightning
 re-launches this script for rank 1.
 """
 
@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from optim_callbacks import AdamToSGD
-from tests.tiny import TinyRegressor, tiny_trainer
+from tests.lib.tiny import TinyRegressor, tiny_trainer
 
 
 def flat_params(module) -> list[float]:

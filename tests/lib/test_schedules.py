@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 
 from optim_callbacks import SCHEDULES, build_scheduler, schedule_multiplier
-from tests.tiny import TinyRegressor, tiny_trainer
+from tests.lib.tiny import TinyRegressor, tiny_trainer
 
 T, W = 100, 10  # total steps, warmup steps
 H = T - W  # decay horizon after warmup
@@ -154,7 +154,15 @@ def test_scheduler_pickles_and_resumes_the_same_sequence():
         ({"min_lr_ratio": 2.0}, r"min_lr_ratio: got 2.0"),
         ({"total_steps": 0}, r"total_steps: got 0"),
         ({"warmup_kind": "cubic"}, r"warmup_kind: unknown value 'cubic'"),
-        ({"name": "step", "gamma": 0.0}, r"gamma: got 0.0; allowed: a number > 0"),
+        ({"name": "step", "gamma": 0.0}, r"gamma: got 0.0; allowed: a finite number > 0"),
+        ({"name": "step", "gamma": math.inf}, r"gamma: got inf; allowed: a finite number > 0"),
+        ({"name": "polynomial", "power": math.nan}, r"power: got nan"),
+        ({"warmup": math.nan}, r"warmup: got nan"),
+        (
+            {"name": "step", "step_size": 5, "step_size_epochs": 1, "steps_per_epoch": 10},
+            r"step_size: give either step_size or step_size_epochs, not both",
+        ),
+        ({"name": "multistep", "milestones": 5}, r"milestones: got 5; allowed: a list of steps"),
         ({"name": "step", "step_size_epochs": 2}, r"step_size_epochs: needs steps_per_epoch"),
         (
             {"name": "cosine_restarts", "cycle_mult": 0.5},
@@ -218,3 +226,57 @@ def test_lightning_run_follows_the_schedule_and_resumes_it(tmp_path):
     assert [resumed_lrs[s] for s in range(8, 16)] == pytest.approx(
         [full_lrs[s] for s in range(8, 16)], abs=0
     )
+
+
+@pytest.mark.parametrize("name", SCHEDULES.names())
+def test_check_options_accepts_every_schedule_with_its_defaults(name):
+    spec = SCHEDULES.get(name)
+    options = {k: v for k, v in spec.defaults.items() if v is not None}
+    assert spec.check_options() is None
+    assert spec.check_options(warmup=0.1, **options) is None
+    assert spec.check_options(warmup=100, warmup_kind="exponential", **options) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "pattern"),
+    [
+        ("cosine", {"warmup": 1.0}, r"warmup: got 1.0; allowed: a number in \[0.0, 1.0\)"),
+        ("cosine", {"warmup": -2}, r"warmup: got -2; allowed: an integer >= 0"),
+        ("cosine", {"warmup": True}, r"warmup: got True; allowed: steps \(an int >= 0\)"),
+        ("cosine", {"warmup": "5"}, r"warmup: got '5'"),
+        ("cosine", {"warmup_kind": "cubic"}, r"warmup_kind: unknown value 'cubic'"),
+        (
+            "cosine",
+            {"min_lr": 0.1},
+            r"cosine scheduler options: unknown option 'min_lr'.*did you mean 'min_lr_ratio'",
+        ),
+        (
+            "step",
+            {"step_size_epoch": 2},
+            r"step scheduler options: unknown option 'step_size_epoch'.*'step_size_epochs'",
+        ),
+        ("cosine", {"cycle_steps_epochs": 2}, r"cosine scheduler options: unknown option"),
+        ("step", {"step_size_epochs": 0}, r"step_size_epochs: got 0; allowed: a finite number > 0"),
+        ("step", {"step_size": 0}, r"step_size: got 0; allowed: an integer >= 1"),
+        ("multistep", {"milestones_epochs": [1, -2]}, r"milestones_epochs\[1\]: got -2"),
+        ("multistep", {"milestones_epochs": 3}, r"milestones_epochs: got 3; allowed: a list"),
+        ("wsd", {"decay_fraction": 0.0}, r"decay_fraction: got 0.0"),
+        ("cosine", {"min_lr_ratio": math.inf}, r"min_lr_ratio: got inf"),
+    ],
+)
+def test_check_options_refuses_what_the_builder_refuses_before_knowing_the_steps(
+    name, kwargs, pattern
+):
+    with pytest.raises(ValueError, match=pattern):
+        SCHEDULES.get(name).check_options(**kwargs)
+    with pytest.raises(ValueError, match=pattern):
+        schedule_multiplier(name, 100, steps_per_epoch=10, **kwargs)
+
+
+def test_what_needs_the_step_count_is_checked_by_the_builder_only():
+    spec = SCHEDULES.get("step")
+    spec.check_options(warmup=500, step_size_epochs=2)  # no total steps or steps per epoch yet
+    with pytest.raises(ValueError, match=r"warmup: got 500 \(500 steps\); allowed: fewer than"):
+        schedule_multiplier("step", 100, warmup=500)
+    with pytest.raises(ValueError, match=r"step_size_epochs: needs steps_per_epoch"):
+        schedule_multiplier("step", 100, step_size_epochs=2)

@@ -1,6 +1,6 @@
 """A tiny Lightning module and data for callback tests: real Trainer runs in seconds.
 
-Not collected by pytest (no ``test_`` prefix); import it as ``from tests.tiny import ...`` or,
+Not collected by pytest (no ``test_`` prefix); import it as ``from tests.lib.tiny import ...`` or,
 from scripts run as subprocesses, after putting the repository root on ``sys.path``.
 """
 

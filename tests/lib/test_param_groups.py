@@ -37,6 +37,23 @@ def test_no_decay_on_biases_and_normalization_weights():
         assert (name in skip) == expect_skip, name
 
 
+def test_every_parameter_of_a_batch_or_instance_norm_subclass_gets_no_decay():
+    class BatchWhitening(nn.BatchNorm1d):  # a name that does not end in "norm"
+        def __init__(self, features: int) -> None:
+            super().__init__(features)
+            self.mixing = nn.Parameter(torch.eye(features))  # 2-D: not caught by ndim < 2
+
+    model = nn.Sequential(nn.Linear(4, 4), BatchWhitening(4), nn.InstanceNorm1d(4, affine=True))
+    assert no_decay_parameter_names(model) == {
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "1.mixing",
+        "2.weight",
+        "2.bias",
+    }
+
+
 def test_model_no_weight_decay_hook_is_honoured():
     class WithToken(nn.Module):
         def __init__(self):

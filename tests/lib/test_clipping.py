@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,9 +17,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from optim_callbacks import GradientClipping
-from tests.tiny import TinyRegressor, regression_data, tiny_trainer
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.lib.tiny import TinyRegressor, regression_data, tiny_trainer
 
 
 class BrokenRegressor(TinyRegressor):
@@ -103,6 +97,8 @@ def _fit(tmp_path, module, callbacks, **trainer_options):
         ({"mode": "auto", "percentile": 100.5}, ["percentile", "100.5", "(0.0, 100.0]"]),
         ({"mode": "auto", "history_size": 0}, ["history_size", "integer >= 1"]),
         ({"norm_type": 0}, ["norm_type", "> 0"]),
+        ({"norm_type": math.nan}, ["norm_type", "nan", "a finite number > 0 or math.inf"]),
+        ({"max_norm": math.inf}, ["max_norm", "inf", "a finite number > 0"]),
         ({"mode": "value", "max_norm": 0.5}, ["max_norm", "mode='norm'", "max_value"]),
         ({"mode": "agc", "clip_factor": 0}, ["clip_factor", "> 0"]),
         ({"max_consecutive_nonfinite": 0}, ["max_consecutive_nonfinite", "integer >= 1"]),
@@ -347,22 +343,10 @@ def test_resume_restores_history_and_counters_and_continues_identically(tmp_path
 # ---------------------------------------------------------------------------------------- DDP
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_ddp_ranks_compute_the_same_norm_and_take_the_same_decisions(tmp_path):
+def test_ddp_ranks_compute_the_same_norm_and_take_the_same_decisions(tmp_path, two_processes):
     """Two gloo processes in ``16-true``: a NaN on rank 0 only reaches both ranks through the
     gradient all-reduce; both skip that step, clip identically and raise eps identically."""
-    launcher_keys = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in launcher_keys}
-    env["PYTHONPATH"] = str(ROOT)
-    script = ROOT / "tests" / "scripts" / "ddp_clipping.py"
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        timeout=240,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    ranks = two_processes("ddp_clipping.py", tmp_path, timeout=240)
     assert ranks[0] == ranks[1]
     observed = ranks[0]
     assert observed["nonfinite_steps"] == 1

@@ -10,11 +10,7 @@ below rather than read from the registry).
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +24,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from optim_callbacks import MomentStatistics, build_optimizer
 from optim_callbacks.moment_math import ParamMoments, moment_statistics
-from tests.tiny import TinyRegressor, tiny_trainer
+from tests.lib.tiny import TinyRegressor, tiny_trainer
 
-REPO = Path(__file__).resolve().parents[1]
 PERCENTILES = (5, 50, 95)
 
 # name -> (first moment key, second moment key, bias-corrected, state tensors the optimizer keeps)
@@ -59,7 +54,10 @@ class Recorder(Callback):
             for p in group["params"]:
                 hyper[names[id(p)]] = {k: group.get(k) for k in ("lr", "eps", "betas")}
         params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-        self._before = {"optimizer": optimizer, "params": params, "hyper": hyper}
+        # One optimizer step per batch: the steps before this one are the batches that stepped,
+        # the step Lightning logs this batch at.
+        step = trainer.global_step
+        self._before = {"optimizer": optimizer, "params": params, "hyper": hyper, "step": step}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         optimizer = self._before["optimizer"]
@@ -69,7 +67,7 @@ class Recorder(Callback):
             state[name] = {
                 k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in s.items()
             }
-        self.records[trainer.fit_loop.epoch_loop._batches_that_stepped] = {
+        self.records[self._before["step"]] = {
             "before": self._before["params"],
             "after": {n: p.detach().clone() for n, p in pl_module.named_parameters()},
             "grad": {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()},
@@ -179,26 +177,13 @@ def read_csv_rows(logger: CSVLogger) -> dict[int, dict[str, float]]:
     return {int(r["step"]): moment_scalars(r) for r in rows}
 
 
-def read_wandb_records(save_dir: Path) -> list[dict[str, Any]]:
-    """Every record of the one offline run under ``save_dir``, via ``wandb leet inspect --json``."""
-    (path,) = save_dir.glob("wandb/offline-run-*/run-*.wandb")
-    out = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
-
-
 # --------------------------------------------------------------------------------------------
 # The acceptance run: W&B offline + CSV in one Trainer, read back, equal to direct computation
 # --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "adabelief", "momentum", "rmsprop"])
-def test_wandb_and_csv_log_the_statistics_of_the_optimizer_state(tmp_path, optimizer):
+def test_wandb_and_csv_log_the_statistics_of_the_optimizer_state(tmp_path, wandb_run, optimizer):
     options = {"momentum": 0.9} if optimizer == "rmsprop" else None  # a momentum_buffer too
     model = TinyRegressor(optimizer=optimizer, optimizer_options=options)
     wandb_logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="moment-stats")
@@ -213,7 +198,7 @@ def test_wandb_and_csv_log_the_statistics_of_the_optimizer_state(tmp_path, optim
     trainer.fit(model)
     wandb_logger.experiment.finish()
 
-    records = read_wandb_records(tmp_path)
+    records = wandb_run.records(tmp_path)
     history = [r["history"]["item"] for r in records if r.get("type") == "history"]
     logged = {
         int(item["trainer/global_step"]): item
@@ -488,18 +473,8 @@ def test_training_is_identical_with_and_without_the_callback(tmp_path):
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_ddp_logs_once_from_rank_zero(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    script = REPO / "tests" / "scripts" / "ddp_moments.py"
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        env=env,
-        timeout=300,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+def test_ddp_logs_once_from_rank_zero(tmp_path, two_processes):
+    ranks = two_processes("ddp_moments.py", tmp_path)
     assert [r["rank"] for r in ranks] == [0, 1]
     assert [row["step"] for row in ranks[0]["rows"]] == [2, 5]
     assert ranks[1]["rows"] == []
@@ -554,3 +529,17 @@ def test_refuses_sharded_optimizer_state(tmp_path):
         ValueError, match="strategy: MomentStatistics got CpuFSDP, which shards optimizer state"
     ):
         MomentStatistics().setup(trainer, TinyRegressor(), "fit")
+
+
+def test_host_buffer_reads_each_packed_tensor_back_by_name():
+    from optim_callbacks.moment_math import _HostBuffer
+
+    buffer = _HostBuffer()
+    buffer.pack("rows", torch.arange(6.0).reshape(2, 3))
+    buffer.pack("empty", torch.zeros(0, 4))
+    buffer.pack("flat", torch.tensor([7.0, 8.0]))
+    buffer.transfer()
+    assert buffer["rows"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    assert buffer["empty"] == []
+    assert buffer["flat"] == [7.0, 8.0]
+    assert "flat" in buffer and "missing" not in buffer

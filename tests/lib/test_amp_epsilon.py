@@ -3,11 +3,8 @@ must do nothing, policies, optimizer changes, resume and the underflow report re
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins import MixedPrecision
 
 from optim_callbacks import OPTIMIZERS, AmpEpsilon, build_optimizer
-from tests.tiny import TinyRegressor, tiny_trainer
+from tests.lib.tiny import TinyRegressor, tiny_trainer
 
 RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
 
@@ -140,7 +137,7 @@ def test_per_optimizer_safe_eps_keeps_16_true_finite_and_learning(
     assert sum(module.losses[8:]) < 0.9 * sum(module.losses[:8])
 
 
-def test_16_true_fused_adamw_stays_finite_but_its_second_moment_underflows(tmp_path):
+def test_16_true_fused_adamw_stays_finite_but_its_second_moment_underflows(tmp_path, wandb_run):
     """The registry's default path on CPU is torch's fused AdamW, which computes each step in
     float32 from float16 state: no inf/NaN with eps=1e-8, but with small gradients the stored
     second moment is mostly zeros (read back from the W&B offline run), so Adam's steps are
@@ -158,20 +155,10 @@ def test_16_true_fused_adamw_stays_finite_but_its_second_moment_underflows(tmp_p
     assert _finite(module)
     assert _eps(trainer) == [1e-8, 1e-8] and callback.adjustments == []
 
-    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
-    inspect = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_file)]
-    records = [
-        json.loads(line)
-        for line in subprocess.run(
-            inspect, capture_output=True, text=True, check=True, timeout=120
-        ).stdout.splitlines()
-        if line.strip()
-    ]
     fractions = [
-        record["history"]["item"]["amp_epsilon/second_moment_zero_fraction"]
-        for record in records
-        if record.get("type") == "history"
-        and "amp_epsilon/second_moment_zero_fraction" in record["history"]["item"]
+        row["amp_epsilon/second_moment_zero_fraction"]
+        for row in wandb_run.history(tmp_path)
+        if "amp_epsilon/second_moment_zero_fraction" in row
     ]
     assert len(fractions) == 8
     assert all(fraction > 0.5 for fraction in fractions), fractions
