@@ -32,6 +32,7 @@ from pathlib import Path
 
 from recipes.report import write_report
 from recipes.sweep.plan import PROG, plan_sweep
+from recipes.sweep.processes import FolderLock
 from recipes.sweep.runner import execute_sweep, failed_runs
 
 __all__ = ["main", "run_sweep"]
@@ -40,8 +41,9 @@ __all__ = ["main", "run_sweep"]
 def run_sweep(argv: Sequence[str]) -> Path:
     """Plan, execute (or reuse) every run, report; the sweep folder."""
     plan = plan_sweep(argv)
-    execute_sweep(plan)
-    write_report(plan.folder)
+    with FolderLock(plan.folder):  # one sweep at a time in a folder
+        execute_sweep(plan)
+        write_report(plan.folder)
     return plan.folder
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from recipes.sweep.files import read_json, write_json
 from recipes.sweep.lr_presets import LearningRate, choose_lr, lr_grid
 from recipes.sweep.plan import PlannedRun, SweepPlan
+from recipes.sweep.processes import die_with_parent
 
 __all__ = ["SweepFolder", "execute_sweep", "failed_runs", "previous_sweep"]
 
@@ -104,7 +105,7 @@ class SweepFolder:
         print(f"[{position}] {run.key}: running (output: {run_dir / 'output.log'})", flush=True)
         started = time.perf_counter()
         with open(run_dir / "output.log", "w") as log:
-            process = subprocess.run(
+            process = subprocess.Popen(
                 [
                     sys.executable,
                     "-m",
@@ -117,8 +118,10 @@ class SweepFolder:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self._child_env(run),
-                check=False,
+                preexec_fn=die_with_parent,  # no orphan when the sweep is killed
             )
+            (run_dir / "pid").write_text(str(process.pid))
+            process.wait()
         tail = (run_dir / "output.log").read_text(errors="replace").strip().splitlines()[-20:]
         if process.returncode == 2:  # the recipe's CLI: a usage error every run would repeat
             message = next(
@@ -152,7 +155,7 @@ class SweepFolder:
 
     def _child_env(self, run: PlannedRun) -> dict[str, str]:
         env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parent.parent)  # recipes/ is in it
+        package_root = str(Path(__file__).resolve().parents[2])  # recipes/ is in it
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         env["WANDB_RUN_GROUP"] = self.state["group"]
         env["WANDB_NAME"] = run.key

@@ -8,7 +8,12 @@ import contextlib
 import io
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,8 @@ import pytest
 
 from recipes import compare
 from recipes.sweep.lr_presets import LearningRate, choose_lr, lr_grid, preset_lrs
+from recipes.sweep.processes import FolderLock
+from tests.conftest import subprocess_env
 
 LRS = "adamw=3e-3,sgd=0.3"
 KEYS = {"adamw": "adamw-lr0.003-seed42", "sgd": "sgd-lr0.3-seed42"}
@@ -268,6 +275,61 @@ def test_a_usage_error_in_a_run_stops_the_sweep_with_the_recipes_message(tiny, t
     assert line.startswith("python -m recipes.compare: error: text_column: ")
     assert "'body'" in line
     assert not (tmp_path / "out" / "runs" / KEYS["sgd"]).exists()  # sgd never started
+
+
+def test_a_killed_sweep_leaves_no_process_and_its_folder_is_locked_while_alive(
+    tiny, tmp_path, capsys
+):
+    out = tmp_path / "killed"
+    endless = (
+        "--optimizers",
+        "adamw",
+        "--trainer.max_steps",
+        "100000",
+        "--trainer.max_epochs",
+        "-1",
+    )
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "recipes.compare", *sweep_args(tiny, out, *endless)],
+        env=subprocess_env(OMP_NUM_THREADS="1"),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        pid_file = out / "runs" / KEYS["adamw"] / "pid"
+        deadline = time.monotonic() + 120
+        while not pid_file.is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        child = int(pid_file.read_text())
+        assert _alive(child)
+        # a second sweep on the folder in use: one line, exit status 2
+        with pytest.raises(SystemExit) as exit_info:
+            compare.main(sweep_args(tiny, out, "--optimizers", "adamw"))
+        assert exit_info.value.code == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert f"out: '{out}' is in use by a running sweep (process {sweep.pid})" in line
+    finally:
+        sweep.kill()
+        sweep.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    orphaned = _alive(child)
+    if orphaned:
+        os.kill(child, signal.SIGKILL)
+    assert not orphaned  # the kernel killed the run with its sweep
+    with FolderLock(out):  # the dead sweep's lock is taken over
+        pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "\nState:\tZ" not in status.read_text()
+    except OSError:
+        return False
 
 
 def test_presets_scale_the_recipe_lr_by_each_optimizers_rule_of_thumb():
