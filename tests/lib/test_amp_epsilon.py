@@ -11,10 +11,10 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.plugins import MixedPrecision
 
 from optim_callbacks import OPTIMIZERS, AmpEpsilon, build_optimizer
-from tests.lib.tiny import TinyRegressor, tiny_trainer
+from optim_callbacks.callbacks.optimizer_swap import notify_optimizers_changed
+from tests.lib.tiny import TinyRegressor, fp16_mixed, tiny_trainer
 
 RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
 
@@ -182,12 +182,6 @@ def test_fused_float16_adamw_takes_inflated_steps_where_the_second_moment_underf
 
 
 # ------------------------------------------------------------- precisions where it stays out
-def _fp16_mixed() -> MixedPrecision:
-    # The string "16-mixed" becomes bf16-mixed on CPU in Lightning 2.6; the plugin is the real
-    # thing. A small initial scale, so that the GradScaler does not skip these few steps.
-    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
-
-
 @pytest.mark.parametrize(
     ("precision", "state_dtype"),
     [
@@ -200,7 +194,9 @@ def _fp16_mixed() -> MixedPrecision:
 def test_eps_is_left_alone_where_the_state_is_not_float16(tmp_path, caplog, precision, state_dtype):
     callback = AmpEpsilon(log_underflow_every_n_steps=1)
     module = _regressor(samples=32)
-    options = {"plugins": [_fp16_mixed()]} if precision == "16-mixed" else {"precision": precision}
+    options = (
+        {"plugins": [fp16_mixed(2.0**8)]} if precision == "16-mixed" else {"precision": precision}
+    )
     trainer = tiny_trainer(tmp_path, callbacks=[callback], **options)
     with caplog.at_level(logging.INFO, logger=RANK_ZERO_LOGGER):
         trainer.fit(module)
@@ -232,10 +228,7 @@ class ReplaceOptimizer(Callback):
         trainer.optimizers = [
             build_optimizer("adamw", pl_module, lr=1e-2, eps=1e-8, impl="foreach")
         ]
-        for callback in trainer.callbacks:
-            hook = getattr(callback, "on_optimizers_changed", None)
-            if hook is not None:
-                hook(trainer, pl_module)
+        notify_optimizers_changed(trainer, pl_module)
 
 
 def test_reapplies_after_the_optimizer_is_replaced_and_is_idempotent(tmp_path, caplog):

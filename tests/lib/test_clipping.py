@@ -13,11 +13,10 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from optim_callbacks import GradientClipping
-from tests.lib.tiny import TinyRegressor, regression_data, tiny_trainer
+from tests.lib.tiny import TinyRegressor, fp16_mixed, regression_data, tiny_trainer
 
 
 class BrokenRegressor(TinyRegressor):
@@ -66,13 +65,6 @@ def _logged(tmp_path: Path) -> list[dict[str, float]]:
     with open(path) as handle:
         rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
     return [row for row in rows if any(k.startswith("grad_clip/") for k in row)]
-
-
-def fp16_mixed(init_scale: float = 2.0**16) -> MixedPrecision:
-    """Real ``16-mixed`` (autocast to float16 + GradScaler) on CPU. The string
-    ``precision="16-mixed"`` would not do: on CPU Lightning 2.6 replaces it with ``bf16-mixed``."""
-    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
-    return MixedPrecision("16-mixed", "cpu", scaler=scaler)
 
 
 def _fit(tmp_path, module, callbacks, **trainer_options):

@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
 from torch import nn
 
 import optim_callbacks
 from optim_callbacks import OPTIMIZERS, _compat, build_optimizer
-from tests.lib.tiny import TinyRegressor, tiny_trainer
+from tests.lib.tiny import RecordingLogger, TinyRegressor, tiny_trainer
 
 pytestmark = pytest.mark.filterwarnings("error:optim_callbacks._compat")
 
@@ -104,24 +103,8 @@ class _Steps(Callback):
         self._record(trainer, "on_train_batch_end")
 
 
-class _StepLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.steps: list[int] = []
-
-    name = "steps"
-    version = 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        if "train_loss" in metrics:
-            self.steps.append(step)
-
-
 def test_batches_that_stepped_is_the_step_lightning_logs_the_batch_at(tmp_path, fallback_warns):
-    steps, logger = _Steps(fallback_warns), _StepLogger()
+    steps, logger = _Steps(fallback_warns), RecordingLogger()
     trainer = tiny_trainer(
         tmp_path,
         max_steps=5,
@@ -138,7 +121,7 @@ def test_batches_that_stepped_is_the_step_lightning_logs_the_batch_at(tmp_path, 
     # One batch's hooks see one number; Lightning logs that batch's metrics at it.
     ends = [p for hook, p, _, _ in steps.seen if hook == "on_train_batch_end"]
     assert ends == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
-    assert logger.steps == [0, 1, 2, 3, 4]
+    assert [step for step, metrics in logger.rows if "train_loss" in metrics] == [0, 1, 2, 3, 4]
 
 
 # ------------------------------------------------------------ optimizers that unscale in step

@@ -18,13 +18,13 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 
 from optim_callbacks import MomentStatistics, build_optimizer
+from optim_callbacks.callbacks.optimizer_swap import notify_optimizers_changed
 from optim_callbacks.moment_math import ParamMoments, moment_statistics
-from tests.lib.tiny import TinyRegressor, tiny_trainer
+from tests.lib.tiny import RecordingLogger, TinyRegressor, fp16_mixed, tiny_trainer
 
 PERCENTILES = (5, 50, 95)
 
@@ -74,28 +74,6 @@ class Recorder(Callback):
             "state": state,
             "hyper": self._before["hyper"],
         }
-
-
-class RecordingLogger(Logger):
-    """A Lightning logger that records every call on every rank (no rank-zero filter)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append((step, dict(metrics)))
 
 
 def _norm(tensors) -> float:
@@ -268,10 +246,7 @@ def test_statistics_match_under_reduced_precision(tmp_path, precision):
     recorder = Recorder()
     # On CPU, Lightning turns precision="16-mixed" into bf16; the plugin gives real fp16 autocast
     # with a GradScaler (Lightning unscales the gradients before the callback reads them).
-    if precision == "16-mixed":
-        amp = {"plugins": [MixedPrecision("16-mixed", "cpu")]}
-    else:
-        amp = {"precision": precision}
+    amp = {"plugins": [fp16_mixed()]} if precision == "16-mixed" else {"precision": precision}
     callbacks = [MomentStatistics(every_n_steps=4), recorder]
     trainer = tiny_trainer(tmp_path, max_steps=4, logger=csv_logger, callbacks=callbacks, **amp)
     trainer.fit(model)
@@ -375,10 +350,7 @@ class SwitchToMomentum(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == 3:
             trainer.optimizers = [build_optimizer("momentum", pl_module, lr=0.01)]
-            for callback in trainer.callbacks:
-                hook = getattr(callback, "on_optimizers_changed", None)
-                if hook is not None:
-                    hook(trainer, pl_module)
+            notify_optimizers_changed(trainer, pl_module)
 
 
 def test_keys_continue_across_an_adam_to_sgd_switch(tmp_path):

@@ -10,12 +10,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from optim_callbacks import AdamToSGD, OptimizerSwitch, build_optimizer, build_scheduler
-from tests.lib.tiny import TinyRegressor, regression_data, tiny_trainer
+from tests.lib.tiny import TinyRegressor, fp16_mixed, regression_data, tiny_trainer
 
 
 @pytest.fixture(autouse=True)
@@ -371,9 +370,7 @@ def test_swats_reads_unscaled_gradients_of_a_fused_adam_under_a_grad_scaler(tmp_
     """Real fp16 AMP with the fused Adam the registry picks: gradients reach the hooks scaled by
     the loss scale; the estimate must still be the formula's, not 2**16 times too small."""
     switch = OptimizerSwitch(epsilon=1e-6, min_steps=5)
-    trainer = tiny_trainer(
-        tmp_path, callbacks=[switch], plugins=[MixedPrecision("16-mixed", device="cpu")]
-    )
+    trainer = tiny_trainer(tmp_path, callbacks=[switch], plugins=[fp16_mixed()])
     module = ConstantGradient()
     trainer.fit(module)
     assert switch.switch_step is not None
@@ -536,7 +533,7 @@ def test_grad_scaler_keeps_governing_sgd_under_16_mixed(tmp_path):
     trainer = tiny_trainer(
         tmp_path,
         max_epochs=1,
-        plugins=[MixedPrecision("16-mixed", device="cpu")],
+        plugins=[fp16_mixed()],
         callbacks=[switch, recorder],
     )
     trainer.fit(PoisonedRegressor())

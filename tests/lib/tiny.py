@@ -10,6 +10,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -86,3 +88,34 @@ def tiny_trainer(tmp_path, **kwargs: Any) -> L.Trainer:
     )
     options.update(kwargs)
     return L.Trainer(**options)
+
+
+def fp16_mixed(init_scale: float = 2.0**16) -> MixedPrecision:
+    """Real ``16-mixed`` (autocast to float16 + GradScaler) on CPU. The string
+    ``precision="16-mixed"`` would not do: on CPU Lightning 2.6 replaces it with ``bf16-mixed``.
+    A small ``init_scale`` keeps the scaler from skipping the first steps of a short run."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return MixedPrecision("16-mixed", "cpu", scaler=scaler)
+
+
+class RecordingLogger(Logger):
+    """A Lightning logger that records every ``log_metrics`` call, on every rank (no rank-zero
+    filter): ``rows`` holds ``(step, metrics)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((step, dict(metrics)))

@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from optim_callbacks import MomentStatistics
-from tests.lib.test_moment_stats import Recorder, RecordingLogger, expected_statistics
-from tests.lib.tiny import TinyRegressor, tiny_trainer
+from tests.lib.test_moment_stats import Recorder, expected_statistics
+from tests.lib.tiny import RecordingLogger, TinyRegressor, tiny_trainer
 
 
 def main(out_dir: Path) -> None:
