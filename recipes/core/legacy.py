@@ -34,7 +34,7 @@ def upgrade_config(config: dict) -> bool:
     # The best-checkpoint callback kept last.ckpt then; the rolling last_checkpoint does now.
     checkpoint = config.get("checkpoint")
     if isinstance(checkpoint, dict) and (checkpoint.get("init_args") or {}).get("save_last"):
-        checkpoint["init_args"]["save_last"] = False
+        checkpoint["init_args"]["save_last"] = None
     return True
 
 

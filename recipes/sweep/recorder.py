@@ -69,6 +69,10 @@ class MetricsHistory(Logger):
     def save_dir(self) -> str | None:
         return self._save_dir
 
+    @save_dir.setter
+    def save_dir(self, folder: str | None) -> None:
+        self._save_dir = folder
+
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         """Hyperparameters are in the run's config; nothing to keep."""
@@ -124,7 +128,7 @@ class RunRecorder(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.history in trainer.loggers:
             return
-        self.history._save_dir = trainer.default_root_dir
+        self.history.save_dir = trainer.default_root_dir
         trainer.loggers = [*trainer.loggers, self.history]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
