@@ -21,7 +21,13 @@ from typing import Any
 import recipes
 from optim_callbacks import OPTIMIZERS
 from optim_callbacks.validation import check_at_least, check_choice, check_in_range
-from recipes.sweep.lr_presets import DEFAULT_LR_GRID, LearningRate, parse_lr_overrides, preset_lrs
+from recipes.sweep.lr_presets import (
+    DEFAULT_LR_GRID,
+    LearningRate,
+    lr_grid,
+    parse_lr_overrides,
+    preset_lrs,
+)
 
 __all__ = [
     "PROG",
@@ -198,19 +204,14 @@ class SweepPlan:
 
     @property
     def total_runs(self) -> int:
-        from recipes.sweep.lr_presets import lr_grid
-
-        per_optimizer = [
-            len(self.seeds)
-            - 1
-            + (
-                len(lr_grid(self.presets[n].value, self.lr_grid_factors))
-                if self.lr_grid_factors
-                else 1
-            )
-            for n in self.optimizers
-        ]
-        return sum(per_optimizer)
+        """Runs of the whole sweep: per optimizer, its LR grid (or one run) plus one per extra seed."""
+        first_seed_runs = {
+            name: len(lr_grid(self.presets[name].value, self.lr_grid_factors))
+            if self.lr_grid_factors
+            else 1
+            for name in self.optimizers
+        }
+        return sum(runs + len(self.seeds) - 1 for runs in first_seed_runs.values())
 
 
 def plan_sweep(argv: Sequence[str]) -> SweepPlan:
