@@ -22,8 +22,12 @@ with status 2.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import logging
+import os
+import pydoc
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +36,7 @@ from typing import Any
 
 import lightning as L
 from jsonargparse import lazy_instance
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
@@ -48,7 +53,9 @@ from optim_callbacks.validation import check_choice
 from recipes.core.errors import UsageError
 from recipes.core.legacy import upgrade_args
 from recipes.core.loggers import LOGGERS, build_logger, run_locations
-from recipes.core.optimization import OptimizerSettings
+from recipes.core.optimization import TOP_LEVEL_FLAGS, OptimizerSettings
+from recipes.core.parse_errors import one_line_parse_error
+from recipes.core.resume_checks import check_checkpoint_fits, check_resume_checkpoint
 
 __all__ = ["STANDARD_CALLBACKS", "CallbackOption", "Recipe", "RecipeCLI", "format_test_table"]
 
@@ -194,11 +201,19 @@ class RecipeCLI(LightningCLI):
             save_config_callback=RunConfigSaver,
             trainer_defaults=defaults,
             seed_everything_default=42,
-            parser_kwargs={"prog": f"python -m recipes.{name}", "description": description},
+            parser_kwargs={
+                "prog": f"python -m recipes.{name}",
+                "description": description,
+                "exit_on_error": False,  # parse_arguments reports one line instead
+            },
             args=list(args) if args is not None else None,
             run=False,
             auto_configure_optimizers=False,
         )
+
+    @property
+    def prog(self) -> str:
+        return f"python -m recipes.{self.recipe_name}"
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         preset = _init_defaults(self.model_class).get("optimization") or OptimizerSettings()
@@ -250,10 +265,32 @@ class RecipeCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse (configurations of earlier versions upgraded), then check names and settings
         before anything is seeded, read or loaded."""
-        self.config = parser.parse_args(upgrade_args(sys.argv[1:] if args is None else args))
+        args = _join_negative_numbers(upgrade_args(sys.argv[1:] if args is None else args))
+        try:
+            self.config = parser.parse_args(args)
+        except argparse.ArgumentError as error:
+            flags = [f"--{key}" for key in parser.get_defaults().keys()]  # noqa: SIM118 (a Namespace)
+            raise UsageError(one_line_parse_error(str(error), flags)) from None
         config = self.config
         check_choice("logger", config.logger, LOGGERS)
-        OptimizerSettings(**config.model.optimization)  # the registry entries' checks
+        _check_settings(config.model.optimization)
+        for option in self.callback_options:
+            _check_callback(option.key, config.get(option.key))
+        _check_root_dir(config.trainer.get("default_root_dir"))
+        check_resume_checkpoint(
+            config.ckpt_path,
+            model_class=self.model_class,
+            datamodule_class=self.datamodule_class,
+            optimizer=config.model.optimization.optimizer,
+            prog=self.prog,
+        )
+        if config.trainer.get("gradient_clip_val") and config.get("clipping") is not None:
+            raise UsageError(
+                f"--trainer.gradient_clip_val: got {config.trainer.gradient_clip_val}, but the "
+                "clipping callback clips the same gradients; allowed: one of the two, e.g. "
+                f"--clipping.max_norm {config.trainer.gradient_clip_val} alone, or "
+                "--clipping null with --trainer.gradient_clip_val"
+            )
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer_config = self.config_init.trainer
@@ -283,6 +320,7 @@ class RecipeCLI(LightningCLI):
     def fit_and_test(self) -> dict[str, float]:
         """Fit (resuming from ``--ckpt_path`` if given), test the best checkpoint, report."""
         trainer = self.trainer
+        check_checkpoint_fits(self.config.ckpt_path, self.model, self.prog)
         trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=self.config.ckpt_path)
         locations = (
             run_locations(trainer) if trainer.is_global_zero else []
@@ -306,6 +344,74 @@ class RecipeCLI(LightningCLI):
             )
             print("\n".join(locations))
         return self.test_results
+
+
+_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _join_negative_numbers(args: Sequence[str]) -> list[str]:
+    """``--lr -1e-4`` → ``--lr=-1e-4``: argparse would read ``-1e-4`` as an option name."""
+    joined: list[str] = []
+    for token in args:
+        previous = joined[-1] if joined else ""
+        if _NEGATIVE_NUMBER.fullmatch(token) and previous.startswith("--") and "=" not in previous:
+            joined[-1] = f"{previous}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
+def _check_settings(settings: Mapping[str, Any]) -> None:
+    """The registry entries' checks of the optimizer settings; the message names the flag."""
+    try:
+        OptimizerSettings(**settings)
+    except ValueError as error:
+        reason = str(error)
+        name = reason.split(":", 1)[0]
+        if name in TOP_LEVEL_FLAGS:
+            raise UsageError(f"--{reason}") from None
+        for options in ("optimizer_options", "scheduler_options"):
+            if name in (settings.get(options) or {}):
+                raise UsageError(f"--model.optimization.{options}.{reason}") from None
+        raise UsageError(f"--model.optimization.{reason}") from None
+
+
+def _check_root_dir(root: str | None) -> None:
+    """``--trainer.default_root_dir`` must be, or be creatable as, a writable folder (checked
+    without creating it: the nearest existing folder above it must be writable)."""
+    if not root:
+        return
+    path = Path(root).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(
+            f"--trainer.default_root_dir: got {root!r}, but {str(existing)!r} is a file; "
+            "allowed: a folder path (created if missing)"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"--trainer.default_root_dir: got {root!r}, but {str(existing)!r} is not writable; "
+            "allowed: a folder this user can write to"
+        )
+
+
+def _check_callback(key: str, config: Any) -> None:
+    """Build the callback ``--<key>`` describes once, so that its own checks report before the
+    run seeds, reads data or loads a model; its message gets the flag's name."""
+    if config is None or not hasattr(config, "class_path"):
+        return
+    callback_class = pydoc.locate(config.class_path)
+    if not callable(callback_class):
+        raise UsageError(
+            f"--{key}: got class_path {config.class_path!r}; allowed: a callback class"
+        )
+    init_args = config.get("init_args")
+    try:
+        callback_class(**(init_args.as_dict() if init_args is not None else {}))
+    except (ValueError, TypeError, MisconfigurationException) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        separator = "." if re.match(r"\w+: got ", reason) else ": "
+        raise UsageError(f"--{key}{separator}{reason}") from None
 
 
 def _init_defaults(cls: type) -> dict[str, Any]:

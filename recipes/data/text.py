@@ -33,6 +33,7 @@ class TextClassificationData(ResumableTrainOrder, L.LightningDataModule):
             default is the embedded all-MiniLM-L6-v2).
         text_column: the column holding the text (CSV/JSONL/datasets).
         label_column: the column holding the label (any strings or integers).
+        encoding: the text encoding of a ``.csv``/``.jsonl`` file (``latin-1``, ``cp1252``, ...).
         max_length: tokens per example; longer texts are truncated.
         batch_size: examples per batch per device.
         num_workers: DataLoader worker processes.
@@ -47,6 +48,7 @@ class TextClassificationData(ResumableTrainOrder, L.LightningDataModule):
         model_name_or_path: str = EMBEDDED_MODEL_ID,
         text_column: str = "text",
         label_column: str = "label",
+        encoding: str = "utf-8",
         max_length: int = 128,
         batch_size: int = 16,
         num_workers: int = 0,
@@ -59,11 +61,10 @@ class TextClassificationData(ResumableTrainOrder, L.LightningDataModule):
         check_at_least("batch_size", batch_size, 1)
         check_at_least("num_workers", num_workers, 0)
         self.save_hyperparameters()
+        model_path = resolve_model_path(model_name_or_path)
         try:
-            self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
-                resolve_model_path(model_name_or_path)
-            )
-        except OSError as error:  # e.g. a hub id while offline
+            self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_path)
+        except (OSError, ValueError) as error:  # a hub id while offline; a folder with no model
             raise load_error(model_name_or_path, error) from None
         self.split_indices = stratified_split(
             self.examples.labels, val_fraction, test_fraction, split_seed
@@ -73,7 +74,7 @@ class TextClassificationData(ResumableTrainOrder, L.LightningDataModule):
     @cached_property
     def examples(self) -> LabelledTexts:
         hp = self.hparams
-        return load_text_dataset(hp.dataset, hp.text_column, hp.label_column)
+        return load_text_dataset(hp.dataset, hp.text_column, hp.label_column, hp.encoding)
 
     @property
     def num_classes(self) -> int:

@@ -101,14 +101,30 @@ def _check_column(param: str, column: str, columns: Sequence[str], path: Path) -
     )
 
 
-def _rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+def _rows(path: Path, encoding: str = "utf-8") -> tuple[list[dict[str, Any]], list[str]]:
+    try:
+        return _decoded_rows(path, encoding)
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"encoding: {path.name} is not {encoding} text (byte {error.object[error.start]:#04x} "
+            f"at position {error.start}); allowed: a {encoding} file, or --data.encoding with the "
+            "file's encoding (e.g. latin-1, cp1252)"
+        ) from None
+    except LookupError:
+        raise ValueError(
+            f"encoding: got {encoding!r}; allowed: a Python codec name such as utf-8, latin-1, "
+            "cp1252"
+        ) from None
+
+
+def _decoded_rows(path: Path, encoding: str) -> tuple[list[dict[str, Any]], list[str]]:
     if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding=encoding) as handle:
             reader = csv.DictReader(handle)
             rows = list(reader)
             return rows, list(reader.fieldnames or [])
     rows = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding=encoding) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -126,9 +142,13 @@ def _rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def load_table(
-    path: str | Path, text_column: str = "text", label_column: str = "label"
+    path: str | Path,
+    text_column: str = "text",
+    label_column: str = "label",
+    encoding: str = "utf-8",
 ) -> LabelledTexts:
-    """Rows of a ``.csv`` (with a header) or ``.jsonl`` (one object per line) file."""
+    """Rows of a ``.csv`` (with a header) or ``.jsonl`` (one object per line) file, read as
+    ``encoding`` text."""
     path = Path(path)
     if path.suffix not in TABLE_SUFFIXES:
         raise ValueError(
@@ -138,7 +158,7 @@ def load_table(
         raise ValueError(
             f"dataset: file {str(path)!r} does not exist; allowed: an existing .csv/.jsonl file or {BBC_NEWS!r}"
         )
-    rows, columns = _rows(path)
+    rows, columns = _rows(path, encoding)
     if not rows:
         raise ValueError(
             f"dataset: {str(path)!r} has no examples; allowed: a file with at least two classes"
@@ -187,11 +207,12 @@ def load_hub_dataset(
 
 
 def load_text_dataset(
-    dataset: str, text_column: str = "text", label_column: str = "label"
+    dataset: str, text_column: str = "text", label_column: str = "label", encoding: str = "utf-8"
 ) -> LabelledTexts:
-    """``bbc_news``, a ``.csv``/``.jsonl`` path, or a Hugging Face ``datasets`` name."""
+    """``bbc_news``, a ``.csv``/``.jsonl`` path (read as ``encoding`` text), or a Hugging Face
+    ``datasets`` name."""
     if dataset == BBC_NEWS:
         return load_bbc_news()
     if Path(dataset).suffix in TABLE_SUFFIXES or Path(dataset).exists():
-        return load_table(dataset, text_column, label_column)
+        return load_table(dataset, text_column, label_column, encoding)
     return load_hub_dataset(dataset, text_column, label_column)

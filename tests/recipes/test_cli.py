@@ -70,7 +70,7 @@ def test_help_lists_the_registry_names_and_the_callback_switches(capsys):
     [
         (
             ["--optimizer", "adamx"],
-            f"optimizer: unknown value 'adamx'; allowed: {', '.join(sorted(OPTIMIZERS.names()))}; "
+            f"--optimizer: unknown value 'adamx'; allowed: {', '.join(sorted(OPTIMIZERS.names()))}; "
             "did you mean 'adam'?",
         ),
         (
@@ -96,7 +96,7 @@ def test_usage_error_is_one_line_on_stderr_and_exit_status_2(tmp_path, args, mes
 
 def test_unknown_scheduler_names_the_closest(capsys):
     line = _usage_error(capsys, ["--scheduler", "cosin"])
-    assert line.startswith(f"{PROG}: error: scheduler: unknown value 'cosin'")
+    assert line.startswith(f"{PROG}: error: --scheduler: unknown value 'cosin'")
     assert line.endswith("did you mean 'cosine'?")
 
 

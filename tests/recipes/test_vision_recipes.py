@@ -253,7 +253,7 @@ def test_resuming_continues_exactly(fashion_root, tmp_path, killed_run, interrup
         (
             "resnet",
             ["--optimizer", "nesterv"],
-            "optimizer: unknown value 'nesterv'; allowed: .*; did you mean 'nesterov'?",
+            "--optimizer: unknown value 'nesterv'; allowed: .*; did you mean 'nesterov'?",
         ),
         ("vit", ["--data.root", "{tmp}"], "data.root: Fashion-MNIST not found in '{tmp}'.*apt-get"),
         ("vit", ["--model.checkpoint", "{tmp}"], "model.checkpoint: '{tmp}' .folder. is not a"),
