@@ -129,8 +129,9 @@ class GradientClipping(Callback):
         max_consecutive_nonfinite: stop training after this many steps in a row with non-finite
             gradients (default 10).
         save_checkpoint_on_stop: when stopping for non-finite gradients, first save a checkpoint
-            (of the last finite state: skipped steps never touch the parameters) to the
-            ``ModelCheckpoint`` directory, else ``<default_root_dir>/checkpoints``.
+            to the ``ModelCheckpoint`` directory, else ``<default_root_dir>/checkpoints``. It
+            holds the last finite state (skipped steps never touch the parameters), unless the
+            weights themselves became non-finite earlier, which the stop warning then says.
 
     Non-finite gradients (inf or NaN anywhere, seen as a non-finite global norm):
 
@@ -420,7 +421,15 @@ class GradientClipping(Callback):
         if self.save_checkpoint_on_stop:
             self.stop_checkpoint_path = self._stop_checkpoint_path(trainer)
             trainer.save_checkpoint(self.stop_checkpoint_path)
-            where = f" Checkpoint of the last finite state: {self.stop_checkpoint_path}."
+            finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
+            if trainer.strategy.reduce_boolean_decision(finite, all=True):
+                where = f" Checkpoint of the last finite state: {self.stop_checkpoint_path}."
+            else:  # e.g. lr=inf: finite gradients, then a step that made the weights inf/NaN
+                where = (
+                    f" Checkpoint saved ({self.stop_checkpoint_path}), but its weights are "
+                    "already non-finite (a step with finite gradients made them so): resume "
+                    "from an earlier checkpoint instead."
+                )
         trainer.should_stop = True
         rank_zero_warn(
             f"GradientClipping: {self.consecutive_nonfinite} steps in a row had non-finite "

@@ -21,7 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from optim_callbacks.validation import check_at_least
@@ -74,6 +74,7 @@ class ClassificationModule(L.LightningModule):
             setattr(self, f"{stage}_metrics", metrics)
         self.val_mean_loss = MeanMetric()
         self.test_mean_loss = MeanMetric()
+        self.test_examples = SumMetric()  # what the last test really evaluated, on all ranks
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {key: value for key, value in batch.items() if key != "labels"}
@@ -102,6 +103,8 @@ class ClassificationModule(L.LightningModule):
         else:  # the exact mean over examples, synchronized across ranks
             mean_loss = getattr(self, f"{stage}_mean_loss")
             mean_loss.update(loss.detach(), weight=batch_size)
+            if stage == "test":
+                self.test_examples.update(batch_size)
             self.log(
                 f"{stage}_loss", mean_loss, on_step=False, on_epoch=True, batch_size=batch_size
             )
@@ -118,8 +121,15 @@ class ClassificationModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
+    def on_test_epoch_start(self) -> None:
+        self.test_examples.reset()
+
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def tested_examples(self) -> int:
+        """How many examples the last test evaluated, summed over ranks (all ranks call it)."""
+        return int(self.test_examples.compute())
 
     def _steps_per_epoch(self) -> int | None:
         batches = self.trainer.num_training_batches

@@ -334,8 +334,9 @@ class RecipeCLI(LightningCLI):
         self.test_results = trainer.test(
             self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False
         )[0]
+        tested = getattr(self.model, "tested_examples", None)  # a collective: every rank
+        examples = tested() if tested is not None else len(trainer.test_dataloaders.dataset)
         if trainer.is_global_zero:
-            examples = len(trainer.test_dataloaders.dataset)
             source = "best checkpoint" if best else "final weights"
             print(
                 format_test_table(

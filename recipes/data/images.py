@@ -33,6 +33,7 @@ from optim_callbacks.validation import (
 )
 from recipes.core.seeding import derived_seed
 from recipes.data.resume import ResumableTrainOrder
+from recipes.data.splits import stratified_order
 from recipes.data.transforms import ImageTransform, resize
 
 __all__ = [
@@ -388,9 +389,9 @@ class ImageClassificationData(ResumableTrainOrder, L.LightningDataModule):
             )
         self.train_set = Subset(train_all, order[val_count:].tolist()[: hp.max_train_images])
         self.val_set = Subset(train_all, order[:val_count].tolist()[: hp.max_eval_images])
-        self.test_set = Subset(
-            self.splits.test, list(range(len(self.splits.test)))[: hp.max_eval_images]
-        )
+        # Classes interleaved, so that max_eval_images or limit_test_batches tests all of them.
+        test_order = stratified_order(self.splits.test.labels.tolist(), hp.split_seed)
+        self.test_set = Subset(self.splits.test, test_order[: hp.max_eval_images])
         module = self.trainer.lightning_module if self.trainer is not None else None
         wanted = getattr(module, "image_input", None)
         if wanted is not None and wanted != self.model_input:

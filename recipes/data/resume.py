@@ -8,8 +8,9 @@ the epoch-seeded sampler leaves those batches out, so the resumed run draws exac
 the uninterrupted run drew from there on. Augmentation and dropout seeds depend only on the run's
 seed, the rank and the batch counters (:mod:`recipes.core.seeding`), so they follow.
 
-Single process only: under DDP Lightning replaces the sampler with a ``DistributedSampler``,
-which restarts the resumed epoch from its beginning.
+Under DDP each rank's share of the order is resumed the same way: the sampler is a
+``DistributedSampler`` (which Lightning keeps), and every rank has done the same number of
+batches.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ class ResumableTrainOrder:
 
     def train_sampler(self, data: Sequence[Any]) -> EpochSeededSampler:
         """The run-seeded training order, continuing a checkpoint's epoch where it stopped."""
-        sampler = EpochSeededSampler(data, seed=run_seed())
+        trainer = getattr(self, "trainer", None)
+        sampler = EpochSeededSampler(
+            data,
+            seed=run_seed(),
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+        )
         if self._resume_position is not None:
             epoch, batches_done = self._resume_position
             sampler.resume_within_epoch(epoch, batches_done * self.hparams.batch_size)

@@ -53,11 +53,17 @@ def _steps_to_target(summary: OptimizerSummary) -> str:
     return text
 
 
+def _target_label(target: float) -> str:
+    """The target as a column label: no validation accuracy was logged when it is NaN."""
+    return f"{target:.3f}" if math.isfinite(target) else "target (no validation ran)"
+
+
 def optimizer_table(summaries: Sequence[OptimizerSummary], target: float, memory_kind: str) -> str:
     """The main Markdown table, best optimizer first (in bold)."""
     header = (
         "| rank | optimizer | lr | runs | val acc | test acc | val loss | test loss "
-        f"| steps to {target:.3f} | fit time | peak {memory_kind} | optimizer state | step time |"
+        f"| steps to {_target_label(target)} | fit time | peak {memory_kind} | optimizer state "
+        "| step time |"
     )
     lines = [header, "|" + "---|" * 13]
     for rank, s in enumerate(summaries, start=1):
@@ -89,15 +95,23 @@ def verdict(summaries: Sequence[OptimizerSummary], target: float) -> str:
     best = finished[0]
     metric = "test" if math.isfinite(best.mean["test_acc"]) else "final validation"
     key = "test_acc" if metric == "test" else "final_val_acc"
-    text = (
-        f"**Winner: {best.optimizer}** (lr {best.lr:.3g}): {metric} accuracy "
-        f"{_plus_minus(best.mean[key], best.std[key])} over {best.finished} run(s)"
-    )
-    if len(finished) > 1:
-        second = finished[1]
-        gap = best.mean[key] - second.mean[key]
-        text += f", {gap:+.4f} ahead of {second.optimizer} ({_number(second.mean[key])})"
-    reached = [s for s in finished if s.reached_target]
+    # Equal as printed (4 decimals): no winner.
+    tied = [s for s in finished if round(s.mean[key], 4) == round(best.mean[key], 4)]
+    if len(tied) > 1:
+        text = (
+            f"**Tie: {', '.join(s.optimizer for s in tied)}**: {metric} accuracy "
+            f"{_number(best.mean[key])} each"
+        )
+    else:
+        text = (
+            f"**Winner: {best.optimizer}** (lr {best.lr:.3g}): {metric} accuracy "
+            f"{_plus_minus(best.mean[key], best.std[key])} over {best.finished} run(s)"
+        )
+        if len(finished) > 1:
+            second = finished[1]
+            gap = best.mean[key] - second.mean[key]
+            text += f", {gap:+.4f} ahead of {second.optimizer} ({_number(second.mean[key])})"
+    reached = [s for s in finished if s.reached_target and math.isfinite(target)]
     if reached:
         fastest = min(reached, key=lambda s: s.mean["steps_to_target"])
         text += (
@@ -123,7 +137,7 @@ def claims_table(summaries: Sequence[OptimizerSummary], target: float) -> str:
             here = f"rank {finished.index(s) + 1} of {len(finished)}"
             if s.reached_target:
                 here += f", {s.mean['steps_to_target']:.0f} steps to {target:.3f}"
-            else:
+            elif math.isfinite(target):
                 here += f", never reached {target:.3f}"
         lines.append(f"| {s.optimizer} | {claim} | {here} |")
     return "\n".join(lines)

@@ -298,7 +298,7 @@ def test_consecutive_nonfinite_steps_stop_training_with_a_checkpoint(tmp_path):
         trainer = _fit(tmp_path, module, [clipping, probe])
     messages = [str(w.message) for w in caught if "GradientClipping" in str(w.message)]
     assert len(messages) == 2 and "stopping training" in messages[1]
-    assert clipping.stop_checkpoint_path in messages[1]
+    assert f"Checkpoint of the last finite state: {clipping.stop_checkpoint_path}." in messages[1]
     assert trainer.global_step == 5  # steps 0, 1 finite; 2, 3, 4 not; stopped after the third
     checkpoint = torch.load(clipping.stop_checkpoint_path, weights_only=False)
     saved = torch.cat([t.flatten() for t in checkpoint["state_dict"].values()])
@@ -307,6 +307,32 @@ def test_consecutive_nonfinite_steps_stop_training_with_a_checkpoint(tmp_path):
     torch.testing.assert_close(probe.after[-1], probe.after[1], rtol=0, atol=0)
     state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("GradientClipping"))
     assert state["consecutive_nonfinite"] == 3 and state["nonfinite_steps"] == 3
+
+
+class DivergedRegressor(TinyRegressor):
+    """TinyRegressor whose output bias becomes inf at step 2, as a step with finite gradients
+    but an enormous learning rate would leave it; every later gradient is NaN."""
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == 2:
+            with torch.no_grad():
+                self.net[3].bias.fill_(float("inf"))
+        return super().training_step(batch, batch_idx)
+
+
+def test_the_stop_checkpoint_says_when_its_weights_are_not_finite(tmp_path):
+    clipping = GradientClipping(max_consecutive_nonfinite=3)
+    module = DivergedRegressor(optimizer="adam", scheduler=None, samples=256)
+    with pytest.warns(UserWarning) as caught:
+        _fit(tmp_path, module, [clipping])
+    (stop,) = [str(w.message) for w in caught if "stopping training" in str(w.message)]
+    assert "last finite state" not in stop
+    assert (
+        f"Checkpoint saved ({clipping.stop_checkpoint_path}), but its weights are already "
+        "non-finite" in stop
+    )
+    checkpoint = torch.load(clipping.stop_checkpoint_path, weights_only=True)
+    assert not torch.isfinite(checkpoint["state_dict"]["net.3.bias"]).all()
 
 
 # ------------------------------------------------------------------------------------- resume

@@ -4,6 +4,7 @@ tokenizer) on a small CSV, one smoke run of the real embedded MiniLM on BBC News
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,7 @@ def _checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def test_resume_from_a_checkpoint_continues_exactly(tiny, tmp_path):
+def test_resume_from_a_checkpoint_continues_exactly(tiny, tmp_path, capsys):
     model_dir, data = tiny
     common = tiny_args(model_dir, data, "--logger", "csv", "--trainer.max_epochs", "2")
     common += ["--trainer.limit_test_batches", "1", "--checkpoint.save_top_k", "-1"]  # every epoch
@@ -114,6 +115,8 @@ def test_resume_from_a_checkpoint_continues_exactly(tiny, tmp_path):
     assert expected.keys() == actual.keys()
     different = [k for k in expected if not torch.equal(expected[k], actual[k])]
     assert different == []
+    # limit_test_batches 1 at batch 4: the table counts the 4 examples tested, not all 12
+    assert capsys.readouterr().out.count("Test results (4 examples, best checkpoint)") == 2
 
 
 def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint_exactly(
@@ -140,6 +143,41 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint_exactly(
     assert expected.keys() == actual.keys()
     assert [k for k in expected if not torch.equal(expected[k], actual[k])] == []
     assert resumed.test_results == straight.test_results
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_a_two_process_ddp_run_killed_mid_epoch_resumes_exactly(
+    tiny, tmp_path, killed_run, two_processes
+):
+    """Both gloo ranks SIGKILLed after step 5 of 12 per epoch; last.ckpt is from step 4. The
+    resumed run continues each rank's share of the epoch where it stopped."""
+    model_dir, data = tiny
+    common = tiny_args(model_dir, data, "--logger", "none", "--trainer.max_epochs", "2")
+    common += ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    common += ["--trainer.limit_test_batches", "1", "--last_checkpoint.every_n_train_steps", "2"]
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    straight_dir.mkdir()
+    two_processes("ddp_bert.py", straight_dir, *common, "--trainer.default_root_dir", "runs")
+
+    killed_dir.mkdir()
+    args = [*common, "--trainer.default_root_dir", "runs"]
+    killed_run("recipes.bert_finetune", args, killed_dir, after_step=5)
+    (last,) = killed_dir.glob("runs/**/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 4  # mid-epoch
+    ranks = two_processes("ddp_bert.py", killed_dir, *args, "--ckpt_path", str(last))
+    assert [r["global_step"] for r in ranks] == [2 * 12, 2 * 12]
+
+    (expected_path,) = straight_dir.glob("runs/**/checkpoints/last.ckpt")
+    resumed_paths = sorted(killed_dir.glob("runs/**/checkpoints/last.ckpt"))
+    actual_path = max(
+        resumed_paths, key=lambda path: torch.load(path, weights_only=True)["global_step"]
+    )
+    expected, actual = _checkpoint_tensors(expected_path), _checkpoint_tensors(actual_path)
+    assert expected.keys() == actual.keys()
+    assert [k for k in expected if not torch.equal(expected[k], actual[k])] == []
+    straight_ranks = [json.loads((straight_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["test"] for r in ranks] == [r["test"] for r in straight_ranks]
 
 
 def test_ctrl_c_saves_a_checkpoint_the_run_resumes_from(tiny, tmp_path, killed_run):

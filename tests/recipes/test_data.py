@@ -10,7 +10,7 @@ import pytest
 
 from recipes.core.cli import format_test_table
 from recipes.core.loggers import build_logger, wandb_credentials_configured, wandb_mode
-from recipes.data.splits import EpochSeededSampler, stratified_split
+from recipes.data.splits import EpochSeededSampler, stratified_order, stratified_split
 from recipes.data.text_sources import label_texts, load_bbc_news, load_table, load_text_dataset
 from tests.recipes.tiny_text import keyword_rows, write_csv
 
@@ -38,6 +38,27 @@ def test_stratified_split_keeps_class_proportions_and_is_seeded():
             assert counts[label] == round(total * fraction)
     assert stratified_split(labels, 0.1, 0.1, seed=0) == (train, val, test)
     assert stratified_split(labels, 0.1, 0.1, seed=1)[2] != test
+
+
+def test_every_prefix_of_an_evaluation_split_is_a_fair_sample():
+    """The BBC corpus is sorted by class: a limit_test_batches prefix of a sorted test split
+    held a single class. Interleaved, a prefix of n keeps each class's share to within one."""
+    labels = load_bbc_news().labels
+    _, val, test = stratified_split(labels, 0.1, 0.1, seed=0)
+    for split in (val, test):
+        shares = Counter(labels[i] for i in split)
+        for n in (8, 32, 100, len(split)):
+            counts = Counter(labels[i] for i in split[:n])
+            for label, total in shares.items():
+                assert abs(counts[label] - n * total / len(split)) <= 1, (n, label, counts)
+
+
+def test_stratified_order_interleaves_the_classes_of_a_sorted_dataset():
+    labels = [0] * 30 + [1] * 20 + [2] * 10
+    order = stratified_order(labels, seed=0)
+    assert sorted(order) == list(range(60))
+    assert [labels[i] for i in order[:6]] == [0, 1, 0, 2, 1, 0]
+    assert stratified_order(labels, seed=0) == order != stratified_order(labels, seed=1)
 
 
 @pytest.mark.parametrize(
@@ -70,6 +91,22 @@ def test_epoch_seeded_sampler_depends_on_seed_and_epoch_only():
     fresh = EpochSeededSampler(data, seed=3)  # e.g. after a resume
     fresh.set_epoch(2)
     assert list(fresh) == orders[2]
+
+
+def test_epoch_seeded_sampler_shares_an_epoch_between_ranks_and_resumes_each_share():
+    data = list(range(21))
+    whole = EpochSeededSampler(data, seed=5)
+    shares = [EpochSeededSampler(data, seed=5, num_replicas=2, rank=r) for r in (0, 1)]
+    for sampler in (whole, *shares):
+        sampler.set_epoch(1)
+    order, first, second = list(whole), list(shares[0]), list(shares[1])
+    assert len(first) == len(second) == 11  # padded with the epoch's first index, as DDP does
+    assert first == order[0::2] and second == order[1::2] + order[:1]
+    resumed = EpochSeededSampler(data, seed=5, num_replicas=2, rank=1)
+    resumed.set_epoch(1)
+    resumed.resume_within_epoch(epoch=1, samples_done=4)
+    assert list(resumed) == second[4:]
+    assert list(resumed) == second  # once: the next pass is the whole share again
 
 
 def test_csv_and_jsonl_give_the_same_examples(tmp_path):

@@ -310,9 +310,9 @@ def test_two_process_ddp_scales_lr_and_keeps_ranks_in_step(fashion_root, tmp_pat
     assert [r["initial_lr"] for r in ranks] == pytest.approx([0.1 * 64 / 256] * 2)  # batch 2 x 32
     assert ranks[0]["parameter_sum"] == ranks[1]["parameter_sum"]
     assert ranks[0]["test"] == ranks[1]["test"]  # metrics are synchronized
-    # Lightning swapped the recipe's sampler for a DistributedSampler: each epoch, the ranks
-    # drew disjoint halves of the 256 training images, and a new order in the second epoch
-    assert {r["sampler"] for r in ranks} == {"DistributedSampler"}
+    # Lightning kept the recipe's sampler (a DistributedSampler, so resumable): each epoch, the
+    # ranks drew disjoint halves of the 256 training images, and a new order in the second epoch
+    assert {r["sampler"] for r in ranks} == {"EpochSeededSampler"}
     for epoch in (0, 1):
         halves = [set(r["train_indices"][epoch * 128 : (epoch + 1) * 128]) for r in ranks]
         assert not halves[0] & halves[1] and len(halves[0] | halves[1]) == 256

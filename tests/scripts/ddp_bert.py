@@ -28,7 +28,8 @@ def main() -> None:
         "test_indices": list(trainer.test_dataloaders.sampler),
         "parameter_sum": float(sum(p.sum() for p in parameters)),
         # rank zero holds the wandb run; other ranks get Lightning's no-op stand-in
-        "logger_is_wandb_run": type(trainer.logger.experiment).__module__.startswith("wandb"),
+        "logger_is_wandb_run": trainer.logger is not None
+        and type(trainer.logger.experiment).__module__.startswith("wandb"),
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
