@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from recipes.sweep.files import write_json
+from recipes.sweep.processes import die_with_parent
 
 __all__ = [
     "RECORDER_CLASS",
@@ -106,6 +107,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("usage: python -m recipes.sweep.child RECIPE RESULT_FILE [options]", file=sys.stderr)
         raise SystemExit(2)
     recipe, result_file, *args = argv
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        # A DDP rank that Lightning started from rank zero's process: it dies with that process
+        # (which dies with the sweep), instead of waiting on a collective that never comes.
+        parent = os.getppid()
+        die_with_parent()
+        if os.getppid() != parent:  # rank zero was gone before the death signal was set
+            raise SystemExit(1)
     result = run_recipe(recipe, args)
     if result.pop("is_global_zero"):
         write_json(Path(result_file), result)

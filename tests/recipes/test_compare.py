@@ -280,8 +280,9 @@ def test_a_usage_error_in_a_run_stops_the_sweep_with_the_recipes_message(tiny, t
     assert not (tmp_path / "out" / "runs" / KEYS["sgd"]).exists()  # sgd never started
 
 
+@pytest.mark.parametrize("devices", [1, 2], ids=["one_process", "ddp"])
 def test_a_killed_sweep_leaves_no_process_and_its_folder_is_locked_while_alive(
-    tiny, tmp_path, capsys
+    tiny, tmp_path, capsys, devices
 ):
     out = tmp_path / "killed"
     endless = (
@@ -292,6 +293,8 @@ def test_a_killed_sweep_leaves_no_process_and_its_folder_is_locked_while_alive(
         "--trainer.max_epochs",
         "-1",
     )
+    if devices == 2:
+        endless += ("--trainer.devices", "2", "--trainer.strategy", "ddp")
     sweep = subprocess.Popen(
         [sys.executable, "-m", "recipes.compare", *sweep_args(tiny, out, *endless)],
         env=subprocess_env(OMP_NUM_THREADS="1"),
@@ -306,6 +309,11 @@ def test_a_killed_sweep_leaves_no_process_and_its_folder_is_locked_while_alive(
             time.sleep(0.2)
         child = int(pid_file.read_text())
         assert _alive(child)
+        ranks = [child]
+        while devices == 2 and len(ranks) < 2 and time.monotonic() < deadline:
+            ranks = [child, *_children(child)]  # rank 1, started by rank 0's Lightning
+            time.sleep(0.2)
+        assert len(ranks) == devices
         # a second sweep on the folder in use: one line, exit status 2
         with pytest.raises(SystemExit) as exit_info:
             compare.main(sweep_args(tiny, out, "--optimizers", "adamw"))
@@ -316,14 +324,27 @@ def test_a_killed_sweep_leaves_no_process_and_its_folder_is_locked_while_alive(
         sweep.kill()
         sweep.wait()
     deadline = time.monotonic() + 10
-    while _alive(child) and time.monotonic() < deadline:
+    while any(map(_alive, ranks)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    orphaned = _alive(child)
-    if orphaned:
-        os.kill(child, signal.SIGKILL)
-    assert not orphaned  # the kernel killed the run with its sweep
+    orphaned = [pid for pid in ranks if _alive(pid)]
+    for pid in orphaned:
+        os.kill(pid, signal.SIGKILL)
+    assert orphaned == []  # the kernel killed the run (every rank of it) with its sweep
     with FolderLock(out):  # the dead sweep's lock is taken over
         pass
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
 
 
 def _alive(pid: int) -> bool:
