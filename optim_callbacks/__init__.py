@@ -26,10 +26,12 @@ from optim_callbacks.schedules import (
     register_schedule,
     schedule_multiplier,
 )
+from optim_callbacks.strategies import FSDP2Strategy
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FSDP2Strategy",
     "OPTIMIZERS",
     "SCHEDULES",
     "AdaBelief",

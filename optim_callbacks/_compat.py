@@ -16,7 +16,9 @@ are needed.
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,9 +31,15 @@ __all__ = [
     "batches_that_stepped",
     "fused_kernel_devices",
     "norm_base_classes",
+    "saved_callback_state",
+    "sharded_checkpoint_metadata_name",
     "step_unscales_gradients",
     "unscale_once",
 ]
+
+# The file of a Lightning distributed-checkpoint folder (FSDP, ModelParallelStrategy) that holds
+# everything but the sharded tensors: loops, callbacks, hyper-parameters.
+SHARDED_METADATA_FALLBACK = "meta.pt"
 
 # Device types torch.optim had fused Adam/AdamW/SGD kernels for when this was written (torch's own
 # list adds hpu, mtia and the privateuse1 backend).
@@ -176,3 +184,38 @@ def unscale_once(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> None:
         return
     if not unscaled:
         scaler.unscale_(optimizer)
+
+
+def sharded_checkpoint_metadata_name() -> str:
+    """The name of the file in a Lightning distributed-checkpoint folder that holds the
+    non-tensor state (callbacks among it).
+
+    Reads ``lightning.fabric.utilities.load._METADATA_FILENAME``, what Lightning's sharded
+    strategies write and read. Fallback: :data:`SHARDED_METADATA_FALLBACK`.
+    """
+    try:
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+    except ImportError:
+        _fell_back(
+            "lightning.fabric.utilities.load._METADATA_FILENAME",
+            f"SHARDED_METADATA_FALLBACK {SHARDED_METADATA_FALLBACK!r}",
+        )
+        return SHARDED_METADATA_FALLBACK
+    return str(_METADATA_FILENAME)
+
+
+def saved_callback_state(ckpt_path: str | os.PathLike, state_key: str) -> dict[str, Any] | None:
+    """The state a callback saved under ``state_key`` in a checkpoint: a ``.ckpt`` file, or a
+    distributed-checkpoint folder (its metadata file, see
+    :func:`sharded_checkpoint_metadata_name`); ``None`` when it holds none.
+
+    For callbacks that must act before Lightning restores them: under sharded strategies
+    Lightning loads the optimizer state (``restore_checkpoint_after_setup``) after
+    ``on_fit_start`` but before it restores the callbacks, so a callback that replaces the
+    optimizer in a resumed run (the Adam→SGD switch) reads its own state here first.
+    """
+    path = Path(ckpt_path)
+    if path.is_dir():
+        path = path / sharded_checkpoint_metadata_name()
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=path.suffix != ".pt")
+    return (checkpoint.get("callbacks") or {}).get(state_key)

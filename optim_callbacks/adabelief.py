@@ -70,6 +70,7 @@ from typing import Any
 
 import torch
 
+from optim_callbacks.sharded import local_part
 from optim_callbacks.validation import check_betas, check_non_negative, check_positive
 
 __all__ = ["AdaBelief"]
@@ -525,6 +526,11 @@ def _foreach_adabelief(
         torch._foreach_add_(steps, 1.0)
     coefs = _coefficients_by_step(group, steps)
     amsgrad = bool(group["amsgrad"])
+    # The update is elementwise: FSDP2's sharded tensors update through their local shards.
+    params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars = (
+        [local_part(t) for t in tensors]
+        for tensors in (params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars)
+    )
     for (device, _), indices in _group_by_device_and_dtype(params).items():
         lists = [
             [params[i] for i in indices],

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from optim_callbacks._compat import fused_kernel_devices
@@ -353,13 +354,19 @@ def _all_tensors(groups: list[dict[str, Any]]) -> list[torch.Tensor]:
     return [p for group in groups for p in group["params"]]
 
 
+# The fused kernels DTensor (FSDP2's sharded parameters) has sharding rules for, in torch 2.13:
+# aten._fused_adam_ and aten._fused_adamw_. Other classes take foreach on sharded parameters.
+FUSED_ON_SHARDED_PARAMETERS = (torch.optim.Adam, torch.optim.AdamW)
+
+
 def _choose_implementation(
     spec: OptimizerSpec, kwargs: dict[str, Any], groups: list[dict[str, Any]], impl: str
 ) -> None:
     """Prefer torch's fused kernels, then foreach, where the class and the device allow it.
 
     ``auto`` picks torch's own fused kernels when every parameter is floating point and on a
-    device torch has fused kernels for, else foreach. ``fused`` also accepts any other class
+    device torch has fused kernels for (and, for FSDP2's ``DTensor`` parameters, the class is
+    one of :data:`FUSED_ON_SHARDED_PARAMETERS`), else foreach. ``fused`` also accepts any other class
     with a ``fused`` option (our AdaBelief: one ``torch.compile``d update, ~10 s to compile on
     first use, so it is opt-in); ``for-loop`` turns both off.
     """
@@ -379,6 +386,10 @@ def _choose_implementation(
         and all(t.is_floating_point() for t in tensors)
         and (not torch_kernels or all(t.device.type in devices for t in tensors))
         and not kwargs.get("differentiable", False)
+        and (
+            not any(isinstance(t, DTensor) for t in tensors)
+            or issubclass(spec.optimizer_class, FUSED_ON_SHARDED_PARAMETERS)
+        )
     )
     if fused_ok and (impl == "fused" or (impl == "auto" and torch_kernels)):
         kwargs["fused"] = True

@@ -44,11 +44,20 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from optim_callbacks.callbacks._amp import active_grad_scaler, unscale_gradients
+from optim_callbacks.callbacks._strategy import check_supported_strategy
+from optim_callbacks.sharded import (
+    any_across,
+    check_data_parallel,
+    global_norm,
+    is_sharded,
+    local_part,
+    shard_group,
+    sum_across,
+)
 from optim_callbacks.validation import (
     check_at_least,
     check_choice,
@@ -83,12 +92,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-    """``||concat(tensors)||_p`` as a float32 scalar tensor (``p = inf``: the largest |element|)."""
-    per_tensor = torch.stack(torch._foreach_norm(tensors, norm_type, dtype=torch.float32))
-    return torch.linalg.vector_norm(per_tensor, norm_type)
-
-
 def _check_norm_type(value: Any) -> float:
     """A p-norm's ``p``: a finite number > 0, or ``math.inf`` (the largest absolute element)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value == math.inf:
@@ -101,12 +104,13 @@ def _check_norm_type(value: Any) -> float:
         ) from None
 
 
-def _unitwise_norm(tensor: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm per output unit (dim 0), shaped to broadcast against ``tensor``."""
+def _unitwise_squares(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of squares per output unit (dim 0) of a local tensor, shaped to broadcast against it;
+    one sum over the whole tensor when it has one dimension."""
     if tensor.ndim <= 1:
-        return torch.linalg.vector_norm(tensor, dtype=torch.float32)
+        return tensor.float().square().sum()
     dims = tuple(range(1, tensor.ndim))
-    return torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=torch.float32)
+    return tensor.float().square().sum(dim=dims, keepdim=True)
 
 
 class GradientClipping(Callback):
@@ -232,7 +236,9 @@ class GradientClipping(Callback):
         self.stop_checkpoint_path: str | None = None
         self._stop_requested = False
         self._reported_nonfinite = False
-        self._excluded_params: set[int] = set()
+        self._excluded_params: set[int] | None = None
+        self._check_sharding = True
+        self._module: pl.LightningModule | None = None
 
     @staticmethod
     def _options_of(mode: str) -> list[str]:
@@ -265,25 +271,12 @@ class GradientClipping(Callback):
                 "optimization (as Trainer(gradient_clip_val=...) does); with manual optimization "
                 "call self.clip_gradients(...) in training_step"
             )
-        strategy = trainer.strategy
-        replicated = isinstance(strategy, SingleDeviceStrategy) or (
-            isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
-        )
-        if not replicated:
-            raise ValueError(
-                f"strategy: got {type(strategy).__name__}, which shards gradients across ranks, "
-                "so a norm of the local gradients is not the global norm; GradientClipping "
-                "supports single-device and DDP strategies. For sharded training use the "
-                "strategy's own clipping (Trainer(gradient_clip_val=...))."
-            )
-        if self.mode == "agc":
-            self._excluded_params = (
-                {id(p) for name, p in pl_module.named_parameters() if name.startswith(self.exclude)}
-                if self.exclude
-                else set()
-            )
-            if self.exclude and not self._excluded_params:
-                names = [name for name, _ in pl_module.named_parameters()]
+        check_supported_strategy("GradientClipping", trainer.strategy)
+        self._check_sharding = True
+        self._excluded_params = None  # parameters are final after configure_model: first step
+        if self.mode == "agc" and self.exclude:
+            names = [name for name, _ in pl_module.named_parameters()]
+            if not any(name.startswith(self.exclude) for name in names):
                 raise ValueError(
                     f"exclude: got {list(self.exclude)!r}, which matches no parameter; "
                     f"parameter names start with e.g. {names[:5]!r}"
@@ -303,6 +296,10 @@ class GradientClipping(Callback):
         # gradients anyway. The scaler then hands the fused step found_inf and no scale.
         unscale_gradients(trainer, optimizer)
         grads = [p.grad for p in params]
+        if self._check_sharding:
+            check_data_parallel(grads)
+            self._check_sharding = False
+            self._module = pl_module
         norm = float(global_norm(grads, self.norm_type))
         if not math.isfinite(norm):
             self._skip_nonfinite(trainer, params, norm, scaler is not None)
@@ -334,35 +331,58 @@ class GradientClipping(Callback):
         if threshold is not None:
             log("grad_clip/threshold", threshold, on_step=True, on_epoch=False)
 
-    # Each clipper changes the gradients in place and says whether it changed any.
+    # Each clipper changes the gradients in place (through their local parts, so sharded
+    # gradients too) and says whether it changed any, on any rank.
     @staticmethod
     def _clip_to_norm(grads: list[torch.Tensor], norm: float, max_norm: float) -> bool:
         if norm <= max_norm:
             return False
-        torch._foreach_mul_(grads, max_norm / norm)
+        torch._foreach_mul_([local_part(g) for g in grads], max_norm / norm)
         return True
 
     def _clip_by_value(self, grads: list[torch.Tensor], norm: float) -> bool:
         largest = norm if self.norm_type == math.inf else float(global_norm(grads, math.inf))
         if largest <= self.max_value:
             return False
-        torch._foreach_clamp_min_(grads, -self.max_value)
-        torch._foreach_clamp_max_(grads, self.max_value)
+        local = [local_part(g) for g in grads]
+        torch._foreach_clamp_min_(local, -self.max_value)
+        torch._foreach_clamp_max_(local, self.max_value)
         return True
 
     def _clip_adaptively(self, params: list[torch.Tensor]) -> bool:
-        clipped_any = torch.zeros((), dtype=torch.bool, device=params[0].device)
-        for p in params:
-            if id(p) in self._excluded_params:
-                continue
-            weight_norm = _unitwise_norm(p.detach()).clamp_min(self.agc_eps)
-            grad_norm = _unitwise_norm(p.grad)
+        """AGC on local parts. FSDP2 shards on dim 0, so a unit (a row, an output filter) lies
+        whole on one rank; a 1-D parameter is one unit spread over the ranks: its squares are
+        summed across them (one collective for all of them)."""
+        if self._excluded_params is None:  # fully_shard replaced the parameters after setup
+            module = self._module
+            self._excluded_params = (
+                {id(p) for name, p in module.named_parameters() if name.startswith(self.exclude)}
+                if self.exclude
+                else set()
+            )
+        params = [p for p in params if id(p) not in self._excluded_params]
+        if not params:
+            return False
+        group = shard_group([p.grad for p in params])
+        weights = [_unitwise_squares(local_part(p.detach())) for p in params]
+        grads = [_unitwise_squares(local_part(p.grad)) for p in params]
+        spread = [i for i, p in enumerate(params) if p.ndim <= 1 and is_sharded(p.grad)]
+        if spread:
+            totals = torch.stack([weights[i] for i in spread] + [grads[i] for i in spread])
+            sum_across(totals, group)
+            for k, i in enumerate(spread):
+                weights[i], grads[i] = totals[k], totals[len(spread) + k]
+        clipped_any = torch.zeros((), dtype=torch.bool, device=local_part(params[0]).device)
+        for p, weight_squares, grad_squares in zip(params, weights, grads, strict=True):
+            weight_norm = weight_squares.sqrt().clamp_min(self.agc_eps)
+            grad_norm = grad_squares.sqrt()
             allowed = self.clip_factor * weight_norm
             too_large = grad_norm > allowed
             scale = torch.where(too_large, allowed / grad_norm.clamp_min(1e-6), 1.0)
-            p.grad.mul_(scale.to(p.grad.dtype))
+            local_grad = local_part(p.grad)
+            local_grad.mul_(scale.to(local_grad.dtype))
             clipped_any |= too_large.any().to(clipped_any.device)
-        return bool(clipped_any)
+        return any_across(clipped_any, group)
 
     def _coefficient_after(
         self, grads: list[torch.Tensor], norm_before: float, threshold: float | None

@@ -192,6 +192,15 @@ class OptimizerSwitch(Callback):
         self.estimated_lrs = state_dict["estimated_lrs"]
         self._loaded_statistics = state_dict["statistics"]
 
+    def restore_before_optimizer_state(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any]
+    ) -> None:
+        """Sharded strategies load the optimizer state before they restore callbacks, and after
+        ``on_fit_start``; :class:`optim_callbacks.FSDP2Strategy` calls this first, with this
+        callback's saved state, so that a run that had switched finds SGD in place."""
+        self.load_state_dict(state)
+        self.on_fit_start(trainer, pl_module)
+
     # ----------------------------------------------------------------- trainer checks
 
     def _check_source(self, optimizer: Optimizer) -> OptimizerSpec:

@@ -20,7 +20,8 @@ estimate and the learning rate the optimizer used in that step are frozen then. 
 happens once every unit that has statistics has latched.
 
 ``StepTracker`` measures ``p_k . p_k`` and ``-p_k . g_k`` per unit in float64 (one snapshot of
-the parameters before the step, one host sync after it); ``SwatsStatistics`` is plain Python
+the parameters before the step, one host sync after it; under FSDP2 the snapshot is this rank's
+shard and the sums of sharded parameters take one all-reduce); ``SwatsStatistics`` is plain Python
 so its state goes into checkpoints as numbers.
 """
 
@@ -31,6 +32,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from optim_callbacks.sharded import is_sharded, local_part, shard_group, sum_across
 
 __all__ = ["StepTracker", "SwatsStatistics"]
 
@@ -60,10 +63,11 @@ class StepTracker:
 
     @torch.no_grad()
     def before_step(self) -> None:
+        local = [local_part(p.detach()) for p in self.params]  # FSDP2: this rank's rows
         if self._before is None:
-            self._before = [p.detach().clone() for p in self.params]
+            self._before = [t.clone() for t in local]
         else:
-            torch._foreach_copy_(self._before, [p.detach() for p in self.params])
+            torch._foreach_copy_(self._before, local)
         self._pending = True
 
     @torch.no_grad()
@@ -76,9 +80,15 @@ class StepTracker:
         for i, (param, before) in enumerate(zip(self.params, self._before, strict=True)):
             if param.grad is None:
                 continue
-            backwards = before.to(torch.float64) - param.detach().to(torch.float64)  # -p
+            after = local_part(param.detach()).to(torch.float64)
+            backwards = before.to(torch.float64) - after  # -p
             per_tensor[i, 0] = torch.sum(backwards * backwards)
-            per_tensor[i, 1] = torch.sum(backwards * param.grad.detach().to(torch.float64))
+            per_tensor[i, 1] = torch.sum(backwards * local_part(param.grad.detach()).double())
+        group = shard_group(self.params)
+        if group is not None:  # sharded parameters: their dot products are sums over the ranks
+            sharded = torch.tensor([is_sharded(p) for p in self.params], device=device)
+            totals = sum_across(per_tensor * sharded[:, None], group)
+            per_tensor = torch.where(sharded[:, None], totals, per_tensor)
         per_unit = torch.zeros(self.num_units, 2, dtype=torch.float64, device=device)
         per_unit.index_add_(0, self.units.to(device), per_tensor)
         return per_unit

@@ -13,9 +13,10 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy
 
 from optim_callbacks import GradientClipping
+from optim_callbacks.callbacks._strategy import check_supported_strategy
 from tests.lib.tiny import TinyRegressor, fp16_mixed, regression_data, tiny_trainer
 
 
@@ -111,12 +112,15 @@ def test_trainer_gradient_clip_val_together_with_the_callback_is_refused(tmp_pat
         trainer.fit(TinyRegressor(samples=32))
 
 
-def test_sharded_strategy_is_refused(tmp_path):
-    # ModelParallelStrategy is the sharded strategy Lightning builds on CPU (FSDP needs CUDA).
-    # Its fit would first start a process group, so call the real setup hook directly.
-    trainer = tiny_trainer(tmp_path, strategy=ModelParallelStrategy())
-    with pytest.raises(ValueError, match=r"strategy: got ModelParallelStrategy.*shards gradients"):
-        GradientClipping().setup(trainer, TinyRegressor(), "fit")
+def test_fsdp1_is_refused_with_what_is_supported():
+    # FSDP1 flattens parameters; FSDP2 (ModelParallelStrategy) is the supported sharding. The
+    # FSDP1 strategy needs CUDA to join a Trainer here, so the check is called on it directly.
+    with pytest.raises(ValueError) as error:
+        check_supported_strategy("GradientClipping", FSDPStrategy())
+    assert str(error.value) == (
+        "strategy: GradientClipping got FSDPStrategy; allowed: single device, DDP, and FSDP2 "
+        "data parallelism (ModelParallelStrategy with fully_shard, tensor_parallel_size=1)"
+    )
 
 
 def test_agc_exclude_that_matches_no_parameter_is_refused(tmp_path):

@@ -48,6 +48,30 @@ def test_fused_kernel_devices_come_from_torch(monkeypatch, fallback_warns):
         assert _compat.fused_kernel_devices() == _compat.FUSED_DEVICES_FALLBACK
 
 
+# ------------------------------------------------------------ sharded checkpoint metadata file
+def test_sharded_checkpoint_metadata_name_comes_from_lightning(monkeypatch, fallback_warns):
+    import lightning.fabric.utilities.load as load
+
+    assert _compat.sharded_checkpoint_metadata_name() == load._METADATA_FILENAME
+    assert _compat.SHARDED_METADATA_FALLBACK == load._METADATA_FILENAME
+    monkeypatch.delattr(load, "_METADATA_FILENAME")
+    with fallback_warns():
+        assert _compat.sharded_checkpoint_metadata_name() == _compat.SHARDED_METADATA_FALLBACK
+
+
+def test_saved_callback_state_reads_a_checkpoint_file(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = tiny_trainer(
+        tmp_path, max_steps=2, callbacks=[checkpoints], enable_checkpointing=True
+    )
+    trainer.fit(TinyRegressor(samples=32))
+    state = _compat.saved_callback_state(checkpoints.last_model_path, checkpoints.state_key)
+    assert state == checkpoints.state_dict()
+    assert _compat.saved_callback_state(checkpoints.last_model_path, "NoSuchCallback") is None
+
+
 # ------------------------------------------------------------------------- normalization base
 def _public_nn_modules() -> list[type[nn.Module]]:
     return [

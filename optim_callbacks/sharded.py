@@ -1,0 +1,116 @@
+r"""Reductions over gradients and parameters that may be sharded (FSDP2 ``DTensor``\ s).
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``, Lightning's ``ModelParallelStrategy``) every
+parameter, gradient and optimizer state is a ``DTensor`` sharded on dim 0 over the data-parallel
+mesh: ``.to_local()`` is this rank's rows (possibly none), and writing into it writes the
+``DTensor``. A global quantity is then a local partial result plus one collective:
+
+- the p-norm ``||g||_p = (sum_ranks sum_local |g|^p)^(1/p)``: local powers, one ``all_reduce``
+  (SUM), the root; ``p = inf``: local maxima, one ``all_reduce`` (MAX);
+- a whole-tensor quantity of a 1-D parameter (a bias, a norm weight), which is spread over the
+  ranks: local sums, one ``all_reduce`` for all of them;
+- a decision (did any rank clip?): one ``all_reduce`` (MAX) of a flag.
+
+Replicated tensors (plain tensors, or ``DTensor``\ s placed ``Replicate``) hold the same values on
+every rank, so they are counted once, outside the reduction. The sum order differs from a
+single-process norm, so results agree with DDP to float32 rounding, not bit for bit. Only 1-D
+device meshes (data parallelism) are supported; :func:`check_data_parallel` says so otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+__all__ = [
+    "any_across",
+    "check_data_parallel",
+    "global_norm",
+    "is_sharded",
+    "local_part",
+    "shard_group",
+    "sum_across",
+]
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``tensor`` (the tensor itself unless it is a ``DTensor``); writing
+    into it in place writes ``tensor``."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` split across ranks (a ``Shard`` placement)."""
+    return isinstance(tensor, DTensor) and any(p.is_shard() for p in tensor.placements)
+
+
+def check_data_parallel(tensors: Sequence[torch.Tensor]) -> None:
+    """Raise ``ValueError`` unless every sharded tensor is sharded on dim 0 of a 1-D mesh."""
+    for tensor in tensors:
+        if not is_sharded(tensor):
+            continue
+        if tensor.device_mesh.ndim != 1 or tensor.placements[0].dim != 0:
+            raise ValueError(
+                f"strategy: got a parameter placed {tensor.placements} on a "
+                f"{tensor.device_mesh.ndim}-D device mesh; allowed: FSDP2 data parallelism "
+                "(fully_shard over a 1-D mesh, tensor_parallel_size=1); tensor parallelism is "
+                "not supported yet"
+            )
+
+
+def shard_group(tensors: Sequence[torch.Tensor]) -> dist.ProcessGroup | None:
+    """The process group the sharded tensors among ``tensors`` are split over (``None``: none is)."""
+    for tensor in tensors:
+        if is_sharded(tensor):
+            return tensor.device_mesh.get_group()
+    return None
+
+
+def sum_across(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """``tensor`` summed over the ranks of ``group`` (in place; unchanged for ``None``)."""
+    if group is not None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def any_across(flag: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
+    """Whether ``flag`` (a bool scalar) is true on any rank of ``group``."""
+    value = flag.to(torch.int32).reshape(1)
+    if group is not None:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value)
+
+
+def _local_norms(tensors: Sequence[torch.Tensor], norm_type: float) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float32)
+    return torch.stack(torch._foreach_norm(list(tensors), norm_type, dtype=torch.float32))
+
+
+def global_norm(tensors: Sequence[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """``||concat(tensors)||_p`` as a float32 scalar tensor, equal on every rank (``p = inf``: the
+    largest |element|). Sharded tensors cost one collective in all; none without them."""
+    group = shard_group(tensors)
+    if group is None:
+        return torch.linalg.vector_norm(_local_norms(tensors, norm_type), norm_type)
+    # A rank may hold no rows of a parameter: its empty part adds nothing (and has no max).
+    sharded = [local_part(t) for t in tensors if is_sharded(t) and local_part(t).numel()]
+    replicated = [local_part(t) for t in tensors if not is_sharded(t)]
+    device = local_part(next(t for t in tensors if is_sharded(t))).device
+    shard_norms = _local_norms(sharded, norm_type).to(device)
+    replicated_norms = _local_norms(replicated, norm_type).to(device)
+    if norm_type == math.inf:
+        local = shard_norms.max() if shard_norms.numel() else torch.zeros((), device=device)
+        local = local.reshape(1).clone()
+        dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
+        if replicated_norms.numel():
+            local = torch.maximum(local, replicated_norms.max())
+        return local.reshape(())
+    total = shard_norms.pow(norm_type).sum().reshape(1)
+    sum_across(total, group)
+    total = total + replicated_norms.pow(norm_type).sum()
+    return total.reshape(()).pow(1.0 / norm_type)

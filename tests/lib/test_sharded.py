@@ -1,0 +1,99 @@
+"""The callbacks under FSDP2 against the DDP oracle: one two-process gloo job
+(``tests/scripts/fsdp_vs_ddp.py``) trains every case under both strategies; the tests read what
+each rank recorded."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ddp]
+
+CLIPPING_MODES = ("norm", "norm_inf", "value", "agc", "auto")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, two_processes) -> list[dict]:
+    return two_processes("fsdp_vs_ddp.py", tmp_path_factory.mktemp("fsdp"), timeout=400)
+
+
+def _max_difference(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) > 0
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("case", [*CLIPPING_MODES, "nonfinite", "adabelief", "amp_epsilon"])
+def test_fsdp2_ends_with_the_weights_of_ddp(ranks, case):
+    ddp, fsdp2 = ranks[0][case]["ddp"], ranks[0][case]["fsdp2"]
+    assert fsdp2["global_step"] == ddp["global_step"] == 8
+    assert _max_difference(fsdp2["weights"], ddp["weights"]) <= 1e-6
+    assert ranks[1][case]["fsdp2"]["weights"] == fsdp2["weights"]  # one model, gathered
+
+
+@pytest.mark.parametrize("case", CLIPPING_MODES)
+def test_fsdp2_logs_the_clipping_values_of_ddp(ranks, case):
+    ddp, fsdp2 = ranks[0][case]["ddp"]["logged"], ranks[0][case]["fsdp2"]["logged"]
+    assert len(fsdp2) == len(ddp) == 8
+    for expected, actual in zip(ddp, fsdp2, strict=True):
+        assert expected.keys() == actual.keys()
+        for key, value in expected.items():
+            assert math.isclose(actual[key], value, rel_tol=1e-5, abs_tol=1e-7), (key, actual)
+    if case != "auto":
+        assert any(row["grad_clip/coefficient"] < 1.0 for row in fsdp2)  # it did clip
+    # every rank logs the same global values (rank zero's reach the logger)
+    assert ranks[1][case]["fsdp2"]["logged"] == fsdp2
+
+
+@pytest.mark.parametrize(
+    ("case", "per_step"), [("norm", 1), ("norm_inf", 1), ("auto", 1), ("value", 3), ("agc", 4)]
+)
+def test_collectives_per_step(ranks, case, per_step):
+    """norm/auto: the norm (one all-reduce). value: the norm, the largest element and the norm
+    after clamping. agc: the norm, the 1-D units spread over both ranks, whether any rank
+    clipped, the norm after. DDP: none (its gradients are already all-reduced)."""
+    assert ranks[0][case]["fsdp2"]["collectives"] == [per_step] * 8
+    assert ranks[0][case]["ddp"]["collectives"] == [0] * 8
+
+
+def test_a_nonfinite_step_on_one_rank_is_skipped_on_both(ranks):
+    for rank in ranks:
+        for kind in ("ddp", "fsdp2"):
+            run = rank["nonfinite"][kind]
+            assert [i for i, skipped in enumerate(run["skipped"]) if skipped] == [2, 5]
+            assert run["nonfinite_steps"] == 2
+
+
+def test_nonfinite_stop_writes_a_sharded_checkpoint_that_resumes(ranks):
+    run = ranks[0]["stop"]["fsdp2"]
+    assert run["global_step"] == 5  # NaN from step 3: two in a row stop after step 4
+    assert (Path(run["stop_checkpoint"]) / ".metadata").is_file()  # a distributed checkpoint
+    assert ranks[0]["stop"]["resumed"]["global_step"] == 8
+    assert _max_difference(run["weights"], ranks[0]["stop"]["ddp"]["weights"]) <= 1e-6
+
+
+@pytest.mark.parametrize("case", ["adam_to_sgd", "swats"])
+def test_adam_to_sgd_switches_at_the_ddp_step_with_the_ddp_lrs(ranks, case):
+    ddp, fsdp2 = ranks[0][case]["ddp"], ranks[0][case]["fsdp2"]
+    assert "SGD" in ddp["optimizers"]
+    assert fsdp2["optimizers"].index("SGD") == ddp["optimizers"].index("SGD")
+    assert fsdp2["lrs"] == ddp["lrs"]
+    assert _max_difference(fsdp2["weights"], ddp["weights"]) <= 1e-6
+    assert ranks[1][case]["fsdp2"]["optimizers"] == fsdp2["optimizers"]
+
+
+def test_an_fsdp2_resume_after_the_switch_continues_bit_for_bit(ranks):
+    straight, resumed = ranks[0]["adam_to_sgd"]["fsdp2"], ranks[0]["adam_to_sgd"]["resumed"]
+    assert straight["optimizers"].index("SGD") == 4  # switched in epoch 0, resumed at step 8
+    assert resumed["global_step"] == straight["global_step"] == 16
+    assert set(resumed["optimizers"]) == {"SGD"}
+    assert resumed["lrs"] == straight["lrs"][8:]
+    assert resumed["weights"] == straight["weights"]
+
+
+def test_amp_epsilon_decides_from_the_sharded_float16_state(ranks):
+    for rank in ranks:
+        for kind in ("ddp", "fsdp2"):
+            run = rank["amp_epsilon"][kind]
+            assert run["state_dtype"] == "torch.float16" and run["eps"] == [1e-4]
