@@ -8,6 +8,9 @@ cross-entropy loss, accuracy and macro F1 from torchmetrics (synchronized across
 taken from ``trainer.estimated_stepping_batches``. A recipe that trains at another peak LR than
 the settings' (the ResNet recipe scales it to the global batch) overrides :meth:`peak_lr`.
 
+Under FSDP2 (``--trainer.strategy fsdp2``) :meth:`configure_model` shards each block of
+:meth:`sharded_blocks` (each BERT or ViT encoder layer, each ResNet stage), then the root.
+
 Batches are dicts: ``labels`` plus the network's keyword inputs (``input_ids``,
 ``attention_mask``, ``pixel_values``, ...).
 """
@@ -21,6 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
@@ -32,6 +36,10 @@ from recipes.core.seeding import derived_seed
 __all__ = ["ClassificationModule"]
 
 STAGES = ("train", "val", "test")
+
+
+# Names of the ModuleList that holds a Hugging Face model's repeated blocks.
+BLOCK_LISTS = ("layer", "layers", "stages")
 
 
 class ClassificationModule(L.LightningModule):
@@ -136,6 +144,30 @@ class ClassificationModule(L.LightningModule):
         if not math.isfinite(batches):
             return None
         return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+
+    def sharded_blocks(self) -> list[nn.Module]:
+        """The modules FSDP2 shards one by one (each all-gathered just before it runs): the
+        repeated blocks of a Hugging Face model, the first ``nn.ModuleList`` named ``layer``,
+        ``layers`` or ``stages`` in its ``base_model`` (BERT's and ViT's encoder layers, ResNet's
+        stages); none for other networks (then only the root is sharded). Override for
+        another family."""
+        base = getattr(self.network, "base_model", self.network)
+        for name, module in base.named_modules():
+            if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in BLOCK_LISTS:
+                return list(module)
+        return []
+
+    def configure_model(self) -> None:
+        """FSDP2 (a strategy with a ``data_parallel`` device mesh): ``fully_shard`` each of
+        :meth:`sharded_blocks`, then the whole module. Nothing under other strategies, and
+        nothing the second time (Lightning calls this hook for every stage)."""
+        mesh = self.device_mesh
+        if mesh is None or isinstance(self, FSDPModule):
+            return
+        data_parallel = mesh["data_parallel"]
+        for block in self.sharded_blocks():
+            fully_shard(block, mesh=data_parallel)
+        fully_shard(self, mesh=data_parallel)
 
     def peak_lr(self) -> float | None:
         """The peak learning rate of this run (``None``: the optimizer entry's default)."""

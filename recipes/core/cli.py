@@ -46,6 +46,7 @@ from optim_callbacks import (
     SCHEDULES,
     AdamToSGD,
     AmpEpsilon,
+    FSDP2Strategy,
     GradientClipping,
     MomentStatistics,
 )
@@ -309,12 +310,17 @@ class RecipeCLI(LightningCLI):
             if option.needs_logger and not logger:
                 rank_zero_info(f"{option.key}: off, because the run has no logger")
                 continue
+            if isinstance(callback, MomentStatistics) and trainer_config.get("strategy") == "fsdp2":
+                rank_zero_info(f"{option.key}: off, because it does not read sharded state yet")
+                continue
             if (
                 isinstance(callback, ModelCheckpoint)
                 and trainer_config.get("enable_checkpointing") is False
             ):
                 continue
             callbacks.append(callback)
+        if trainer_config.get("strategy") == "fsdp2":
+            kwargs["strategy"] = fsdp2_strategy(trainer_config)
         return super().instantiate_trainer(logger=logger, callbacks=callbacks, **kwargs)
 
     def fit_and_test(self) -> dict[str, float]:
@@ -413,6 +419,21 @@ def _check_callback(key: str, config: Any) -> None:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         separator = "." if re.match(r"\w+: got ", reason) else ": "
         raise UsageError(f"--{key}{separator}{reason}") from None
+
+
+def fsdp2_strategy(trainer_config: Mapping[str, Any]) -> FSDP2Strategy:
+    """``--trainer.strategy fsdp2``: FSDP2 data parallelism over every process (devices x
+    nodes); ``--trainer.devices`` must say how many devices."""
+    devices = trainer_config.get("devices")
+    count = len(devices) if isinstance(devices, (list, tuple)) else devices
+    if isinstance(count, str) and count.isdigit():
+        count = int(count)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise UsageError(
+            f"--trainer.devices: got {devices!r}; allowed with --trainer.strategy fsdp2: a "
+            "number of devices (e.g. 2) or a list of device indices"
+        )
+    return FSDP2Strategy(data_parallel_size=count * int(trainer_config.get("num_nodes") or 1))
 
 
 def _init_defaults(cls: type) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,14 @@ def test_tiny_bert_learns_the_keyword_classes_and_reports_every_metric(tiny, tmp
     names = {id(p): n for n, p in cli.model.named_parameters()}
     no_decay = [names[id(p)] for p in groups["no_decay"]["params"]]
     assert all(n.endswith("bias") or "LayerNorm" in n for n in no_decay)
+
+
+def test_fsdp2_shards_each_bert_encoder_layer(tiny):
+    from recipes.bert_finetune import BertClassifier
+
+    model_dir, _ = tiny
+    blocks = BertClassifier(str(model_dir), num_classes=3).sharded_blocks()
+    assert [type(block).__name__ for block in blocks] == ["BertLayer", "BertLayer"]
 
 
 def test_layer_decay_scales_lower_layers_down(tiny):
@@ -178,6 +187,48 @@ def test_a_two_process_ddp_run_killed_mid_epoch_resumes_exactly(
     assert [k for k in expected if not torch.equal(expected[k], actual[k])] == []
     straight_ranks = [json.loads((straight_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["test"] for r in ranks] == [r["test"] for r in straight_ranks]
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_fsdp2_trains_like_ddp_and_resumes_after_a_kill(
+    tiny, tmp_path, killed_run, two_processes, wandb_run
+):
+    """``--trainer.strategy fsdp2``: each encoder layer and the root sharded over two gloo
+    ranks. Killed after step 14 of 24 (last.ckpt, a distributed-checkpoint folder, is from step
+    12), resumed, tested from its best checkpoint: the DDP run's weights and test metrics."""
+    model_dir, data = tiny
+    common = tiny_args(model_dir, data, "--trainer.max_epochs", "2", "--trainer.devices", "2")
+    common += ["--trainer.limit_test_batches", "2", "--last_checkpoint.every_n_train_steps", "4"]
+    ddp_dir, killed_dir, resumed_dir = tmp_path / "ddp", tmp_path / "killed", tmp_path / "resumed"
+    for folder in (ddp_dir, killed_dir, resumed_dir):
+        folder.mkdir()
+    ddp = two_processes(
+        "ddp_bert.py", ddp_dir, *common, "--logger", "none", "--trainer.strategy", "ddp",
+        "--trainer.default_root_dir", "runs",
+    )  # fmt: skip
+    fsdp2 = [*common, "--trainer.strategy", "fsdp2", "--trainer.default_root_dir", "runs"]
+    killed_run("recipes.bert_finetune", [*fsdp2, "--logger", "none"], killed_dir, after_step=14)
+    (last,) = killed_dir.glob("runs/**/checkpoints/last.ckpt")
+    assert (last / ".metadata").is_file()  # sharded: each rank wrote its shards
+    ranks = two_processes(
+        "ddp_bert.py", resumed_dir, *fsdp2, "--ckpt_path", str(last), HOME=str(resumed_dir)
+    )
+    assert [r["strategy"] for r in ranks] == ["FSDP2Strategy"] * 2
+    assert [r["global_step"] for r in ranks] == [24, 24]
+    assert ranks[0]["test"] == ranks[1]["test"] == ddp[0]["test"]
+    difference = max(
+        abs(a - b) for a, b in zip(ranks[0]["parameters"], ddp[0]["parameters"], strict=True)
+    )
+    assert difference <= 1e-5  # clipping's norm sums shards in another order: float32 rounding
+    (best,) = resumed_dir.glob("runs/**/checkpoints/epoch1-*.ckpt")
+    assert (best / ".metadata").is_file()
+    history = wandb_run.history(resumed_dir / "runs")  # rank zero's offline run, read back
+    steps = [row for row in history if "train_loss" in row]
+    assert steps and all(math.isfinite(row["train_loss"]) for row in steps)
+    assert wandb_run.summary(resumed_dir / "runs")["test_acc"] == pytest.approx(
+        ddp[0]["test"]["test_acc"]
+    )
 
 
 def test_ctrl_c_saves_a_checkpoint_the_run_resumes_from(tiny, tmp_path, killed_run):

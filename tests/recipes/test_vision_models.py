@@ -120,3 +120,14 @@ def test_config_overrides_are_checked(tmp_path):
         ValueError, match=r"model\.config: overrides apply to the from-scratch model only"
     ):
         build_image_classifier("vit", 10, checkpoint=str(tmp_path), config={"hidden_size": 8})
+
+
+@pytest.mark.parametrize(
+    ("family", "count", "kind"), [("vit", 6, "ViTLayer"), ("resnet", 3, "ResNetStage")]
+)
+def test_fsdp2_shards_each_vit_layer_and_each_resnet_stage(family, count, kind):
+    from recipes.core.classification import ClassificationModule
+
+    module = ClassificationModule(build_image_classifier(family, 10), 10)
+    blocks = module.sharded_blocks()
+    assert [type(block).__name__ for block in blocks] == [kind] * count

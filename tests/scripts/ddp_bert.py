@@ -12,6 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
+import torch
+from torch.distributed.tensor import DTensor
+
 from recipes.bert_finetune import run
 
 
@@ -19,7 +22,10 @@ def main() -> None:
     out = Path(sys.argv[1])
     cli = run(sys.argv[2:])
     trainer = cli.trainer
-    parameters = [p.detach().double() for p in cli.model.parameters()]
+    parameters = [  # whole tensors, also under FSDP2 (gathered from the shards)
+        (p.full_tensor() if isinstance(p, DTensor) else p).detach().double()
+        for p in cli.model.parameters()
+    ]
     record = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
@@ -27,6 +33,8 @@ def main() -> None:
         "test": {key: float(value) for key, value in cli.test_results.items()},
         "test_indices": list(trainer.test_dataloaders.sampler),
         "parameter_sum": float(sum(p.sum() for p in parameters)),
+        "parameters": torch.cat([p.flatten() for p in parameters]).tolist(),
+        "strategy": type(trainer.strategy).__name__,
         # rank zero holds the wandb run; other ranks get Lightning's no-op stand-in
         "logger_is_wandb_run": trainer.logger is not None
         and type(trainer.logger.experiment).__module__.startswith("wandb"),
