@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
@@ -45,6 +46,9 @@ __all__ = [
 ]
 
 STATISTICS: tuple[str, ...] = (
+    "grad_norm",
+    "weight_norm",
+    "update_norm",
     "state_norm",
     "first_moment_hat_norm",
     "sqrt_second_moment",
@@ -75,6 +79,7 @@ class ParamMoments:
     betas: tuple[float, float] | None = None
     lr: float | None = None
     eps: float | None = None
+    sharded: bool = False  # the tensors are this rank's shard of a DTensor (FSDP2)
 
     @property
     def adam_like(self) -> bool:
@@ -122,13 +127,20 @@ class _Sums:
             self.columns[name] = (indices, values.to(torch.float32))
 
     def reduce(
-        self, groups: Sequence[Sequence[int]], count: int, device: torch.device
+        self,
+        groups: Sequence[Sequence[int]],
+        count: int,
+        device: torch.device,
+        weights: Sequence[float] | None = None,
     ) -> tuple[Tensor, list[list[int]]]:
         """``[columns, groups]`` sums (one matrix product) and, per column and group, how many
-        parameters contributed (known on the host, no sync)."""
+        parameters contributed (known on the host, no sync). ``weights[i]`` scales parameter
+        ``i``'s values (0 leaves a replicated parameter to rank zero in a sharded sum)."""
         pairs = [(i, g) for g, members in enumerate(groups) for i in members]
         membership = torch.zeros(count, len(groups), dtype=torch.float32)
         membership[tuple(torch.tensor(pairs, dtype=torch.long).T)] = 1.0
+        if weights is not None:
+            membership *= torch.tensor(list(weights), dtype=torch.float32)[:, None]
         rows = [c for c, (indices, _) in enumerate(self.columns.values()) for _ in indices]
         columns = [i for indices, _ in self.columns.values() for i in indices]
         matrix = torch.zeros(len(self.columns), count, dtype=torch.float32, device=device)
@@ -160,7 +172,7 @@ def _norm_sums(moments: Sequence[ParamMoments], wanted: set[str], device: torch.
                 state_slots.setdefault(key, []).append((i, slot(tensor)))
     moved = [i for i, m in enumerate(moments) if m.before is not None]
     weight = torch.zeros(0, device=device)
-    if "update_to_weight" in wanted and moved:
+    if {"update_to_weight", "update_norm"} & wanted and moved:
         befores = [moments[i].before for i in moved]
         weight = torch.stack(torch._foreach_norm(befores, 2, dtype=torch.float32)).square()
         # The snapshot becomes theta_{t-1} - theta_t in place: no second copy of the weights.
@@ -180,6 +192,10 @@ def _norm_sums(moments: Sequence[ParamMoments], wanted: set[str], device: torch.
         else []
     )
 
+    grads = [(i, slot(m.grad)) for i, m in enumerate(moments) if m.grad is not None]
+    grads = grads if "grad_norm" in wanted else []
+    weights = [(i, slot(m.param)) for i, m in enumerate(moments)] if "weight_norm" in wanted else []
+
     squares = torch.zeros(0, device=device)
     if inputs:
         squares = torch.stack(torch._foreach_norm(inputs, 2, dtype=torch.float32)).square()
@@ -188,6 +204,10 @@ def _norm_sums(moments: Sequence[ParamMoments], wanted: set[str], device: torch.
         return squares[torch.tensor(positions, dtype=torch.long, device=device)]
 
     sums = _Sums()
+    if grads:
+        sums.add("grad", [i for i, _ in grads], take([s for _, s in grads]))
+    if weights:
+        sums.add("param", [i for i, _ in weights], take([s for _, s in weights]))
     for key, pairs in state_slots.items():
         sums.add(f"norm:{key}", [i for i, _ in pairs], take([s for _, s in pairs]))
     if hat:
@@ -361,6 +381,7 @@ def moment_statistics(
     max_samples: int = 1024,
     histogram_bins: int = 0,
     generator: torch.Generator | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[list[dict[str, float]], list[GroupHistogram | None]]:
     """Statistics of each layer and of all parameters.
 
@@ -372,6 +393,15 @@ def moment_statistics(
     ``histogram_bins > 0``, also a histogram of ``log10(step_size)`` per group (``None`` where
     no member is Adam-like). Sampling uses ``generator`` (default: a fresh one seeded with 0, so
     the global random state that training relies on is never consumed).
+
+    Sharded state (FSDP2): ``moments`` hold this rank's shards (``ParamMoments.sharded``) and
+    ``group`` is the process group they are split over. Every rank then contributes its
+    partial sums and, instead of samples, counts of every element in fixed log-spaced bins
+    (:data:`LOG_BINS` per decade from 1e:data:`LOG_LOW` to 1e:data:`LOG_HIGH`); the ranks
+    exchange all of it as one packed buffer, one ``all_reduce`` (SUM). Percentiles are read from
+    the summed counts: each order statistic to within half a bin (0.6% relative), linearly
+    interpolated as ``numpy.percentile`` does. Replicated parameters count once (rank zero's).
+    Every rank gets the same results.
     """
     seen: set[int] = set()
     for j, members in enumerate(layers):
@@ -390,13 +420,22 @@ def moment_statistics(
     second = _concatenate(moments, groups, device)
     if second is not None and "second_moment_underflow" in wanted:
         _underflow_sums(moments, second, sums)
-    reduced, contributors = sums.reduce(groups, len(moments), device)
+    rank = dist.get_rank(group) if group is not None else 0
+    weights = [1.0 if m.sharded or rank == 0 else 0.0 for m in moments]
+    reduced, contributors = sums.reduce(groups, len(moments), device, weights)
     width = len(groups)
     buffer = _HostBuffer()
     buffer.pack("sums", reduced)  # [columns, groups]
 
     want_percentiles = bool(percentiles) and bool({"sqrt_second_moment", "step_size"} & wanted)
     has_adam = [any(moments[i].adam_like for i in members) for members in groups]
+    if group is not None:
+        if second is not None and (want_percentiles or histogram_bins > 0):
+            buffer.pack("log_counts", _log_histograms(moments, second, groups, weights))
+        buffer.transfer(group)  # the one collective, and the one device-to-host copy
+        return _sharded_results(
+            buffer, sums, contributors, wanted, percentiles, histogram_bins, has_adam, second
+        )
     if second is not None and (want_percentiles or histogram_bins > 0):
         roots, steps = _sampled_rows(moments, second, max_samples, generator)
         if want_percentiles:
@@ -417,7 +456,7 @@ def moment_statistics(
     results: list[dict[str, float]] = []
     for g in range(width):
         values = {name: column[g] for name, (column, present) in table.items() if present[g] > 0}
-        results.append(_scalars(values))
+        results.append(_scalars(values, wanted))
     if "sqrt_second_moment_quantiles" in buffer:
         roots_q = buffer["sqrt_second_moment_quantiles"]
         steps_q = buffer["step_size_quantiles"]
@@ -441,6 +480,131 @@ def moment_statistics(
     return results, histograms
 
 
+# Sharded percentiles: log10 of sqrt(v_hat) and of the step size binned in fixed bins, plus one
+# bin below (zeros included) and one above.
+LOG_LOW, LOG_HIGH, LOG_BINS = -20.0, 8.0, 200  # bins per decade: 1.16% wide
+
+
+def _log_histograms(
+    moments: Sequence[ParamMoments],
+    second: _SecondMoments,
+    groups: Sequence[Sequence[int]],
+    weights: Sequence[float],
+) -> Tensor:
+    """``[2 * groups, bins + 2]`` counts of every local element: rows ``g`` sqrt(v_hat), rows
+    ``groups + g`` the step size (Adam-like parameters only)."""
+    device = second.flat.device
+    params = [moments[i] for i in second.order]
+    adam = [m.adam_like for m in params]
+    sizes = torch.tensor(second.sizes, device=device)
+    owner = torch.repeat_interleave(torch.arange(len(params), device=device), sizes)
+    bias2 = torch.ones(len(params), dtype=torch.float64, device=device)
+    if any(adam):
+        picked = torch.tensor([k for k, a in enumerate(adam) if a], device=device)
+        _, corrections = _bias_corrections(
+            [m for m, a in zip(params, adam, strict=True) if a], device
+        )
+        bias2 = bias2.index_copy(0, picked, corrections.to(torch.float64))
+    values = second.flat[:-1]
+    roots = (values / bias2.to(torch.float32)[owner]).sqrt()
+    lr = torch.tensor([m.lr if a else math.nan for m, a in zip(params, adam, strict=True)])
+    eps = torch.tensor([m.eps if a else math.nan for m, a in zip(params, adam, strict=True)])
+    steps = lr.to(device)[owner] / (roots + eps.to(device)[owner])
+    weight = torch.tensor([weights[i] for i in second.order], device=device)[owner]
+    bins = int((LOG_HIGH - LOG_LOW) * LOG_BINS)
+    columns = bins + 2
+    # Each element's group rows: its layer's, and the "all parameters" row (the last).
+    layer_of = {i: g for g, members in enumerate(groups[:-1]) for i in members}
+    layer = torch.tensor([layer_of.get(i, -1) for i in second.order], device=device)[owner]
+    counts = torch.zeros(2 * len(groups) * columns, device=device)
+    for row_offset, series in ((0, roots), (len(groups), steps)):
+        valid = ~torch.isnan(series)
+        position = ((series.log10() - LOG_LOW) * LOG_BINS).floor() + 1
+        position = position.nan_to_num(0.0, posinf=bins + 1, neginf=0.0).clamp(0, bins + 1).long()
+        for rows, keep in (
+            (row_offset + layer, valid & (layer >= 0)),
+            (torch.full_like(layer, row_offset + len(groups) - 1), valid),
+        ):
+            counts.index_add_(0, (rows * columns + position)[keep], weight[keep])
+    return counts.reshape(2 * len(groups), columns)
+
+
+def _bin_value(index: int) -> float:
+    """The value a log bin stands for: its geometric center (0 below, the top edge above)."""
+    bins = int((LOG_HIGH - LOG_LOW) * LOG_BINS)
+    if index == 0:
+        return 0.0
+    if index > bins:
+        return 10.0**LOG_HIGH
+    return 10.0 ** (LOG_LOW + (index - 0.5) / LOG_BINS)
+
+
+def _histogram_percentile(counts: Sequence[float], q: float) -> float:
+    """``numpy.percentile``'s linear interpolation between the order statistics at ranks
+    ``floor(r)`` and ``floor(r) + 1``, ``r = q / 100 * (n - 1)``, each read as its bin's value."""
+    total = round(sum(counts))
+    rank = q / 100.0 * (total - 1)
+    low = math.floor(rank)
+    wanted = (low, min(low + 1, total - 1))
+    found: list[float] = []
+    cumulative = 0.0
+    for index, count in enumerate(counts):
+        cumulative += count
+        while len(found) < 2 and cumulative > wanted[len(found)]:
+            found.append(_bin_value(index))
+        if len(found) == 2:
+            break
+    return found[0] + (found[1] - found[0]) * (rank - low)
+
+
+def _coarse_histogram(counts: Sequence[float], bins: int) -> GroupHistogram:
+    """The fine log bins that hold elements, merged into ``bins`` equal bins (for W&B)."""
+    nonzero = [i for i, c in enumerate(counts) if c > 0]
+    first, last = nonzero[0], nonzero[-1]
+    low = LOG_LOW + (first - 1) / LOG_BINS
+    high = LOG_LOW + last / LOG_BINS
+    coarse = [0.0] * bins
+    for index in nonzero:
+        share = (index - first) / max(1, last - first + 1)
+        coarse[min(bins - 1, int(share * bins))] += counts[index]
+    return GroupHistogram(coarse, low, high)
+
+
+def _sharded_results(
+    buffer: _HostBuffer,
+    sums: _Sums,
+    contributors: list[list[int]],
+    wanted: set[str],
+    percentiles: Sequence[float],
+    histogram_bins: int,
+    has_adam: list[bool],
+    second: _SecondMoments | None,
+) -> tuple[list[dict[str, float]], list[GroupHistogram | None]]:
+    """Decode the summed buffer of the sharded path (see :func:`moment_statistics`)."""
+    sums_host = buffer["sums"]
+    width = len(has_adam)
+    table = {name: (sums_host[c], contributors[c]) for c, name in enumerate(sums.columns)}
+    results: list[dict[str, float]] = []
+    for g in range(width):
+        values = {name: column[g] for name, (column, present) in table.items() if present[g] > 0}
+        results.append(_scalars(values, wanted))
+    histograms: list[GroupHistogram | None] = [None] * width
+    if "log_counts" not in buffer:
+        return results, histograms
+    rows = buffer["log_counts"]
+    for g in range(width):
+        roots, steps = rows[g], rows[width + g]
+        for p in percentiles:
+            label = percentile_label(p)
+            if "sqrt_second_moment" in wanted and sum(roots) > 0:
+                results[g][f"sqrt_second_moment_{label}"] = _histogram_percentile(roots, p)
+            if "step_size" in wanted and has_adam[g] and sum(steps) > 0:
+                results[g][f"step_size_{label}"] = _histogram_percentile(steps, p)
+        if histogram_bins > 0 and has_adam[g] and sum(steps) > 0:
+            histograms[g] = _coarse_histogram(steps, histogram_bins)
+    return results, histograms
+
+
 class _HostBuffer:
     """Device tensors packed under names into one flat buffer, so that all of them leave the
     device in one transfer; the host then reads each back by name (``buffer[name]``), as a list
@@ -460,9 +624,16 @@ class _HostBuffer:
         self._size += flat.numel()
         self._parts.append(flat)
 
-    def transfer(self) -> None:
-        """The device-to-host copy (one ``cat`` on the device, one ``tolist``)."""
-        self._host = torch.cat(self._parts).tolist() if self._parts else []
+    def transfer(self, group: dist.ProcessGroup | None = None) -> None:
+        """The device-to-host copy (one ``cat`` on the device, one ``tolist``); with a
+        ``group``, summed over its ranks first (one ``all_reduce``)."""
+        if not self._parts:
+            self._host = []
+            return
+        packed = torch.cat(self._parts)
+        if group is not None:
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        self._host = packed.tolist()
 
     def __contains__(self, name: str) -> bool:
         return name in self._layout
@@ -476,7 +647,7 @@ class _HostBuffer:
         return [values[r * columns : (r + 1) * columns] for r in range(rows)]
 
 
-def _scalars(sums: dict[str, float]) -> dict[str, float]:
+def _scalars(sums: dict[str, float], wanted: set[str]) -> dict[str, float]:
     """Statistics of one group from its sums (only those its members contribute to)."""
     result = {
         f"{name[5:]}_norm": math.sqrt(value)
@@ -485,11 +656,18 @@ def _scalars(sums: dict[str, float]) -> dict[str, float]:
     }
     if "hat" in sums:
         result["first_moment_hat_norm"] = math.sqrt(sums["hat"])
+    if "grad" in sums:
+        result["grad_norm"] = math.sqrt(sums["grad"])
+    if "param" in sums:
+        result["weight_norm"] = math.sqrt(sums["param"])
     if "delta" in sums:
         delta, weight = math.sqrt(sums["delta"]), math.sqrt(sums["weight"])
-        result["update_to_weight"] = (
-            delta / weight if weight > 0 else (math.inf if delta > 0 else 0.0)
-        )
+        if "update_norm" in wanted:
+            result["update_norm"] = delta
+        if "update_to_weight" in wanted:
+            result["update_to_weight"] = (
+                delta / weight if weight > 0 else (math.inf if delta > 0 else 0.0)
+            )
     if "dot" in sums and sums["cos_m"] > 0 and sums["cos_g"] > 0:
         result["grad_cosine"] = sums["dot"] / math.sqrt(sums["cos_m"] * sums["cos_g"])
     if "underflow" in sums:

@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from optim_callbacks._compat import batches_that_stepped
+from optim_callbacks.callbacks._strategy import check_supported_strategy, is_fsdp2
 from optim_callbacks.moment_math import (
     STATISTICS,
     GroupHistogram,
@@ -37,15 +38,13 @@ from optim_callbacks.moment_math import (
     snapshot_parameters,
 )
 from optim_callbacks.optimizers import OptimizerSpec, spec_for
+from optim_callbacks.sharded import is_sharded, local_part, shard_group
 from optim_callbacks.validation import check_at_least, check_choice, check_in_range
 
 __all__ = ["STATISTICS", "MomentStatistics"]
 
 GLOBAL = "global"
 # Strategies that shard optimizer state: rank zero alone would see a fraction of it.
-_SHARDED_STRATEGIES = frozenset(
-    {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy"}
-)
 # How W&B summarizes each statistic in the run table (the last value unless a peak matters).
 _WANDB_SUMMARY = {"second_moment_underflow": "max,last", "update_to_weight": "max,last"}
 
@@ -134,18 +133,15 @@ class MomentStatistics(Callback):
         self._specs: dict[int, tuple[Optimizer, OptimizerSpec | None]] = {}  # id(optimizer) -> spec
         self._pending: dict[int, _Snapshot] = {}
         self._defined_keys: set[tuple[int, str]] = set()
+        self._sharded = False
 
     # --- configuration checks --------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        sharded = {cls.__name__ for cls in type(trainer.strategy).__mro__} & _SHARDED_STRATEGIES
-        if sharded:
-            raise ValueError(
-                f"strategy: MomentStatistics got {type(trainer.strategy).__name__}, which shards optimizer "
-                "state across ranks, so rank zero would report statistics of its shard only; "
-                "allowed: single-device and DDP strategies (optimizer state replicated)"
-            )
+        check_supported_strategy("MomentStatistics", trainer.strategy)
+        # FSDP2: every rank computes its shards' part; one all-reduce per logging step.
+        self._sharded = is_fsdp2(trainer.strategy)
         if not trainer.loggers:
             raise ValueError(
                 "logger: MomentStatistics got a Trainer without a logger (logger=False); allowed: any "
@@ -169,7 +165,7 @@ class MomentStatistics(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero and not self._sharded:
             return
         # The count Lightning's log_every_n_steps uses, and the step it logs this batch at.
         step = batches_that_stepped(trainer)
@@ -191,7 +187,7 @@ class MomentStatistics(Callback):
                 params.append(p)
                 hyperparameters.append(settings)
         before = None
-        if "update_to_weight" in self.statistics:
+        if {"update_to_weight", "update_norm"} & set(self.statistics):
             before = snapshot_parameters(params)
         self._pending[id(optimizer)] = _Snapshot(optimizer, params, before, hyperparameters, step)
 
@@ -209,7 +205,8 @@ class MomentStatistics(Callback):
         self._pending.clear()
         step = snapshots[0].step  # Lightning counts this batch only after on_train_batch_end
         scalars, histograms = self.compute(snapshots, step)
-        self._log(trainer, scalars, histograms, step)
+        if trainer.is_global_zero:
+            self._log(trainer, scalars, histograms, step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pending.clear()
@@ -230,9 +227,10 @@ class MomentStatistics(Callback):
             spec = self._spec(snapshot.optimizer)
             for k, p in enumerate(snapshot.params):
                 before = snapshot.before[k] if snapshot.before is not None else None
-                moments.append(
-                    _read_moments(snapshot.optimizer, spec, p, before, snapshot.hyperparameters[k])
+                read = _read_moments(
+                    snapshot.optimizer, spec, p, before, snapshot.hyperparameters[k]
                 )
+                moments.append(_local(read) if self._sharded else read)
                 layer = self._layer_of.get(id(p))
                 if layer in layer_members:
                     layer_members[layer].append(len(moments) - 1)
@@ -249,6 +247,7 @@ class MomentStatistics(Callback):
             max_samples=self.max_samples,
             histogram_bins=self.histogram_bins if self.histograms else 0,
             generator=generator,
+            group=shard_group(snapshots[0].params) if self._sharded else None,
         )
         scalars = {
             f"{self.prefix}/{name}/{stat}": value
@@ -382,6 +381,20 @@ def _read_moments(
             moments.betas = hyperparameters["betas"][:2]
             moments.step = state.get("step")
             moments.lr = hyperparameters["lr"]
+    return moments
+
+
+def _local(moments: ParamMoments) -> ParamMoments:
+    """``moments`` with every tensor replaced by this rank's shard (FSDP2's ``DTensor``)."""
+    sharded = is_sharded(moments.param)
+    moments.states = {key: local_part(value) for key, value in moments.states.items()}
+    for name in ("param", "before", "grad", "first_moment", "second_moment"):
+        value = getattr(moments, name)
+        if isinstance(value, Tensor):
+            setattr(moments, name, local_part(value))
+    if isinstance(moments.step, Tensor):
+        moments.step = local_part(moments.step)
+    moments.sharded = sharded
     return moments
 
 

@@ -310,9 +310,6 @@ class RecipeCLI(LightningCLI):
             if option.needs_logger and not logger:
                 rank_zero_info(f"{option.key}: off, because the run has no logger")
                 continue
-            if isinstance(callback, MomentStatistics) and trainer_config.get("strategy") == "fsdp2":
-                rank_zero_info(f"{option.key}: off, because it does not read sharded state yet")
-                continue
             if (
                 isinstance(callback, ModelCheckpoint)
                 and trainer_config.get("enable_checkpointing") is False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,9 @@ def expected_statistics(
                 out[f"{key}_norm"] = _norm(present)
         delta = [record["after"][n].double() - record["before"][n].double() for n in names]
         out["update_to_weight"] = _norm(delta) / _norm(record["before"][n] for n in names)
+        out["update_norm"] = _norm(delta)
+        out["weight_norm"] = _norm(record["after"][n] for n in names)  # after the step
+        out["grad_norm"] = _norm(record["grad"][n] for n in names)
         if first:
             m = torch.cat([state[n][first].double().flatten() for n in names])
             g = torch.cat([record["grad"][n].double().flatten() for n in names])
@@ -337,7 +341,13 @@ def test_unregistered_optimizer_logs_every_state_tensor_shaped_like_its_paramete
     ]
     record = recorder.records[step]
     names = list(record["after"])
-    assert {k.rsplit("/", 1)[1] for k in metrics} == {"velocity_norm", "update_to_weight"}
+    assert {k.rsplit("/", 1)[1] for k in metrics} == {
+        "velocity_norm",
+        "update_to_weight",
+        "update_norm",
+        "weight_norm",
+        "grad_norm",
+    }
     assert metrics["moments/global/velocity_norm"] == pytest.approx(
         _norm(record["state"][n]["velocity"] for n in names), rel=1e-6
     )
@@ -498,7 +508,8 @@ def test_refuses_sharded_optimizer_state(tmp_path):
         strategy=CpuFSDP(), accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path
     )
     with pytest.raises(
-        ValueError, match="strategy: MomentStatistics got CpuFSDP, which shards optimizer state"
+        ValueError,
+        match="strategy: MomentStatistics got CpuFSDP; allowed: single device, DDP, and FSDP2",
     ):
         MomentStatistics().setup(trainer, TinyRegressor(), "fit")
 
@@ -515,3 +526,66 @@ def test_host_buffer_reads_each_packed_tensor_back_by_name():
     assert buffer["empty"] == []
     assert buffer["flat"] == [7.0, 8.0]
     assert "flat" in buffer and "missing" not in buffer
+
+
+# --------------------------------------------------------------------------------- FSDP2
+def _csv_moments(path: str) -> dict[int, dict[str, float]]:
+    with open(path) as handle:
+        rows = {}
+        for row in csv.DictReader(handle):
+            values = {k: float(v) for k, v in row.items() if v != "" and k.startswith("moments/")}
+            if values:
+                rows[int(row["step"])] = values
+    return rows
+
+
+@pytest.fixture(scope="module")
+def fsdp_moments(tmp_path_factory, two_processes) -> list[dict]:
+    out = tmp_path_factory.mktemp("fsdp_moments")
+    return two_processes("fsdp_moments.py", out, WANDB_MODE="offline", WANDB_SILENT="true")
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.parametrize("optimizer", ["adamw", "adabelief", "momentum"])
+def test_fsdp2_logs_the_statistics_of_ddp(fsdp_moments, optimizer):
+    """Norms, ratios, cosines, underflow: float rounding (1e-5 relative). Percentiles: from the
+    summed log histogram, within half a bin (0.6%; asserted at 1%)."""
+    ddp = _csv_moments(fsdp_moments[0][optimizer]["ddp"]["csv"])
+    fsdp2 = _csv_moments(fsdp_moments[0][optimizer]["fsdp2"]["csv"])
+    assert sorted(ddp) == sorted(fsdp2) == [1, 3, 5]
+    for step, expected in ddp.items():
+        assert fsdp2[step].keys() == expected.keys()
+        for key, value in expected.items():
+            tolerance = 1e-2 if re.search(r"_p\d+$", key) else 1e-5
+            assert fsdp2[step][key] == pytest.approx(value, rel=tolerance, abs=1e-12), key
+    assert {"moments/global/grad_norm", "moments/net.0/weight_norm"} <= set(fsdp2[1])
+    assert "moments/net.1/update_norm" in fsdp2[1]  # the LayerNorm, spread over both ranks
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_fsdp2_exchanges_one_buffer_per_logging_step_and_nothing_otherwise(fsdp_moments):
+    for rank in fsdp_moments:
+        for optimizer in ("adamw", "adabelief", "momentum"):
+            assert rank[optimizer]["fsdp2"]["collectives"] == [0, 1] * 3  # logs at steps 1, 3, 5
+            assert rank[optimizer]["ddp"]["collectives"] == [0] * 6
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_fsdp2_statistics_and_histograms_reach_an_offline_wandb_run(fsdp_moments, wandb_run):
+    run = fsdp_moments[0]["adamw"]["fsdp2"]
+    rows = [
+        r
+        for r in wandb_run.history(Path(run["wandb_dir"]).parent)
+        if "moments/global/grad_norm" in r
+    ]
+    assert len(rows) == 3
+    csv_rows = _csv_moments(run["csv"])
+    assert rows[0]["moments/global/grad_norm"] == pytest.approx(
+        csv_rows[1]["moments/global/grad_norm"]
+    )
+    values = rows[0]["moments/net.0/log10_step_size.values"]
+    assert rows[0]["moments/net.0/log10_step_size._type"] == "histogram"
+    assert sum(values) == 32 * 16 + 32  # every element of net.0, from both shards
