@@ -1,6 +1,11 @@
 """Training-step time of a BERT classifier with and without ``MomentStatistics``, in one run.
 
-Run: ``python bench/callback_overhead.py [--cycles C] [--model small|tiny|minilm] [--threads T]``
+Run: ``python bench/callback_overhead.py [--cycles C] [--model small|tiny|minilm] [--threads T]
+[--fsdp2]``
+
+``--fsdp2``: two gloo processes under ``FSDP2Strategy``, each encoder layer and the root
+sharded (``ClassificationModule.configure_model``); the callback then exchanges one packed
+buffer per logging step. Rank zero's step times are reported.
 
 The model is the BERT recipe's Lightning module (``recipes.core.classification.ClassificationModule``:
 AdamW + warmup + cosine, torchmetrics, ``self.log``, a ``CSVLogger``) around a BERT encoder: by
@@ -34,7 +39,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
-from optim_callbacks import MomentStatistics
+from optim_callbacks import FSDP2Strategy, MomentStatistics
 
 BLOCK = 50
 CYCLE = ("off", "every_n_steps=50", "every_n_steps=1", "every_n_steps=1", "every_n_steps=50", "off")
@@ -126,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
+    parser.add_argument("--fsdp2", action="store_true", help="two processes, sharded (FSDP2)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -140,17 +146,19 @@ def main(argv: list[str] | None = None) -> None:
         RandomTokens((steps + 1) * args.batch_size, args.seq_len, vocab), batch_size=args.batch_size
     )
     parameters = sum(p.numel() for p in module.parameters())
-    print(
-        f"model: {args.model} BERT ({parameters / 1e6:.1f}M parameters), batch {args.batch_size} x "
-        f"{args.seq_len} tokens, AdamW; {args.cycles} cycles of {len(CYCLE)} blocks of {BLOCK} "
-        f"steps (+1 warm-up block), torch threads {torch.get_num_threads()}"
+    where = "FSDP2 over 2 gloo processes, batch per rank" if args.fsdp2 else "one process, batch"
+    header = (
+        f"model: {args.model} BERT ({parameters / 1e6:.1f}M parameters), {where} "
+        f"{args.batch_size} x {args.seq_len} tokens, AdamW; {args.cycles} cycles of {len(CYCLE)} "
+        f"blocks of {BLOCK} steps (+1 warm-up block), torch threads {torch.get_num_threads()}"
     )
     moments = MomentStatistics(every_n_steps=EVERY["off"])
     schedule = BlockSchedule(moments, blocks)
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(
             accelerator="cpu",
-            devices=1,
+            devices=2 if args.fsdp2 else 1,
+            strategy=FSDP2Strategy(data_parallel_size=2) if args.fsdp2 else "auto",
             max_steps=steps + 1,
             logger=CSVLogger(root),
             callbacks=[schedule, moments],
@@ -161,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
             default_root_dir=root,
         )
         trainer.fit(module, train_dataloaders=data)
+    if not trainer.is_global_zero:
+        return
+    print(header)
     times = schedule.step_times()
 
     names = list(EVERY)

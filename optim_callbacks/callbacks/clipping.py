@@ -239,6 +239,7 @@ class GradientClipping(Callback):
         self._excluded_params: set[int] | None = None
         self._check_sharding = True
         self._module: pl.LightningModule | None = None
+        self.last_pre_clip_norm: float | None = None  # this step's global norm before clipping
 
     @staticmethod
     def _options_of(mode: str) -> list[str]:
@@ -301,6 +302,7 @@ class GradientClipping(Callback):
             self._check_sharding = False
             self._module = pl_module
         norm = float(global_norm(grads, self.norm_type))
+        self.last_pre_clip_norm = norm  # read by MomentStatistics (no second computation)
         if not math.isfinite(norm):
             self._skip_nonfinite(trainer, params, norm, scaler is not None)
             return

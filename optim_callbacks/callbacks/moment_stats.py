@@ -205,6 +205,9 @@ class MomentStatistics(Callback):
         self._pending.clear()
         step = snapshots[0].step  # Lightning counts this batch only after on_train_batch_end
         scalars, histograms = self.compute(snapshots, step)
+        pre_clip = _pre_clip_norm(trainer)
+        if pre_clip is not None and "grad_norm" in self.statistics:
+            scalars[f"{self.prefix}/{GLOBAL}/grad_norm_before_clipping"] = pre_clip
         if trainer.is_global_zero:
             self._log(trainer, scalars, histograms, step)
 
@@ -384,9 +387,20 @@ def _read_moments(
     return moments
 
 
+def _pre_clip_norm(trainer: pl.Trainer) -> float | None:
+    """The global L2 norm of this step's gradients before clipping, as ``GradientClipping``
+    computed it (``None`` without one, or when it clips another norm)."""
+    for callback in trainer.callbacks:
+        norm = getattr(callback, "last_pre_clip_norm", None)
+        if norm is not None and getattr(callback, "norm_type", None) == 2.0:
+            return float(norm)
+    return None
+
+
 def _local(moments: ParamMoments) -> ParamMoments:
     """``moments`` with every tensor replaced by this rank's shard (FSDP2's ``DTensor``)."""
     sharded = is_sharded(moments.param)
+    moments.global_numel = moments.param.numel()  # a DTensor's numel is the whole tensor's
     moments.states = {key: local_part(value) for key, value in moments.states.items()}
     for name in ("param", "before", "grad", "first_moment", "second_moment"):
         value = getattr(moments, name)

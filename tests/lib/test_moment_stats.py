@@ -550,14 +550,14 @@ def fsdp_moments(tmp_path_factory, two_processes) -> list[dict]:
 @pytest.mark.parametrize("optimizer", ["adamw", "adabelief", "momentum"])
 def test_fsdp2_logs_the_statistics_of_ddp(fsdp_moments, optimizer):
     """Norms, ratios, cosines, underflow: float rounding (1e-5 relative). Percentiles: from the
-    summed log histogram, within half a bin (0.6%; asserted at 1%)."""
+    summed log histogram, within half a bin (1.2%; asserted at 2%, the issue's bound)."""
     ddp = _csv_moments(fsdp_moments[0][optimizer]["ddp"]["csv"])
     fsdp2 = _csv_moments(fsdp_moments[0][optimizer]["fsdp2"]["csv"])
     assert sorted(ddp) == sorted(fsdp2) == [1, 3, 5]
     for step, expected in ddp.items():
         assert fsdp2[step].keys() == expected.keys()
         for key, value in expected.items():
-            tolerance = 1e-2 if re.search(r"_p\d+$", key) else 1e-5
+            tolerance = 2e-2 if re.search(r"_p\d+$", key) else 1e-5
             assert fsdp2[step][key] == pytest.approx(value, rel=tolerance, abs=1e-12), key
     assert {"moments/global/grad_norm", "moments/net.0/weight_norm"} <= set(fsdp2[1])
     assert "moments/net.1/update_norm" in fsdp2[1]  # the LayerNorm, spread over both ranks
@@ -589,3 +589,23 @@ def test_fsdp2_statistics_and_histograms_reach_an_offline_wandb_run(fsdp_moments
     values = rows[0]["moments/net.0/log10_step_size.values"]
     assert rows[0]["moments/net.0/log10_step_size._type"] == "histogram"
     assert sum(values) == 32 * 16 + 32  # every element of net.0, from both shards
+
+
+def test_grad_norm_before_clipping_is_the_clipping_callbacks_own(tmp_path):
+    from optim_callbacks import GradientClipping
+
+    logger = RecordingLogger()
+    callbacks = [GradientClipping(max_norm=0.05), MomentStatistics(every_n_steps=1)]
+    trainer = tiny_trainer(
+        tmp_path, max_steps=3, logger=logger, callbacks=callbacks, log_every_n_steps=1
+    )
+    trainer.fit(TinyRegressor(scheduler=None))
+    clipped = {
+        s: m["grad_clip/pre_clip_norm"] for s, m in logger.rows if "grad_clip/pre_clip_norm" in m
+    }
+    moments = {s: m for s, m in logger.rows if "moments/global/grad_norm" in m}
+    assert sorted(moments) == sorted(clipped) == [0, 1, 2]
+    for step, metrics in moments.items():
+        assert metrics["moments/global/grad_norm_before_clipping"] == clipped[step]
+        assert clipped[step] > 0.05  # it clipped: the gradients the optimizer used are smaller
+        assert metrics["moments/global/grad_norm"] == pytest.approx(0.05, rel=1e-5)
