@@ -30,7 +30,8 @@ and, in ``auto`` mode, ``grad_clip/threshold``. Norms are computed in float32 wh
 gradients' dtype (an fp16 sum of squares overflows at a norm of 256).
 
 Cost: one host synchronisation per step (two in ``value`` and ``agc`` modes) to read the norm,
-because skipping a step for non-finite gradients is a decision the host must take.
+because skipping a step for non-finite gradients is a decision the host must take. Under FSDP2
+the collectives per step are 1 (``norm``, ``auto``), 3 (``value``) and 4 (``agc``).
 """
 
 from __future__ import annotations
@@ -162,8 +163,10 @@ class GradientClipping(Callback):
 
     Distributed: under DDP every rank holds the same all-reduced gradients, so every rank
     computes the same norm and takes the same decision without any extra communication.
-    Sharded strategies (FSDP, DeepSpeed, model parallel) hold only a shard of the gradients
-    per rank; the callback refuses them (use their own ``gradient_clip_val`` support).
+    Under FSDP2 (``FSDP2Strategy`` / ``ModelParallelStrategy`` with data parallelism) each rank
+    holds a shard of every gradient: norms are global (local partial sums, one all-reduce;
+    :mod:`optim_callbacks.sharded`), every rank clips its shard by the same coefficient and
+    skips the same non-finite steps. FSDP1 and DeepSpeed are refused with a message.
 
     Manual optimization is refused, as Lightning refuses ``gradient_clip_val`` there.
     """

@@ -10,6 +10,10 @@ statistics of :mod:`optim_callbacks.moment_math` under ``<prefix>/<layer>/<stati
 Steps that don't log cost one integer test. On a logging step the parameters are copied in
 ``on_before_optimizer_step`` (for the update-to-weight ratio) and everything is computed in
 ``on_train_batch_end``, after the step, with batched reductions and one device-to-host copy.
+
+Under DDP the state is replicated and rank zero alone computes. Under FSDP2 every rank reads its
+shards and the ranks exchange one packed buffer per logging step (see
+:func:`optim_callbacks.moment_math.moment_statistics`); rank zero logs.
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ from optim_callbacks.validation import check_at_least, check_choice, check_in_ra
 __all__ = ["STATISTICS", "MomentStatistics"]
 
 GLOBAL = "global"
-# Strategies that shard optimizer state: rank zero alone would see a fraction of it.
 # How W&B summarizes each statistic in the run table (the last value unless a peak matters).
 _WANDB_SUMMARY = {"second_moment_underflow": "max,last", "update_to_weight": "max,last"}
 

@@ -7,6 +7,8 @@
   :class:`~recipes.core.optimization.OptimizerSettings` (``--model.optimization.*`` holds the
   rest: ``layer_decay``, ``optimizer_options``, ``scheduler_options``). LightningCLI's own
   ``--optimizer``/``--lr_scheduler`` (torch classes) are switched off.
+- ``--trainer.strategy fsdp2 --trainer.devices 2``: sharded training (FSDP2,
+  :class:`optim_callbacks.FSDP2Strategy`; the module's ``configure_model`` shards it);
 - every Trainer, model and data option: ``--trainer.devices 2 --trainer.strategy ddp``,
   ``--trainer.precision 16-mixed``, ``--model.optimization.layer_decay 0.8``,
   ``--data.batch_size 32``;
