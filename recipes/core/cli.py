@@ -55,7 +55,7 @@ from optim_callbacks import (
 from optim_callbacks.validation import check_choice
 from recipes.core.errors import UsageError
 from recipes.core.legacy import upgrade_args
-from recipes.core.loggers import LOGGERS, build_logger, run_locations
+from recipes.core.loggers import LOGGERS, build_logger, finish_wandb_runs, run_locations
 from recipes.core.optimization import TOP_LEVEL_FLAGS, OptimizerSettings
 from recipes.core.parse_errors import one_line_parse_error
 from recipes.core.resume_checks import check_checkpoint_fits, check_resume_checkpoint
@@ -349,6 +349,7 @@ class RecipeCLI(LightningCLI):
                 )
             )
             print("\n".join(locations))
+        finish_wandb_runs(trainer)
         return self.test_results
 
 

@@ -19,7 +19,14 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 
 from optim_callbacks.validation import check_choice
 
-__all__ = ["LOGGERS", "build_logger", "run_locations", "wandb_credentials_configured", "wandb_mode"]
+__all__ = [
+    "LOGGERS",
+    "build_logger",
+    "finish_wandb_runs",
+    "run_locations",
+    "wandb_credentials_configured",
+    "wandb_mode",
+]
 
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 
@@ -86,3 +93,14 @@ def run_locations(trainer: L.Trainer) -> list[str]:
     if last:
         lines.append(f"Last checkpoint: {last} (resume with --ckpt_path {last})")
     return lines
+
+
+def finish_wandb_runs(trainer: L.Trainer) -> None:
+    """Close this run's W&B runs (rank zero) once fit and test are done, so that their files
+    are complete when the command returns: left to interpreter exit, a distributed run's
+    teardown can end the process before W&B has written the run (seen under FSDP2)."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
