@@ -33,6 +33,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO_ROOT / "tests" / "scripts"
 LAUNCHER_KEYS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+# Set by W&B in this process once an in-process test started a run: it points children at this
+# process's W&B service, which a later test may have torn down. A child starts its own.
+INHERITED_KEYS = (*LAUNCHER_KEYS, "WANDB_SERVICE")
 
 
 @pytest.fixture(autouse=True)
@@ -104,8 +107,8 @@ def wandb_run() -> WandbRunReader:
 
 def subprocess_env(**overrides: str) -> dict[str, str]:
     """This environment for a child process: the repository importable, no launcher variables
-    left over, one OpenMP thread."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_KEYS}
+    or W&B service token left over, one OpenMP thread."""
+    env = {k: v for k, v in os.environ.items() if k not in INHERITED_KEYS}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.update(overrides)

@@ -97,8 +97,8 @@ def run_locations(trainer: L.Trainer) -> list[str]:
 
 def finish_wandb_runs(trainer: L.Trainer) -> None:
     """Close this run's W&B runs (rank zero) once fit and test are done, so that their files
-    are complete when the command returns: left to interpreter exit, a distributed run's
-    teardown can end the process before W&B has written the run (seen under FSDP2)."""
+    are complete when ``Recipe.run`` returns (to a sweep, a notebook, a test), not only at
+    interpreter exit."""
     if not trainer.is_global_zero:
         return
     for logger in trainer.loggers:
