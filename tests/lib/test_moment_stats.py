@@ -142,7 +142,10 @@ def assert_statistics_equal(
 ) -> None:
     assert set(logged) == set(expected)
     for key, value in expected.items():
-        assert logged[key] == pytest.approx(value, rel=rel, abs=1e-9), key
+        # A float32 dot product errs relative to |m| |g|: in cosine units, absolutely (a cosine
+        # near 0 has no relative precision to speak of).
+        absolute = 1e-6 if key.endswith("/grad_cosine") else 1e-9
+        assert logged[key] == pytest.approx(value, rel=rel, abs=absolute), key
 
 
 def moment_scalars(row: dict[str, Any]) -> dict[str, float]:
