@@ -105,7 +105,8 @@ def global_norm(tensors: Sequence[torch.Tensor], norm_type: float) -> torch.Tens
     replicated_norms = _local_norms(replicated, norm_type).to(device)
     if norm_type == math.inf:
         local = shard_norms.max() if shard_norms.numel() else torch.zeros((), device=device)
-        local = local.reshape(1).clone()
+        # A MAX reduction may drop a NaN (max(nan, x) is x in some orders): send it as inf.
+        local = local.reshape(1).nan_to_num(nan=math.inf)
         dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
         if replicated_norms.numel():
             local = torch.maximum(local, replicated_norms.max())

@@ -57,12 +57,17 @@ def test_collectives_per_step(ranks, case, per_step):
     assert ranks[0][case]["ddp"]["collectives"] == [0] * 8
 
 
-def test_a_nonfinite_step_on_one_rank_is_skipped_on_both(ranks):
+@pytest.mark.parametrize("case", ["nonfinite", "nonfinite_inf"])
+def test_a_nonfinite_step_on_one_rank_is_skipped_on_both(ranks, case):
+    """``nonfinite``: rank 0's loss is NaN. ``nonfinite_inf``: one element of the shard only rank
+    0 holds is NaN, under the inf-norm (a MAX all-reduce, which must not drop the NaN)."""
     for rank in ranks:
         for kind in ("ddp", "fsdp2"):
-            run = rank["nonfinite"][kind]
+            run = rank[case][kind]
             assert [i for i, skipped in enumerate(run["skipped"]) if skipped] == [2, 5]
             assert run["nonfinite_steps"] == 2
+    ddp, fsdp2 = ranks[0][case]["ddp"]["weights"], ranks[0][case]["fsdp2"]["weights"]
+    assert _max_difference(fsdp2, ddp) <= 1e-6
 
 
 def test_nonfinite_stop_writes_a_sharded_checkpoint_that_resumes(ranks):

@@ -34,9 +34,21 @@ class Sharded(TinyRegressor):
     """TinyRegressor, NaN loss on rank 0 at the given steps; under FSDP2 each Linear and the root
     are sharded in ``configure_model``."""
 
-    def __init__(self, nan_steps: tuple[int, ...] = (), **kwargs) -> None:
+    def __init__(
+        self, nan_steps: tuple[int, ...] = (), nan_grad_steps: tuple[int, ...] = (), **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         self.nan_steps = set(nan_steps)
+        self.nan_grad_steps = set(nan_grad_steps)
+
+    def on_after_backward(self) -> None:
+        """At ``nan_grad_steps``, one gradient element becomes NaN: the output bias, which under
+        FSDP2 lies on rank 0 alone (rank 1 holds no rows of the last layer)."""
+        if self.trainer.global_step in self.nan_grad_steps:
+            grad = self.net[3].bias.grad
+            local = grad.to_local() if isinstance(grad, DTensor) else grad
+            if local.numel():
+                local[0] = float("nan")
 
     def configure_model(self) -> None:
         if self.device_mesh is None:
@@ -99,6 +111,9 @@ CASES = {
     "agc": dict(clipping=dict(mode="agc", clip_factor=0.02, exclude=["net.3"])),
     "auto": dict(clipping=dict(mode="auto", percentile=50)),
     "nonfinite": dict(clipping=dict(max_norm=0.5), nan_steps=(2, 5)),
+    "nonfinite_inf": dict(
+        clipping=dict(max_norm=0.05, norm_type=float("inf")), nan_grad_steps=(2, 5)
+    ),
     "stop": dict(
         clipping=dict(max_norm=0.5, max_consecutive_nonfinite=2), nan_steps=tuple(range(3, 99))
     ),
@@ -120,6 +135,7 @@ def run_case(
     torch.manual_seed(0)
     module = Sharded(
         nan_steps=case.get("nan_steps", ()),
+        nan_grad_steps=case.get("nan_grad_steps", ()),
         optimizer=case.get("optimizer", "adam"),
         lr=1e-2,
         scheduler="cosine",
