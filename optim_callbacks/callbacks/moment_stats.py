@@ -348,9 +348,13 @@ def _compile_layer_filter(layer_filter: str | None) -> re.Pattern[str] | None:
 
 
 def _as_float(value: Any) -> float | None:
-    if value is None:
-        return None
-    return float(value.item()) if isinstance(value, Tensor) else float(value)
+    """A hyper-parameter as a number; ``None`` when it is none or not one number (torch's
+    Adafactor, for one, keeps ``eps`` as a pair)."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return float(value.item())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def _read_moments(

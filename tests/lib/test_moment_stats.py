@@ -366,6 +366,22 @@ class SwitchToMomentum(Callback):
             notify_optimizers_changed(trainer, pl_module)
 
 
+class AdafactorRegressor(TinyRegressor):
+    def configure_optimizers(self):
+        return torch.optim.Adafactor(self.parameters(), lr=1e-2)
+
+
+def test_an_optimizer_with_a_pair_as_eps_logs_its_state(tmp_path):
+    """torch's Adafactor keeps ``eps`` as ``(None, 1e-3)``: read as no single eps, not a crash."""
+    logger = RecordingLogger()
+    callbacks = [MomentStatistics(every_n_steps=2)]
+    trainer = tiny_trainer(tmp_path, max_steps=2, logger=logger, callbacks=callbacks)
+    trainer.fit(AdafactorRegressor())
+    ((_, metrics),) = [(s, m) for s, m in logger.rows if any(k.startswith("moments/") for k in m)]
+    assert metrics["moments/global/grad_norm"] > 0 and metrics["moments/global/update_norm"] > 0
+    assert "moments/net.0/update_to_weight" in metrics
+
+
 def test_keys_continue_across_an_adam_to_sgd_switch(tmp_path):
     logger, recorder = RecordingLogger(), Recorder()
     callbacks = [MomentStatistics(every_n_steps=3), SwitchToMomentum(), recorder]
