@@ -335,7 +335,16 @@ def _sampled_rows(
     # Which parameter each sampled element belongs to, for its bias correction, lr and eps.
     ends = torch.tensor(second.sizes, device=device).cumsum(0)
     owner = torch.searchsorted(ends, index, right=True).clamp_max(len(second.order) - 1)
-    params = [moments[i] for i in second.order]
+    return _roots_and_steps([moments[i] for i in second.order], values, owner)
+
+
+def _roots_and_steps(
+    params: Sequence[ParamMoments], values: Tensor, owner: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``sqrt(v_hat)`` and the step size ``lr / (sqrt(v_hat) + eps)`` of second-moment
+    ``values``, element ``k`` belonging to ``params[owner[k]]`` (step size NaN where that
+    parameter is not Adam-like; ``v_hat = v`` without bias correction)."""
+    device = values.device
     adam = [m.adam_like for m in params]
     bias2 = torch.ones(
         len(params), dtype=torch.float64 if device.type != "mps" else torch.float32, device=device
@@ -345,7 +354,7 @@ def _sampled_rows(
         _, corrections = _bias_corrections(
             [m for m, a in zip(params, adam, strict=True) if a], device
         )
-        bias2 = bias2.index_copy(0, picked, corrections)
+        bias2 = bias2.index_copy(0, picked, corrections.to(bias2.dtype))
     roots = (values / bias2.to(torch.float32)[owner]).sqrt()
     lr = torch.tensor(
         [m.lr if a else math.nan for m, a in zip(params, adam, strict=True)], device=device
@@ -534,17 +543,7 @@ def _log_histograms(
         return counts.reshape(2 * len(groups), columns)
     index, owner = torch.cat(picks), torch.cat(owners)
     weight = torch.cat(draw_weights).to(device)
-    adam = [m.adam_like for m in params]
-    bias2 = torch.ones(len(params), dtype=torch.float64, device=device)
-    if any(adam):
-        picked = torch.tensor([k for k, a in enumerate(adam) if a], device=device)
-        chosen = [m for m, a in zip(params, adam, strict=True) if a]
-        _, corrections = _bias_corrections(chosen, device)
-        bias2 = bias2.index_copy(0, picked, corrections.to(torch.float64))
-    roots = (second.flat[index] / bias2.to(torch.float32)[owner]).sqrt()
-    lr = torch.tensor([m.lr if a else math.nan for m, a in zip(params, adam, strict=True)])
-    eps = torch.tensor([m.eps if a else math.nan for m, a in zip(params, adam, strict=True)])
-    steps = lr.to(device)[owner] / (roots + eps.to(device)[owner])
+    roots, steps = _roots_and_steps(params, second.flat[index], owner)
     rows = torch.tensor(row_of, device=device)[owner]
     for offset, series in ((0, roots), (len(groups), steps)):
         valid = ~torch.isnan(series)

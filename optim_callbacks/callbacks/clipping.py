@@ -241,7 +241,6 @@ class GradientClipping(Callback):
         self._reported_nonfinite = False
         self._excluded_params: set[int] | None = None
         self._check_sharding = True
-        self._module: pl.LightningModule | None = None
         self.last_pre_clip_norm: float | None = None  # this step's global norm before clipping
 
     @staticmethod
@@ -303,7 +302,6 @@ class GradientClipping(Callback):
         if self._check_sharding:
             check_data_parallel(grads)
             self._check_sharding = False
-            self._module = pl_module
         norm = float(global_norm(grads, self.norm_type))
         self.last_pre_clip_norm = norm  # read by MomentStatistics (no second computation)
         if not math.isfinite(norm):
@@ -322,7 +320,7 @@ class GradientClipping(Callback):
         elif self.mode == "value":
             clipped = self._clip_by_value(grads, norm)
         else:
-            clipped = self._clip_adaptively(params)
+            clipped = self._clip_adaptively(pl_module, params)
         coefficient = 1.0
         if clipped:
             self.clipped_steps += 1
@@ -354,14 +352,13 @@ class GradientClipping(Callback):
         torch._foreach_clamp_max_(local, self.max_value)
         return True
 
-    def _clip_adaptively(self, params: list[torch.Tensor]) -> bool:
+    def _clip_adaptively(self, pl_module: pl.LightningModule, params: list[torch.Tensor]) -> bool:
         """AGC on local parts. FSDP2 shards on dim 0, so a unit (a row, an output filter) lies
         whole on one rank; a 1-D parameter is one unit spread over the ranks: its squares are
         summed across them (one collective for all of them)."""
         if self._excluded_params is None:  # fully_shard replaced the parameters after setup
-            module = self._module
             self._excluded_params = (
-                {id(p) for name, p in module.named_parameters() if name.startswith(self.exclude)}
+                {id(p) for name, p in pl_module.named_parameters() if name.startswith(self.exclude)}
                 if self.exclude
                 else set()
             )
