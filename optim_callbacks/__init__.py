@@ -1,7 +1,7 @@
 """optim-callbacks: optimizers and schedules by name, and Lightning callbacks that watch and
 steer them (clipping, AMP epsilon, Adam->SGD switching, moment statistics)."""
 
-from optim_callbacks.adabelief import AdaBelief
+from optim_callbacks.algorithms import AdaBelief, Adadelta, RMSprop
 from optim_callbacks.callbacks import *  # noqa: F403
 from optim_callbacks.callbacks import __all__ as _callbacks_all
 from optim_callbacks.optimizers import (
@@ -35,6 +35,8 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "AdaBelief",
+    "Adadelta",
+    "RMSprop",
     "OptimizerSpec",
     "Registry",
     "ScheduleSpec",

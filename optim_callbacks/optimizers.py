@@ -19,13 +19,15 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from optim_callbacks._compat import fused_kernel_devices
-from optim_callbacks.adabelief import AdaBelief
+from optim_callbacks.algorithms import AdaBelief, Adadelta, RMSprop
+from optim_callbacks.compiled_update import COMPILED_DEVICES
 from optim_callbacks.param_groups import ParamsT, param_groups
 from optim_callbacks.registry import Registry
 from optim_callbacks.validation import (
     check_betas,
     check_choice,
     check_in_range,
+    check_lr,
     check_non_negative,
     check_positive,
     check_unknown_options,
@@ -77,9 +79,16 @@ class OptimizerSpec:
     def build(self, params: Any, **kwargs: Any) -> Optimizer:
         return (self.factory or self.optimizer_class)(params, **kwargs)
 
+    @property
+    def built_class(self) -> Callable[..., Optimizer]:
+        """What :meth:`build` calls: ``factory`` (e.g. our compiled subclass of the torch
+        class) or ``optimizer_class``."""
+        return self.factory or self.optimizer_class
+
     def _parameters(self) -> dict[str, inspect.Parameter]:
-        """The keyword options of the class's constructor (besides ``params``)."""
-        signature = inspect.signature(self.optimizer_class.__init__)
+        """The keyword options of what :meth:`build` calls (besides ``params``)."""
+        built = self.built_class
+        signature = inspect.signature(built.__init__ if isinstance(built, type) else built)
         return {
             name: p
             for name, p in signature.parameters.items()
@@ -266,6 +275,7 @@ _add(
         state_keys=("square_avg", "acc_delta"),
         second_moment="square_avg",
         has_eps=True,
+        factory=Adadelta,
     )
 )
 _add(
@@ -278,6 +288,7 @@ _add(
         second_moment="square_avg",
         has_eps=True,
         has_momentum=True,
+        factory=RMSprop,
     )
 )
 _add(
@@ -336,8 +347,8 @@ def spec_for(optimizer: Optimizer) -> OptimizerSpec | None:
 
 def _check_hyperparameters(values: Mapping[str, Any]) -> None:
     """The value checks of the torch options the registry's optimizers share."""
-    if "lr" in values and not isinstance(values["lr"], torch.Tensor):
-        check_positive("lr", values["lr"])
+    if "lr" in values:
+        check_lr(values["lr"])
     if "eps" in values:
         check_positive("eps", values["eps"])
     for key in ("momentum", "weight_decay", "dampening", "lr_decay", "initial_accumulator_value"):
@@ -362,13 +373,18 @@ FUSED_ON_SHARDED_PARAMETERS = (torch.optim.Adam, torch.optim.AdamW)
 def _choose_implementation(
     spec: OptimizerSpec, kwargs: dict[str, Any], groups: list[dict[str, Any]], impl: str
 ) -> None:
-    """Prefer torch's fused kernels, then foreach, where the class and the device allow it.
+    """Prefer fused kernels, then foreach, where the class and the device allow it.
 
-    ``auto`` picks torch's own fused kernels when every parameter is floating point and on a
-    device torch has fused kernels for (and, for FSDP2's ``DTensor`` parameters, the class is
-    one of :data:`FUSED_ON_SHARDED_PARAMETERS`), else foreach. ``fused`` also accepts any other class
-    with a ``fused`` option (our AdaBelief: one ``torch.compile``d update, ~10 s to compile on
-    first use, so it is opt-in); ``for-loop`` turns both off.
+    ``auto`` and ``fused`` pick, when every parameter is floating point:
+
+    - torch's own fused kernels (SGD, Adam, AdamW, Adagrad) on a device torch has them for
+      (and, for FSDP2's ``DTensor`` parameters, a class in :data:`FUSED_ON_SHARDED_PARAMETERS`);
+    - for our classes with a ``fused`` option (AdaBelief, Adadelta, RMSprop, ...), the update
+      compiled by :mod:`optim_callbacks.compiled_update` on a device in
+      :data:`~optim_callbacks.compiled_update.COMPILED_DEVICES` (sharded parameters included:
+      the update is element-wise and runs on local shards);
+
+    else foreach (``auto``) or a ``ValueError`` (``fused``). ``for-loop`` turns both off.
     """
     accepted = set(spec.options())
     if "fused" in kwargs or "foreach" in kwargs or impl == "for-loop":
@@ -378,20 +394,21 @@ def _choose_implementation(
                     kwargs.setdefault(key, False)
         return
     tensors = _all_tensors(groups)
-    torch_kernels = spec.optimizer_class.__module__.startswith("torch.")
-    devices = fused_kernel_devices() if torch_kernels else ()
+    torch_kernels = spec.built_class.__module__.startswith("torch.")
+    devices = fused_kernel_devices() if torch_kernels else COMPILED_DEVICES
     fused_ok = (
         "fused" in accepted
         and bool(tensors)
         and all(t.is_floating_point() for t in tensors)
-        and (not torch_kernels or all(t.device.type in devices for t in tensors))
-        and not kwargs.get("differentiable", False)
+        and all(t.device.type in devices for t in tensors)
+        and not any(kwargs.get(flag, False) for flag in ("differentiable", "capturable"))
         and (
-            not any(isinstance(t, DTensor) for t in tensors)
+            not torch_kernels
+            or not any(isinstance(t, DTensor) for t in tensors)
             or issubclass(spec.optimizer_class, FUSED_ON_SHARDED_PARAMETERS)
         )
     )
-    if fused_ok and (impl == "fused" or (impl == "auto" and torch_kernels)):
+    if fused_ok and impl in ("fused", "auto"):
         kwargs["fused"] = True
     elif impl == "fused":
         raise ValueError(

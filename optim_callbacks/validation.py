@@ -14,11 +14,14 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+
 __all__ = [
     "check_at_least",
     "check_betas",
     "check_choice",
     "check_in_range",
+    "check_lr",
     "check_non_negative",
     "check_positive",
     "check_unknown_options",
@@ -70,6 +73,20 @@ def check_positive(param: str, value: Any) -> Any:
     if not _is_finite_number(value) or value <= 0:
         raise ValueError(f"{param}: got {value!r}; allowed: a finite number > 0")
     return value
+
+
+def check_lr(value: Any, param: str = "lr") -> Any:
+    """Check a learning rate: a finite number ``> 0``, or a 1-element tensor holding one (what
+    torch's optimizers accept for ``capturable`` / compiled use)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{param}: got a tensor of shape {tuple(value.shape)}; allowed: a finite "
+                "number > 0 or a 1-element tensor (Tensor lr must be 1-element)"
+            )
+        check_positive(param, value.item())
+        return value
+    return check_positive(param, value)
 
 
 def check_non_negative(param: str, value: Any) -> Any:

@@ -77,7 +77,7 @@ def test_every_optimizer_matches_its_reference_implementation(name):
     ours_model, ref_model = _model(), _model()
     ours = build_optimizer(name, ours_model.parameters(), impl="auto")
     reference = _reference(name, ref_model.parameters())
-    assert type(reference).__module__ != "optim_callbacks.adabelief"
+    assert type(reference).__module__ != "optim_callbacks.algorithms.adabelief"
     for got, want in zip(_train(ours_model, ours), _train(ref_model, reference), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -115,10 +115,13 @@ def test_fast_kernels_are_chosen_where_torch_supports_them():
     params = list(_model().parameters())
     assert build_optimizer("adamw", params).defaults["fused"] is True
     assert build_optimizer("nesterov", params).defaults["fused"] is True
-    assert build_optimizer("rmsprop", params).defaults["foreach"] is True
-    # Our AdaBelief: foreach by default, its compiled fused update on request.
-    assert build_optimizer("adabelief", params).defaults["foreach"] is True
-    assert build_optimizer("adabelief", params, impl="fused").defaults["fused"] is True
+    # The entries without torch fused kernels get the compiled update by default.
+    for name in ("adadelta", "rmsprop", "adabelief"):
+        assert build_optimizer(name, params).defaults["fused"] is True
+        assert build_optimizer(name, params, impl="foreach").defaults["foreach"] is True
+    # The torch class itself is still what the registry recognizes.
+    assert spec_for(torch.optim.RMSprop(params)).name == "rmsprop"
+    assert spec_for(build_optimizer("adadelta", params)).name == "adadelta"
     loop = build_optimizer("adam", params, impl="for-loop").defaults
     assert loop["fused"] is False and loop["foreach"] is False
     # An explicit choice by the user wins.
@@ -300,7 +303,10 @@ def test_registry_unregister_drops_the_entry_and_its_aliases():
             r"adam options: unknown option 'bettas'.*did you mean 'betas'",
         ),
         (lambda m: build_optimizer("sgd", m, impl="fastest"), r"impl: unknown value 'fastest'"),
-        (lambda m: build_optimizer("rmsprop", m, impl="fused"), r"impl: 'fused' is not available"),
+        (
+            lambda m: build_optimizer("rmsprop", nn.Linear(2, 2, device="meta"), impl="fused"),
+            r"impl: 'fused' is not available",
+        ),
         (lambda m: build_optimizer("adam", m, layer_decay=1.5), r"layer_decay: got 1.5"),
         (lambda m: build_optimizer("adam", []), r"model_or_params: got no parameters"),
     ],

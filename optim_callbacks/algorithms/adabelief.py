@@ -40,15 +40,13 @@ Implementations (same math, chosen by ``foreach`` / ``fused``):
   the tensors of each parameter group, grouped by device and dtype; on CPU in cache-sized
   blocks (tensors cut into slices), so the dozen passes of a block read main memory about once.
 - ``foreach=False``: a loop over single tensors, operation for operation as the authors' code.
-- ``fused=True``: one ``torch.compile``-d update per device/dtype that inductor fuses into a
-  single pass over each tensor (read parameter, gradient and state once, write them once). The
-  first step compiles (~20 s on a small CPU), later steps do not recompile: step counts, bias
-  corrections and every hyperparameter (``lr`` under a scheduler included) reach the compiled
-  code as values in one small tensor, not as Python constants. Each new set of tensor shapes
-  and dtypes compiles a new graph, and torch's recompile limit (8 per function by default)
-  counts graphs of all AdaBelief instances in the process; past it, dynamo runs the update
-  uncompiled (correct, slow). When compilation is unavailable or fails, the optimizer warns
-  once and uses the foreach path from then on.
+- ``fused=True``: the update as one per-element function compiled by
+  :class:`~optim_callbacks.compiled_update.CompiledUpdate`: one pass over each tensor (read
+  parameter, gradient and state once, write them once), one graph per dtype whatever the
+  shapes, hyperparameters and step counts as data (no recompile under a scheduler). The first
+  step compiles (seconds; torch's on-disk cache makes later processes faster). If compiling
+  fails, this instance warns once and uses the foreach path from then on. The registry's
+  ``impl="auto"`` picks this path.
 
 Low precision (fp16 / bf16 parameters): the state (``exp_avg``, ``exp_avg_var``,
 ``max_exp_avg_var``) is kept in the parameter's dtype, like ``torch.optim.Adam``; ``step`` is a
@@ -64,14 +62,19 @@ casts fp16 parameters to fp32 for the step and keeps fp32 state.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
+from optim_callbacks.compiled_update import (
+    CompiledUpdate,
+    check_compiled_devices,
+    coefficient_tensor,
+    step_compiled,
+)
 from optim_callbacks.sharded import local_part
-from optim_callbacks.validation import check_betas, check_non_negative, check_positive
+from optim_callbacks.validation import check_betas, check_lr, check_non_negative, check_positive
 
 __all__ = ["AdaBelief"]
 
@@ -125,63 +128,73 @@ class _StepCoefficients:
             self.step_size = 1.0 / bias_correction1 * lr
 
 
-_fused_update_compiled: Callable[..., None] | None = None
-_fused_unavailable = False
-
-
-def _fused_update(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_vars: list[torch.Tensor],
-    max_exp_avg_vars: list[torch.Tensor],
-    coefs: torch.Tensor,
+def _adabelief_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_var: torch.Tensor,
+    c: torch.Tensor,
 ) -> None:
-    """The whole AdaBelief update for lists of tensors of one device and dtype.
-
-    Written element-wise so that, compiled, inductor emits one loop per tensor. ``coefs`` is a
-    ``(len(params), _NUM_COEFS)`` table (columns ``_L2`` ... ``_USE_MAX``): values that change
-    between steps are data, so changing them does not recompile. ``max_exp_avg_vars`` is empty
-    without amsgrad.
-    """
-    amsgrad = len(max_exp_avg_vars) > 0
-    for i in range(len(params)):
-        param, c = params[i], coefs[i]
-        p = param.to(c.dtype)
-        g = grads[i].to(c.dtype) + c[_L2] * p
-        p = p * c[_DECAY]
-        m = exp_avgs[i].to(c.dtype) * c[_B1] + g * c[_OMB1]
-        r = g - m
-        s = exp_avg_vars[i].to(c.dtype) * c[_B2] + r * r * c[_OMB2] + c[_EPS]
-        v = s
-        if amsgrad:
-            s_max = torch.maximum(max_exp_avg_vars[i].to(c.dtype), s)
-            max_exp_avg_vars[i].copy_(s_max)
-            v = torch.where(c[_USE_MAX] > 0, s_max, s)
-        denom = torch.where(c[_SGD] > 0, 1.0, torch.sqrt(v) / c[_SQRT_BC2] + c[_EPS])
-        param.copy_(p + c[_NEG_STEP] * m / denom)
-        exp_avgs[i].copy_(m)
-        exp_avg_vars[i].copy_(s)
+    """The whole AdaBelief step for one tensor, element-wise in ``c.dtype`` (compiled by
+    :class:`~optim_callbacks.compiled_update.CompiledUpdate`). ``c`` holds the columns
+    ``_L2`` ... ``_USE_MAX`` of :func:`_coefficient_row`."""
+    p = param.to(c.dtype)
+    g = grad.to(c.dtype) + c[_L2] * p
+    p = p * c[_DECAY]
+    m = exp_avg.to(c.dtype) * c[_B1] + g * c[_OMB1]
+    r = g - m
+    s = exp_avg_var.to(c.dtype) * c[_B2] + r * r * c[_OMB2] + c[_EPS]
+    denom = torch.where(c[_SGD] > 0, 1.0, torch.sqrt(s) / c[_SQRT_BC2] + c[_EPS])
+    param.copy_(p + c[_NEG_STEP] * m / denom)
+    exp_avg.copy_(m)
+    exp_avg_var.copy_(s)
 
 
-def _get_fused_update() -> Callable[..., None] | None:
-    global _fused_update_compiled
-    if _fused_update_compiled is None and not _fused_unavailable:
-        _fused_update_compiled = torch.compile(_fused_update, fullgraph=True, dynamic=False)
-    return None if _fused_unavailable else _fused_update_compiled
+def _adabelief_amsgrad_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_var: torch.Tensor,
+    max_exp_avg_var: torch.Tensor,
+    c: torch.Tensor,
+) -> None:
+    """:func:`_adabelief_update` that also keeps the running maximum of ``s`` (amsgrad) and,
+    where ``c[_USE_MAX]`` is set (not rectified), divides by it."""
+    p = param.to(c.dtype)
+    g = grad.to(c.dtype) + c[_L2] * p
+    p = p * c[_DECAY]
+    m = exp_avg.to(c.dtype) * c[_B1] + g * c[_OMB1]
+    r = g - m
+    s = exp_avg_var.to(c.dtype) * c[_B2] + r * r * c[_OMB2] + c[_EPS]
+    s_max = torch.maximum(max_exp_avg_var.to(c.dtype), s)
+    v = torch.where(c[_USE_MAX] > 0, s_max, s)
+    denom = torch.where(c[_SGD] > 0, 1.0, torch.sqrt(v) / c[_SQRT_BC2] + c[_EPS])
+    param.copy_(p + c[_NEG_STEP] * m / denom)
+    exp_avg.copy_(m)
+    exp_avg_var.copy_(s)
+    max_exp_avg_var.copy_(s_max)
 
 
-def _disable_fused(error: BaseException) -> None:
-    global _fused_unavailable
-    if not _fused_unavailable:
-        _fused_unavailable = True
-        warnings.warn(
-            f"AdaBelief(fused=True): torch.compile is unavailable or failed "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-            "using the foreach implementation from now on.",
-            RuntimeWarning,
-            stacklevel=6,  # the caller of optimizer.step() (through torch's wrappers)
-        )
+_COMPILED = CompiledUpdate(_adabelief_update)
+_COMPILED_AMSGRAD = CompiledUpdate(_adabelief_amsgrad_update)
+
+
+def _coefficient_row(group: dict[str, Any], c: _StepCoefficients) -> tuple[float, ...]:
+    beta1, beta2 = (float(b) for b in group["betas"])
+    use_max = group["amsgrad"] and not group["rectify"]
+    return (
+        c.l2,
+        c.decay,
+        beta1,
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        float(group["eps"]),
+        c.sqrt_bc2,
+        -c.step_size,
+        0.0 if c.adaptive else 1.0,
+        1.0 if use_max else 0.0,
+    )
 
 
 class AdaBelief(torch.optim.Optimizer):
@@ -204,12 +217,15 @@ class AdaBelief(torch.optim.Optimizer):
         rectify: RAdam rectification; the first steps are SGD with momentum.
         amsgrad: divide by the running maximum of :math:`s` (state ``max_exp_avg_var``).
         foreach: ``False`` for the single-tensor loop; ``None``/``True`` for foreach kernels.
-        fused: ``True`` for one ``torch.compile``-d pass per tensor (compiles on first step;
-            falls back to foreach with a warning if compilation fails).
+        fused: ``True`` for the compiled single pass per tensor (compiles on the first step;
+            this instance falls back to foreach with a warning if compiling fails).
 
     State per parameter: ``step`` (float32 CPU tensor), ``exp_avg``, ``exp_avg_var`` and, with
     amsgrad, ``max_exp_avg_var`` (in the parameter's dtype).
     """
+
+    #: Why compiling the fused update failed for this instance (then it steps with foreach).
+    compile_failure: str | None = None
 
     def __init__(
         self,
@@ -225,7 +241,7 @@ class AdaBelief(torch.optim.Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        check_positive("lr", lr.item() if isinstance(lr, torch.Tensor) else lr)
+        check_lr(lr)
         betas = check_betas("betas", betas)
         if len(betas) != 2:
             raise ValueError(f"betas: got {betas!r}; allowed: a pair of numbers in [0, 1)")
@@ -300,7 +316,6 @@ class AdaBelief(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        fused_work: dict[tuple[torch.device, torch.dtype, bool], list[list[Any]]] = {}
         for group in self.param_groups:
             params: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
@@ -311,21 +326,11 @@ class AdaBelief(torch.optim.Optimizer):
             self._init_group(group, params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, steps)
             if not params:
                 continue
-            if group["fused"] and not _fused_unavailable:
-                torch._foreach_add_(steps, 1.0)
-                coefs = _coefficients_by_step(group, steps)
-                amsgrad = bool(group["amsgrad"])
-                for i, p in enumerate(params):
-                    key = (p.device, p.dtype, amsgrad)
-                    bucket = fused_work.setdefault(key, [[], [], [], [], [], [], []])
-                    bucket[0].append(p)
-                    bucket[1].append(grads[i])
-                    bucket[2].append(exp_avgs[i])
-                    bucket[3].append(exp_avg_vars[i])
-                    if amsgrad:
-                        bucket[4].append(max_exp_avg_vars[i])
-                    bucket[5].append(coefs[i])
-                    bucket[6].append((group, steps[i]))
+            if group["fused"] and self.compile_failure is None:
+                check_compiled_devices(params, "AdaBelief")
+                self._compiled_step(
+                    group, params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, steps
+                )
             elif group["foreach"] is False:
                 _single_tensor_adabelief(
                     group, params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, steps
@@ -334,10 +339,32 @@ class AdaBelief(torch.optim.Optimizer):
                 _foreach_adabelief(
                     group, params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, steps
                 )
-
-        for (device, dtype, amsgrad), bucket in fused_work.items():
-            _run_fused(device, dtype, amsgrad, bucket)
         return loss
+
+    def _compiled_step(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        exp_avgs: list[torch.Tensor],
+        exp_avg_vars: list[torch.Tensor],
+        max_exp_avg_vars: list[torch.Tensor],
+        steps: list[torch.Tensor],
+    ) -> None:
+        torch._foreach_add_(steps, 1.0)
+        amsgrad = bool(group["amsgrad"])
+        tables: dict[tuple[float, torch.device, torch.dtype], torch.Tensor] = {}
+        rows, coefficients = [], []
+        for i, step_t in enumerate(steps):
+            p = local_part(params[i])
+            key = (step_t.item(), p.device, p.dtype)
+            if key not in tables:
+                row = _coefficient_row(group, _StepCoefficients(group, key[0]))
+                tables[key] = coefficient_tensor(row, p)
+            state = [exp_avgs[i], exp_avg_vars[i]] + ([max_exp_avg_vars[i]] if amsgrad else [])
+            rows.append([p, local_part(grads[i]), *(local_part(t) for t in state)])
+            coefficients.append(tables[key])
+        step_compiled(self, _COMPILED_AMSGRAD if amsgrad else _COMPILED, rows, coefficients)
 
 
 def _coefficients_by_step(
@@ -352,62 +379,6 @@ def _coefficients_by_step(
             cache[step] = _StepCoefficients(group, step)
         out.append(cache[step])
     return out
-
-
-def _run_fused(
-    device: torch.device, dtype: torch.dtype, amsgrad: bool, bucket: list[list[Any]]
-) -> None:
-    params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, coefs, owners = bucket
-    rows = []
-    for (group, _), c in zip(owners, coefs, strict=True):
-        beta1, beta2 = (float(b) for b in group["betas"])
-        use_max = amsgrad and not group["rectify"]
-        rows.append(
-            (
-                c.l2,
-                c.decay,
-                beta1,
-                1.0 - beta1,
-                beta2,
-                1.0 - beta2,
-                float(group["eps"]),
-                c.sqrt_bc2,
-                -c.step_size,
-                0.0 if c.adaptive else 1.0,
-                1.0 if use_max else 0.0,
-            )
-        )
-    compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    table = torch.tensor(rows, dtype=compute_dtype).to(device, non_blocking=True)
-    update = _get_fused_update()
-    if update is not None:
-        # 0-d tensors go in as 1-element views: inductor (torch 2.13) drops some in-place
-        # writes to 0-d graph inputs (the state of a 0-d parameter was never updated).
-        lists = [
-            [t.view(1) if t.dim() == 0 else t for t in tensors]
-            for tensors in (params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars)
-        ]
-        try:
-            update(*lists, table)
-            return
-        except Exception as error:  # compilation failed: fall back below
-            _disable_fused(error)
-    # Fallback: the foreach path, one owner group at a time (steps were already counted).
-    by_group: dict[int, list[int]] = {}
-    for i, (group, _) in enumerate(owners):
-        by_group.setdefault(id(group), []).append(i)
-    for indices in by_group.values():
-        group = owners[indices[0]][0]
-        _foreach_adabelief(
-            group,
-            [params[i] for i in indices],
-            [grads[i] for i in indices],
-            [exp_avgs[i] for i in indices],
-            [exp_avg_vars[i] for i in indices],
-            [max_exp_avg_vars[i] for i in indices] if amsgrad else [],
-            [owners[i][1] for i in indices],
-            count_step=False,
-        )
 
 
 def _single_tensor_adabelief(

@@ -1,0 +1,11 @@
+"""The optimizers this package implements or extends, one module each.
+
+Each has its paper in its module docstring and a ``fused=True`` path compiled by
+:mod:`optim_callbacks.compiled_update`, which the registry picks by default.
+"""
+
+from optim_callbacks.algorithms.adabelief import AdaBelief
+from optim_callbacks.algorithms.adadelta import Adadelta
+from optim_callbacks.algorithms.rmsprop import RMSprop
+
+__all__ = ["AdaBelief", "Adadelta", "RMSprop"]

@@ -1,0 +1,180 @@
+r"""Adadelta (Zeiler, 2012, "ADADELTA: An Adaptive Learning Rate Method",
+https://arxiv.org/abs/1212.5701) with a compiled single-pass update.
+
+``torch.optim.Adadelta`` plus ``fused=True``; every other option and the state are torch's.
+Per parameter, with gradient :math:`g` (negated with ``maximize``) and L2 decay ``wd``::
+
+    g      <- g + wd * theta
+    v      <- rho * v + (1 - rho) * g^2                       (state "square_avg")
+    delta   = sqrt(u + eps) / sqrt(v + eps) * g
+    u      <- rho * u + (1 - rho) * delta^2                   (state "acc_delta")
+    theta  <- theta - lr * delta
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim.adadelta import adadelta
+
+from optim_callbacks.algorithms._torch_base import (
+    add_fused_option,
+    check_fused_options,
+    foreach_after_failure,
+    new_state,
+)
+from optim_callbacks.compiled_update import (
+    CompiledUpdate,
+    check_compiled_devices,
+    coefficient_tensor,
+    step_compiled,
+)
+from optim_callbacks.sharded import local_part
+from optim_callbacks.validation import check_lr
+
+__all__ = ["Adadelta"]
+
+_WD, _RHO, _ONE_MINUS_RHO, _EPS, _NEG_LR, _SIGN = range(6)
+
+
+def _adadelta_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    square_avg: torch.Tensor,
+    acc_delta: torch.Tensor,
+    c: torch.Tensor,
+) -> None:
+    """One Adadelta step for one tensor in ``c.dtype`` (columns ``_WD`` ... ``_SIGN``)."""
+    p = param.to(c.dtype)
+    g = grad.to(c.dtype) * c[_SIGN] + c[_WD] * p
+    v = square_avg.to(c.dtype) * c[_RHO] + g * g * c[_ONE_MINUS_RHO]
+    u = acc_delta.to(c.dtype)
+    delta = torch.sqrt(u + c[_EPS]) / torch.sqrt(v + c[_EPS]) * g
+    param.copy_(p + c[_NEG_LR] * delta)
+    square_avg.copy_(v)
+    acc_delta.copy_(u * c[_RHO] + delta * delta * c[_ONE_MINUS_RHO])
+
+
+_COMPILED = CompiledUpdate(_adadelta_update)
+
+
+class Adadelta(torch.optim.Adadelta):
+    """``torch.optim.Adadelta`` with ``fused=True``: the update compiled into one pass per
+    tensor (:mod:`optim_callbacks.compiled_update`); ``fused=None``/``False`` is torch's.
+
+    If compiling fails, this instance warns once and steps with torch's foreach kernels.
+    """
+
+    #: Why compiling the fused update failed for this instance (then it steps with foreach).
+    compile_failure: str | None = None
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1.0,
+        rho: float = 0.9,
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+        *,
+        fused: bool | None = None,
+        capturable: bool = False,
+        maximize: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        check_lr(lr)
+        check_fused_options(fused, foreach, capturable=capturable, differentiable=differentiable)
+        super().__init__(
+            params,
+            lr=lr,
+            rho=rho,
+            eps=eps,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            capturable=capturable,
+            maximize=maximize,
+            differentiable=differentiable,
+        )
+        add_fused_option(self, fused)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("fused", None)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step; ``closure`` re-evaluates the loss (optional)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, square_avgs, acc_deltas, steps = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Adadelta does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state.update(new_state(p, ("square_avg", "acc_delta"), group["capturable"]))
+                params.append(p)
+                grads.append(p.grad)
+                square_avgs.append(state["square_avg"])
+                acc_deltas.append(state["acc_delta"])
+                steps.append(state["step"])
+            if not params:
+                continue
+            if group["fused"] and self.compile_failure is None:
+                check_compiled_devices(params, "Adadelta")
+                torch._foreach_add_(steps, 1.0)
+                self._compiled_step(group, params, grads, square_avgs, acc_deltas)
+                continue
+            adadelta(
+                params,
+                grads,
+                square_avgs,
+                acc_deltas,
+                steps,
+                capturable=group["capturable"],
+                foreach=foreach_after_failure(group) if group["fused"] else group["foreach"],
+                differentiable=group["differentiable"],
+                has_complex=any(torch.is_complex(p) for p in params),
+                lr=group["lr"],
+                rho=group["rho"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+            )
+        return loss
+
+    def _compiled_step(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        square_avgs: list[torch.Tensor],
+        acc_deltas: list[torch.Tensor],
+    ) -> None:
+        rho = float(group["rho"])
+        values = (
+            float(group["weight_decay"]),
+            rho,
+            1.0 - rho,
+            float(group["eps"]),
+            -float(group["lr"]),
+            -1.0 if group["maximize"] else 1.0,
+        )
+        tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        rows, coefficients = [], []
+        for p, g, v, u in zip(params, grads, square_avgs, acc_deltas, strict=True):
+            row = [local_part(t) for t in (p, g, v, u)]
+            key = (row[0].device, row[0].dtype)
+            if key not in tables:
+                tables[key] = coefficient_tensor(values, row[0])
+            rows.append(row)
+            coefficients.append(tables[key])
+        step_compiled(self, _COMPILED, rows, coefficients)

@@ -1,0 +1,248 @@
+r"""RMSprop (Hinton, Srivastava & Swersky, 2012, Coursera "Neural Networks for Machine
+Learning", lecture 6e; centered form: Graves, 2013, https://arxiv.org/abs/1308.0850) with a
+compiled single-pass update.
+
+``torch.optim.RMSprop`` plus ``fused=True``; every other option and the state are torch's.
+Per parameter, with gradient :math:`g` (negated with ``maximize``) and L2 decay ``wd``::
+
+    g      <- g + wd * theta
+    v      <- alpha * v + (1 - alpha) * g^2                   (state "square_avg")
+    centered:   a <- alpha * a + (1 - alpha) * g              (state "grad_avg")
+                d  = sqrt(v - a^2) + eps
+    otherwise:  d  = sqrt(v) + eps
+    momentum:   b <- momentum * b + g / d;  theta <- theta - lr * b   (state "momentum_buffer")
+    otherwise:  theta <- theta - lr * g / d
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim.rmsprop import rmsprop
+
+from optim_callbacks.algorithms._torch_base import (
+    add_fused_option,
+    check_fused_options,
+    foreach_after_failure,
+    new_state,
+)
+from optim_callbacks.compiled_update import (
+    CompiledUpdate,
+    check_compiled_devices,
+    coefficient_tensor,
+    step_compiled,
+)
+from optim_callbacks.sharded import local_part
+from optim_callbacks.validation import check_lr
+
+__all__ = ["RMSprop"]
+
+_WD, _ALPHA, _ONE_MINUS_ALPHA, _EPS, _NEG_LR, _SIGN, _MOMENTUM = range(7)
+
+
+def _gradient_and_square_avg(
+    param: torch.Tensor, grad: torch.Tensor, square_avg: torch.Tensor, c: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = param.to(c.dtype)
+    g = grad.to(c.dtype) * c[_SIGN] + c[_WD] * p
+    v = square_avg.to(c.dtype) * c[_ALPHA] + g * g * c[_ONE_MINUS_ALPHA]
+    square_avg.copy_(v)
+    return p, g, v
+
+
+# Four functions rather than one with flags: each is its own compiled code object, so the
+# variants do not share torch's per-function recompile limit.
+def _rmsprop_update(
+    param: torch.Tensor, grad: torch.Tensor, square_avg: torch.Tensor, c: torch.Tensor
+) -> None:
+    """Plain RMSprop for one tensor in ``c.dtype`` (columns ``_WD`` ... ``_MOMENTUM``)."""
+    p, g, v = _gradient_and_square_avg(param, grad, square_avg, c)
+    param.copy_(p + c[_NEG_LR] * g / (torch.sqrt(v) + c[_EPS]))
+
+
+def _rmsprop_momentum_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    square_avg: torch.Tensor,
+    momentum_buffer: torch.Tensor,
+    c: torch.Tensor,
+) -> None:
+    """RMSprop with momentum for one tensor."""
+    p, g, v = _gradient_and_square_avg(param, grad, square_avg, c)
+    b = momentum_buffer.to(c.dtype) * c[_MOMENTUM] + g / (torch.sqrt(v) + c[_EPS])
+    param.copy_(p + c[_NEG_LR] * b)
+    momentum_buffer.copy_(b)
+
+
+def _rmsprop_centered_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    square_avg: torch.Tensor,
+    grad_avg: torch.Tensor,
+    c: torch.Tensor,
+) -> None:
+    """Centered RMSprop for one tensor."""
+    p, g, v = _gradient_and_square_avg(param, grad, square_avg, c)
+    a = grad_avg.to(c.dtype) * c[_ALPHA] + g * c[_ONE_MINUS_ALPHA]
+    param.copy_(p + c[_NEG_LR] * g / (torch.sqrt(v - a * a) + c[_EPS]))
+    grad_avg.copy_(a)
+
+
+def _rmsprop_centered_momentum_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    square_avg: torch.Tensor,
+    momentum_buffer: torch.Tensor,
+    grad_avg: torch.Tensor,
+    c: torch.Tensor,
+) -> None:
+    """Centered RMSprop with momentum for one tensor."""
+    p, g, v = _gradient_and_square_avg(param, grad, square_avg, c)
+    a = grad_avg.to(c.dtype) * c[_ALPHA] + g * c[_ONE_MINUS_ALPHA]
+    b = momentum_buffer.to(c.dtype) * c[_MOMENTUM] + g / (torch.sqrt(v - a * a) + c[_EPS])
+    param.copy_(p + c[_NEG_LR] * b)
+    momentum_buffer.copy_(b)
+    grad_avg.copy_(a)
+
+
+# (momentum > 0, centered) -> update
+_COMPILED = {
+    (False, False): CompiledUpdate(_rmsprop_update),
+    (True, False): CompiledUpdate(_rmsprop_momentum_update),
+    (False, True): CompiledUpdate(_rmsprop_centered_update),
+    (True, True): CompiledUpdate(_rmsprop_centered_momentum_update),
+}
+
+
+class RMSprop(torch.optim.RMSprop):
+    """``torch.optim.RMSprop`` with ``fused=True``: the update compiled into one pass per
+    tensor (:mod:`optim_callbacks.compiled_update`); ``fused=None``/``False`` is torch's.
+
+    If compiling fails, this instance warns once and steps with torch's foreach kernels.
+    """
+
+    #: Why compiling the fused update failed for this instance (then it steps with foreach).
+    compile_failure: str | None = None
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        *,
+        fused: bool | None = None,
+    ) -> None:
+        check_lr(lr)
+        check_fused_options(fused, foreach, capturable=capturable, differentiable=differentiable)
+        super().__init__(
+            params,
+            lr=lr,
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            centered=centered,
+            capturable=capturable,
+            foreach=foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+        )
+        add_fused_option(self, fused)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("fused", None)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step; ``closure`` re-evaluates the loss (optional)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            has_momentum, centered = group["momentum"] > 0, bool(group["centered"])
+            keys = ("square_avg",) + ("momentum_buffer",) * has_momentum + ("grad_avg",) * centered
+            params, grads, steps = [], [], []
+            states: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("RMSprop does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state.update(new_state(p, keys, group["capturable"]))
+                params.append(p)
+                grads.append(p.grad)
+                steps.append(state["step"])
+                for key in keys:
+                    states[key].append(state[key])
+            if not params:
+                continue
+            if group["fused"] and self.compile_failure is None:
+                check_compiled_devices(params, "RMSprop")
+                torch._foreach_add_(steps, 1.0)
+                self._compiled_step(group, params, grads, states, (has_momentum, centered))
+                continue
+            rmsprop(
+                params,
+                grads,
+                states["square_avg"],
+                states.get("grad_avg", []),
+                states.get("momentum_buffer", []),
+                steps,
+                foreach=foreach_after_failure(group) if group["fused"] else group["foreach"],
+                maximize=group["maximize"],
+                differentiable=group["differentiable"],
+                capturable=group["capturable"],
+                has_complex=any(torch.is_complex(p) for p in params),
+                lr=group["lr"],
+                alpha=group["alpha"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                centered=centered,
+            )
+        return loss
+
+    def _compiled_step(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: dict[str, list[torch.Tensor]],
+        variant: tuple[bool, bool],
+    ) -> None:
+        alpha = float(group["alpha"])
+        values = (
+            float(group["weight_decay"]),
+            alpha,
+            1.0 - alpha,
+            float(group["eps"]),
+            -float(group["lr"]),
+            -1.0 if group["maximize"] else 1.0,
+            float(group["momentum"]),
+        )
+        tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        rows, coefficients = [], []
+        for i, p in enumerate(params):
+            row = [local_part(p), local_part(grads[i])]
+            row += [local_part(tensors[i]) for tensors in states.values()]
+            key = (row[0].device, row[0].dtype)
+            if key not in tables:
+                tables[key] = coefficient_tensor(values, row[0])
+            rows.append(row)
+            coefficients.append(tables[key])
+        step_compiled(self, _COMPILED[variant], rows, coefficients)

@@ -1,0 +1,157 @@
+"""One compiled-update mechanism for the registry's optimizers.
+
+An optimizer declares its update as a pure per-element function of one parameter, its
+gradient, its state tensors and a small coefficient vector ``c`` (learning rate, decay rates,
+bias corrections, ...), written with ordinary tensor operations that end in ``copy_`` into the
+parameter and the state::
+
+    def adadelta(param, grad, square_avg, acc_delta, c):
+        g = grad.to(c.dtype) ...
+        param.copy_(...)
+
+:class:`CompiledUpdate` hands that function to ``torch.compile`` (inductor: C++ with OpenMP
+on CPU, Triton on CUDA) once, with dynamic sizes, and calls it once per tensor with every
+tensor of the row flattened to one dimension. So:
+
+- **one graph serves every shape.** A model with hundreds of differently shaped parameters
+  compiles one graph per parameter dtype, far inside torch's recompile limit (8 graphs per
+  function), and every optimizer instance built on the same update shares it;
+- **hyper-parameters are data.** The coefficients reach the graph as a tensor, so a scheduler
+  changing ``lr`` every step, or the step count in a bias correction, never recompiles;
+- **one pass over memory.** Inductor fuses the function into a single loop that reads the
+  parameter, gradient and state once and writes them once, in the compute dtype (float32, or
+  float64 for float64 parameters) and rounding once to the storage dtype.
+
+Rows that the graph would specialize on, one-element tensors, and rows whose tensors do not
+share one dense memory layout, run the same function uncompiled. If compiling fails (no C++
+compiler, a dtype or device inductor cannot generate code for), :meth:`CompiledUpdate.apply`
+finishes the step uncompiled and returns the reason; the optimizer instance that called it
+then warns once and uses its foreach path. Nothing here is process-wide: other optimizer
+instances keep the compiled path.
+
+Compiled graphs land in torch's on-disk caches (inductor's FX graph cache, on by default), so a
+second process with the same dtypes skips code generation and the C++ compiler.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "COMPILED_DEVICES",
+    "CompiledUpdate",
+    "check_compiled_devices",
+    "coefficient_tensor",
+    "step_compiled",
+]
+
+# Devices inductor generates code for: C++/OpenMP on CPU, Triton on CUDA and XPU.
+COMPILED_DEVICES = ("cpu", "cuda", "xpu")
+
+
+def check_compiled_devices(params: Sequence[torch.Tensor], owner: str) -> None:
+    """Raise, as torch's fused kernels do, when ``fused=True`` meets a parameter that is not a
+    floating-point tensor on a device in :data:`COMPILED_DEVICES`."""
+    for p in params:
+        if p.device.type not in COMPILED_DEVICES or not torch.is_floating_point(p):
+            raise RuntimeError(
+                f"{owner}(fused=True) requires all the params to be floating point Tensors of "
+                f"supported devices: {list(COMPILED_DEVICES)}; got a {p.dtype} tensor on "
+                f"{p.device.type!r}"
+            )
+
+
+def _dense_flat(row: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    """The row's tensors as aligned 1-D views of their memory, or ``None`` if they have no
+    common dense layout (then element ``k`` of each view would not be the same element)."""
+    if all(t.is_contiguous() for t in row):
+        return [t.view(-1) for t in row]
+    first = row[0]
+    if any(t.stride() != first.stride() or t.shape != first.shape for t in row):
+        return None
+    dims = sorted((s, n) for s, n in zip(first.stride(), first.shape, strict=True) if n != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return None  # overlapping or with gaps
+        expected *= size
+    return [t.as_strided((t.numel(),), (1,)) for t in row]
+
+
+class CompiledUpdate:
+    """A per-element update function, compiled once with dynamic sizes, applied row by row.
+
+    ``update(param, grad, *state, c)`` mutates its tensor arguments with ``copy_`` and
+    computes in ``c.dtype``. A row is ``[param, grad, *state]``, tensors of one shape; rows
+    of FSDP2 parameters are given as their local shards.
+    """
+
+    def __init__(self, update: Callable[..., None]) -> None:
+        self.update = update
+        self.name = update.__name__
+        # dynamic_threads: with symbolic sizes inductor would otherwise emit a serial loop.
+        self._compiled = torch.compile(
+            update, fullgraph=True, dynamic=True, options={"cpp.dynamic_threads": True}
+        )
+
+    def apply(
+        self, rows: Sequence[Sequence[torch.Tensor]], coefficients: Sequence[torch.Tensor]
+    ) -> str | None:
+        """Update every row with its coefficient vector; ``None`` when every row that could
+        compile did, else why compiling failed (the rows from there on ran uncompiled)."""
+        failure: str | None = None
+        for row, c in zip(rows, coefficients, strict=True):
+            numel = row[0].numel()
+            if numel == 0:
+                continue
+            flat = _dense_flat(row) if numel > 1 else None
+            if flat is None or failure is not None:
+                self.update(*row, c)
+                continue
+            try:
+                self._compiled(*flat, c)
+            except Exception as error:  # compiling failed; a real bug re-raises just below
+                failure = f"{type(error).__name__}: {_first_line(error)}"
+                self.update(*row, c)
+        return failure
+
+
+def _first_line(error: BaseException) -> str:
+    """The message's first line; for torch's "backend='inductor' raised:" the cause's too."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return "no message"
+    if lines[0].endswith("raised:") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"[:300]
+    return lines[0][:300]
+
+
+def coefficient_tensor(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """``values`` as a 1-D tensor in ``like``'s compute dtype (float64 for float64 tensors,
+    float32 otherwise) on ``like``'s device."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.tensor([float(v) for v in values], dtype=dtype).to(like.device)
+
+
+def step_compiled(
+    optimizer: Any,
+    update: CompiledUpdate,
+    rows: Sequence[Sequence[torch.Tensor]],
+    coefficients: Sequence[torch.Tensor],
+) -> None:
+    """Apply ``update`` for ``optimizer``; if compiling failed, record why on the instance
+    (``optimizer.compile_failure``, which sends its later steps to foreach) and warn once."""
+    failure = update.apply(rows, coefficients)
+    if failure is not None and optimizer.compile_failure is None:
+        optimizer.compile_failure = failure
+        warnings.warn(
+            f"{type(optimizer).__name__}(fused=True): compiling the update failed ({failure}); "
+            "this optimizer uses its foreach implementation from now on (other optimizers "
+            "keep the compiled path)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
