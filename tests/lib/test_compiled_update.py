@@ -1,0 +1,233 @@
+"""The compiled update (``impl="auto"``'s path for AdaBelief, Adadelta and RMSprop) against
+each entry's for-loop: same numbers, one graph per dtype whatever the shapes, no recompile
+under a changing LR, a fallback confined to the instance whose compile failed."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from optim_callbacks import AdaBelief, Adadelta, RMSprop, build_optimizer
+
+# A silent fallback would make every comparison below compare foreach with itself.
+pytestmark = pytest.mark.filterwarnings(r"error:.*compiling the update failed")
+
+# Contiguous, transposed (dense, not contiguous), 0-d and one-element tensors.
+SHAPES = [(33, 17), (7,), "transposed", (), (1,)]
+
+VARIANTS = [
+    pytest.param("adadelta", {}, id="adadelta"),
+    pytest.param("adadelta", {"weight_decay": 0.1, "maximize": True}, id="adadelta-wd-max"),
+    pytest.param("rmsprop", {"weight_decay": 0.01}, id="rmsprop"),
+    pytest.param("rmsprop", {"momentum": 0.9}, id="rmsprop-momentum"),
+    pytest.param("rmsprop", {"centered": True}, id="rmsprop-centered"),
+    pytest.param("rmsprop", {"centered": True, "momentum": 0.5}, id="rmsprop-centered-momentum"),
+    pytest.param("adabelief", {"weight_decay": 0.1}, id="adabelief"),
+    pytest.param("adabelief", {"amsgrad": True}, id="adabelief-amsgrad"),
+    pytest.param("adabelief", {"rectify": True, "amsgrad": True}, id="adabelief-rectify"),
+]
+
+
+def make_params(dtype: torch.dtype, seed: int = 0) -> list[nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in SHAPES:
+        if shape == "transposed":
+            data = torch.randn(6, 4, generator=gen, dtype=torch.float64).t()
+        else:
+            data = torch.randn(shape, generator=gen, dtype=torch.float64)
+        params.append(nn.Parameter(data.to(dtype)))
+    assert not params[2].is_contiguous()
+    return params
+
+
+def clone(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    # p.clone() keeps the transposed tensor's strides (preserve_format).
+    return [nn.Parameter(p.detach().clone()) for p in params]
+
+
+def run(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], start: int, steps: int):
+    """Deterministic gradients of the current weights and an LR that changes every step."""
+    for t in range(start, start + steps):
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * (0.6 + 0.4 * math.cos(t / 7))
+        for p in params:
+            p.grad = torch.sin(3.0 * p.detach() + t) + 0.1 * p.detach()
+        optimizer.step()
+
+
+def build(name: str, params: list[nn.Parameter], impl: str, options: dict) -> torch.optim.Optimizer:
+    optimizer = build_optimizer(
+        name, params, lr=1e-2 if name != "adadelta" else 0.5, impl=impl, **options
+    )
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    return optimizer
+
+
+def relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(
+        ((x.double() - y.double()).abs().max() / y.double().abs().max().clamp_min(1e-30)).item()
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+@pytest.mark.parametrize(("name", "options"), VARIANTS)
+def test_compiled_path_equals_for_loop_in_float64(name, options):
+    """Same algorithm to float64 rounding over 60 steps, with the LR changing every step; after
+    each graph's first call nothing recompiles (the LR and step counts are data)."""
+    init = make_params(torch.float64)
+    loop_params, compiled_params = clone(init), clone(init)
+    loop = build(name, loop_params, "for-loop", options)
+    compiled = build(name, compiled_params, "auto", options)
+    assert compiled.defaults["fused"] is True
+    run(loop, loop_params, 0, 60)
+    run(compiled, compiled_params, 0, 1)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        run(compiled, compiled_params, 1, 59)
+    assert compiled.compile_failure is None
+    assert relative_error(compiled_params, loop_params) < 1e-10
+    for p, q in zip(compiled_params, loop_params, strict=True):
+        assert compiled.state[p].keys() == loop.state[q].keys()
+        assert compiled.state[p]["step"].item() == loop.state[q]["step"].item() == 60
+        for key, value in compiled.state[p].items():
+            torch.testing.assert_close(value, loop.state[q][key], rtol=1e-10, atol=1e-300)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"),
+    [(torch.float32, 1e-4), (torch.bfloat16, 5e-2), (torch.float16, 1e-2)],
+    ids=["float32", "bfloat16", "float16"],
+)
+@pytest.mark.parametrize("name", ["adadelta", "rmsprop", "adabelief"])
+def test_implementations_agree_and_load_each_others_state(name, dtype, tolerance):
+    """Compiled, foreach and for-loop agree to the dtype's rounding; a state dict saved by one
+    implementation continues in another. The state stays in the parameter's dtype."""
+    options = {"eps": 1e-6} if name != "adadelta" else {}
+    init = make_params(dtype)
+    results = {}
+    for first, second in (("auto", "for-loop"), ("for-loop", "foreach"), ("foreach", "auto")):
+        params = clone(init)
+        optimizer = build(name, params, first, options)
+        run(optimizer, params, 0, 15)
+        saved = copy.deepcopy(optimizer.state_dict())
+        resumed = build(name, params, second, options)
+        resumed.load_state_dict(saved)
+        run(resumed, params, 15, 15)
+        for p in params:
+            assert all(v.dtype == dtype for k, v in resumed.state[p].items() if k != "step"), (
+                "state left the parameter's dtype"
+            )
+        results[(first, second)] = params
+    reference = results[("for-loop", "foreach")]
+    for params in results.values():
+        assert all(torch.isfinite(p).all() for p in params)
+        assert relative_error(params, reference) < tolerance
+
+
+def shapes_300() -> list[nn.Parameter]:
+    params = []
+    for i in range(150):
+        params.append(nn.Parameter(torch.randn(i + 2) * 0.1))
+        params.append(nn.Parameter(torch.randn(i + 2, 3) * 0.1))
+    assert len({p.shape for p in params}) == 300
+    return params
+
+
+def test_three_hundred_shapes_keep_the_compiled_path_for_every_optimizer():
+    params = shapes_300()
+    for name in ("adadelta", "rmsprop", "adabelief"):
+        optimizer = build_optimizer(name, params)
+        warm = build_optimizer(name, [nn.Parameter(torch.randn(5))])
+        warm.param_groups[0]["params"][0].grad = torch.ones(5)
+        warm.step()  # compiles the float32 graph if no earlier test did
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            with torch.compiler.set_stance("fail_on_recompile"):
+                optimizer.step()
+                optimizer.step()
+        assert optimizer.defaults["fused"] is True and optimizer.compile_failure is None
+        assert all(optimizer.state[p]["step"].item() == 2 for p in params)
+
+
+@pytest.mark.filterwarnings("ignore:.*compiling the update failed")
+def test_a_failed_compile_falls_back_for_that_instance_only():
+    """A real compile failure (inductor pointed at a C++ compiler that does not exist, caches
+    off): that instance finishes the step uncompiled, warns once and steps with foreach; an
+    instance built before and one built after keep the compiled path."""
+    init = [nn.Parameter(torch.randn(8, 3, dtype=torch.float64)) for _ in range(2)]
+    before, failing, reference = clone(init), clone(init), clone(init)
+    before_opt = RMSprop(before, lr=1e-2, fused=True)
+    failing_opt = RMSprop(failing, lr=1e-2, fused=True)
+    reference_opt = RMSprop(reference, lr=1e-2, foreach=False)
+    for opt in (before_opt, failing_opt, reference_opt):
+        opt.param_groups[0]["initial_lr"] = 1e-2
+    torch.compiler.reset()  # forget graphs compiled by earlier tests, so this one compiles
+    broken = {"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True}
+    with warnings.catch_warnings(record=True) as caught, torch._inductor.config.patch(broken):
+        warnings.simplefilter("always")
+        run(failing_opt, failing, 0, 1)
+    ours = [w for w in caught if "compiling the update failed" in str(w.message)]
+    assert len(ours) == 1
+    assert "RMSprop(fused=True)" in str(ours[0].message)
+    assert "C++ compiler" in str(ours[0].message)
+    assert "InvalidCxxCompiler" in failing_opt.compile_failure
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        run(failing_opt, failing, 1, 9)  # foreach now: no second warning
+        run(before_opt, before, 0, 10)
+        after = clone(init)
+        after_opt = RMSprop(after, lr=1e-2, fused=True)
+        after_opt.param_groups[0]["initial_lr"] = 1e-2
+        run(after_opt, after, 0, 10)
+    assert before_opt.compile_failure is None and after_opt.compile_failure is None
+    run(reference_opt, reference, 0, 10)
+    for params in (failing, before, after):
+        assert relative_error(params, reference) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda params, lr: build_optimizer("adabelief", params, lr=lr),
+        lambda params, lr: AdaBelief(params, lr=lr),
+        lambda params, lr: Adadelta(params, lr=lr),
+        lambda params, lr: RMSprop(params, lr=lr),
+    ],
+    ids=["registry", "AdaBelief", "Adadelta", "RMSprop"],
+)
+def test_tensor_lr_must_have_one_element(make):
+    params = [nn.Parameter(torch.zeros(3))]
+    with pytest.raises(
+        ValueError, match=r"^lr: got a tensor of shape \(2,\).*Tensor lr must be 1-element"
+    ):
+        make(params, torch.tensor([1e-3, 1e-3]))
+    optimizer = make(params, torch.tensor(1e-3))
+    params[0].grad = torch.ones(3)
+    optimizer.step()
+    assert torch.isfinite(params[0]).all() and not torch.equal(params[0], torch.zeros(3))
+
+
+@pytest.mark.parametrize("cls", [AdaBelief, Adadelta, RMSprop, torch.optim.Adam])
+def test_fused_on_an_unsupported_device_raises_like_torch(cls):
+    param = nn.Parameter(torch.zeros(4, device="meta"))
+    param.grad = torch.zeros(4, device="meta")
+    optimizer = cls([param], lr=1e-3, fused=True)
+    with pytest.raises(RuntimeError, match="requires all the params to be floating point Tensors"):
+        optimizer.step()
+
+
+def test_fused_refuses_what_torch_fused_refuses():
+    params = [nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match=r"^fused: cannot be True together with foreach=True"):
+        RMSprop(params, fused=True, foreach=True)
+    with pytest.raises(ValueError, match=r"^fused: cannot be True together with differentiable"):
+        Adadelta(params, fused=True, differentiable=True)
