@@ -1,13 +1,18 @@
 """Time ``optimizer.step()`` on a ~20M-parameter stack of tensors, all optimizers side by side.
 
-Run: ``python bench/optimizer_step.py [--steps N] [--warmup W] [--layers L] [--width D]``
+Run: ``python bench/optimizer_step.py [--threads 1,2] [--steps N] [--layers L] [--width D]``
 
-Every optimizer in the registry (built by ``build_optimizer`` with its defaults and automatic
-implementation choice), torch's fused AdamW (the reference every ratio is taken against), our
-AdaBelief in each implementation, and the authors' adabelief-pytorch 0.2.1 (if installed) step
-the same parameters with the same fixed random gradients. Reported per row: median ms per step
-after warm-up steps (rows interleaved step by step), the ratio to fused AdamW, and the bytes held in optimizer state tensors.
-AdaBelief ``fused`` compiles on its first (warm-up) step; compile time is printed separately.
+For each thread count, every optimizer in the registry (built by ``build_optimizer`` with its
+defaults, i.e. ``impl="auto"``), torch's fused AdamW (the reference every ratio is taken
+against), the compiled entries' foreach path, our AdaBelief's for-loop and the authors'
+adabelief-pytorch 0.2.1 (if installed) step the same parameters with the same fixed random
+gradients, rows interleaved step by step. Reported per row: median ms per step after warm-up
+steps, the ratio to fused AdamW, the bytes a step must move per parameter (read parameter,
+gradient and state, write parameter and state) and the bandwidth that achieves.
+
+Then, per compiled entry (``adadelta``, ``rmsprop``, ``adabelief``), two fresh processes
+sharing one new inductor cache folder time the first step: cold (compiles and runs the C++
+compiler) and warm (torch's on-disk cache from the first process).
 """
 
 from __future__ import annotations
@@ -15,7 +20,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -94,25 +104,72 @@ def _load_average() -> str:
         return "n/a"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--layers", type=int, default=19)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def bytes_moved_per_parameter(optimizer: Optimizer) -> int:
+    """The traffic floor of one step per parameter: read the parameter, its gradient and each
+    state tensor once, write the parameter and each state tensor once (4 bytes each in
+    float32). Adam-like updates with two state tensors: 28 bytes."""
+    state = next(iter(optimizer.state.values()), {})
+    tensors = sum(1 for k, v in state.items() if isinstance(v, torch.Tensor) and k != "step")
+    return 4 * (3 + 2 * tensors)
 
-    params = make_params(args.layers, args.width)
-    n = sum(p.numel() for p in params)
+
+COMPILED_ENTRIES = ("adadelta", "rmsprop", "adabelief")
+
+
+def first_step_child(name: str, layers: int, width: int) -> None:
+    """In a fresh process: build ``name`` with its defaults and print its first step's time."""
+    params = make_params(layers, width)
+    optimizer = build_optimizer(name, params)
+    start = time.perf_counter()
+    optimizer.step()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    optimizer.step()
+    print(json.dumps({"first": first, "second": time.perf_counter() - start}))
+
+
+def first_step_costs(args: argparse.Namespace, threads: int) -> None:
+    """Cold (empty compile cache) and warm (a second process, same cache) first steps."""
+    print(f"\nFirst step of the compiled entries, {threads} thread(s), one process each:\n")
     print(
-        f"{n / 1e6:.2f}M parameters in {len(params)} tensors (float32, CPU), "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"median of {args.steps} steps after {args.warmup} warm-up steps, "
-        f"load average {_load_average()}\n"
+        "| optimizer | cold first step (s) | warm first step, 2nd process (s) | later step (ms) |"
     )
+    print("|---|---:|---:|---:|")
+    for name in COMPILED_ENTRIES:
+        with tempfile.TemporaryDirectory() as cache:
+            env = {
+                **os.environ,
+                "TORCHINDUCTOR_CACHE_DIR": cache,
+                "OMP_NUM_THREADS": str(threads),
+            }
+            command = [
+                sys.executable,
+                __file__,
+                "--first-step-of",
+                name,
+                "--threads",
+                str(threads),
+                "--layers",
+                str(args.layers),
+                "--width",
+                str(args.width),
+            ]
+            times = [
+                json.loads(
+                    subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+                    .stdout.strip()
+                    .splitlines()[-1]
+                )
+                for _ in range(2)
+            ]
+        print(
+            f"| `{name}` | {times[0]['first']:.1f} | {times[1]['first']:.1f} "
+            f"| {times[1]['second'] * 1e3:.1f} |"
+        )
+
+
+def steady_state(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> None:
+    n = sum(p.numel() for p in params)
 
     def quiet(factory: Callable[[], Optimizer]) -> Callable[[], Optimizer]:
         def build() -> Optimizer:
@@ -125,13 +182,16 @@ def main() -> None:
         ("torch AdamW (reference)", "fused", lambda: torch.optim.AdamW(params, fused=True)),
     ]
     for name, _ in OPTIMIZERS.items():
-        runs.append((f"registry: {name}", None, lambda name=name: build_optimizer(name, params)))
-    for impl, flags in (
-        ("for-loop", {"foreach": False}),
-        ("foreach", {"foreach": True}),
-        ("fused", {"fused": True}),
-    ):
-        runs.append(("AdaBelief (ours)", impl, lambda flags=flags: AdaBelief(params, **flags)))
+        runs.append((f"registry: `{name}`", None, lambda name=name: build_optimizer(name, params)))
+    for name in COMPILED_ENTRIES:
+        runs.append(
+            (
+                f"registry: `{name}`, impl=foreach",
+                "foreach",
+                lambda name=name: build_optimizer(name, params, impl="foreach"),
+            )
+        )
+    runs.append(("AdaBelief (ours)", "for-loop", lambda: AdaBelief(params, foreach=False)))
     try:
         from adabelief_pytorch import AdaBelief as AuthorsAdaBelief
 
@@ -150,34 +210,51 @@ def main() -> None:
         print("(adabelief-pytorch not installed: its row is skipped)\n")
 
     optimizers = [factory() for _, _, factory in runs]
-    firsts, medians = time_round_robin(optimizers, max(args.warmup, 1), args.steps)
-    results = [
-        (label, impl or impl_of(opt), first, seconds, state_bytes(opt))
-        for (label, impl, _), opt, first, seconds in zip(
-            runs, optimizers, firsts, medians, strict=True
-        )
-    ]
-
-    reference = results[0][3]
-    print("| optimizer | impl | ms/step | vs fused AdamW | state MiB | state bytes/param |")
+    _, medians = time_round_robin(optimizers, max(args.warmup, 1), args.steps)
+    reference = medians[0]
+    print(
+        f"{n / 1e6:.2f}M parameters in {len(params)} tensors (float32, CPU), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+        f"median of {args.steps} steps after {args.warmup} warm-up steps, "
+        f"load average {_load_average()}\n"
+    )
+    print("| optimizer | impl | ms/step | vs fused AdamW | bytes moved/param | GB/s |")
     print("|---|---|---:|---:|---:|---:|")
-    for label, impl, _, seconds, nbytes in results:
+    for (label, impl, _), optimizer, seconds in zip(runs, optimizers, medians, strict=True):
+        moved = bytes_moved_per_parameter(optimizer)
         print(
-            f"| {label} | {impl} | {seconds * 1e3:.1f} | {seconds / reference:.2f}x "
-            f"| {nbytes / 2**20:.1f} | {nbytes / n:.1f} |"
+            f"| {label} | {impl or impl_of(optimizer)} | {seconds * 1e3:.1f} "
+            f"| {seconds / reference:.2f}x | {moved} | {moved * n / seconds / 1e9:.1f} |"
         )
+    del optimizers
 
-    by_key = {(label, impl): (first, seconds) for label, impl, first, seconds, _ in results}
-    authors = by_key.get(("adabelief-pytorch 0.2.1", "for-loop"))
-    print()
-    for impl in ("for-loop", "foreach", "fused"):
-        first, ours = by_key[("AdaBelief (ours)", impl)]
-        line = f"AdaBelief {impl}: {ours / reference:.2f}x fused AdamW"
-        if authors:
-            line += f", {authors[1] / ours:.1f}x faster than adabelief-pytorch 0.2.1"
-        if impl == "fused":
-            line += f" (first step incl. compile: {first:.1f} s)"
-        print(line)
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--layers", type=int, default=19)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument(
+        "--threads", default="1,2", help="torch thread counts to run, comma-separated"
+    )
+    parser.add_argument("--first-step-of", help=argparse.SUPPRESS)  # the child process
+    parser.add_argument(
+        "--no-first-step", action="store_true", help="skip the cold/warm first-step processes"
+    )
+    args = parser.parse_args()
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    if args.first_step_of:
+        torch.set_num_threads(thread_counts[0])
+        first_step_child(args.first_step_of, args.layers, args.width)
+        return
+    params = make_params(args.layers, args.width)
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        print(f"\n## {threads} thread(s)\n")
+        steady_state(args, params)
+        if not args.no_first_step:
+            first_step_costs(args, threads)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ tensor of the row flattened to one dimension. So:
   parameter, gradient and state once and writes them once, in the compute dtype (float32, or
   float64 for float64 parameters) and rounding once to the storage dtype.
 
-Rows that the graph would specialize on, one-element tensors, and rows whose tensors do not
-share one dense memory layout, run the same function uncompiled. If compiling fails (no C++
+Small tensors (under :data:`PACK_BELOW` elements) are concatenated, updated in one call and
+copied back, so hundreds of biases and norm weights cost a few calls instead of one each.
+One-element inputs (a size the graph would specialize on) and rows whose tensors do not share
+one dense memory layout run the same function uncompiled. If compiling fails (no C++
 compiler, a dtype or device inductor cannot generate code for), :meth:`CompiledUpdate.apply`
 finishes the step uncompiled and returns the reason; the optimizer instance that called it
 then warns once and uses its foreach path. Nothing here is process-wide: other optimizer
@@ -49,6 +51,9 @@ __all__ = [
     "step_compiled",
 ]
 
+# Tensors with fewer elements are concatenated into one call per coefficient vector.
+PACK_BELOW = 1 << 15
+
 # Devices inductor generates code for: C++/OpenMP on CPU, Triton on CUDA and XPU.
 COMPILED_DEVICES = ("cpu", "cuda", "xpu")
 
@@ -66,20 +71,30 @@ def check_compiled_devices(params: Sequence[torch.Tensor], owner: str) -> None:
 
 
 def _dense_flat(row: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
-    """The row's tensors as aligned 1-D views of their memory, or ``None`` if they have no
-    common dense layout (then element ``k`` of each view would not be the same element)."""
-    if all(t.is_contiguous() for t in row):
-        return [t.view(-1) for t in row]
+    """The row's tensors as aligned 1-D tensors over their memory, or ``None`` if they have no
+    common dense layout (then element ``k`` of each would not be the same element).
+
+    The 1-D tensors alias the memory without being views (``set_``) and do not require grad,
+    so every row looks alike to the compiled graph's guards, which otherwise also check a
+    view's base layout and ``requires_grad``: one graph per dtype, not three.
+    """
     first = row[0]
-    if any(t.stride() != first.stride() or t.shape != first.shape for t in row):
-        return None
-    dims = sorted((s, n) for s, n in zip(first.stride(), first.shape, strict=True) if n != 1)
-    expected = 1
-    for stride, size in dims:
-        if stride != expected:
-            return None  # overlapping or with gaps
-        expected *= size
-    return [t.as_strided((t.numel(),), (1,)) for t in row]
+    if not all(t.is_contiguous() for t in row):
+        if any(t.stride() != first.stride() or t.shape != first.shape for t in row):
+            return None
+        dims = sorted((s, n) for s, n in zip(first.stride(), first.shape, strict=True) if n != 1)
+        expected = 1
+        for stride, size in dims:
+            if stride != expected:
+                return None  # overlapping or with gaps
+            expected *= size
+    return [_alias_1d(t) for t in row]
+
+
+def _alias_1d(t: torch.Tensor) -> torch.Tensor:
+    """A plain 1-D tensor over ``t``'s ``numel`` elements of memory (``t`` dense)."""
+    out = torch.empty(0, dtype=t.dtype, device=t.device)
+    return out.set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
 
 
 class CompiledUpdate:
@@ -101,22 +116,52 @@ class CompiledUpdate:
     def apply(
         self, rows: Sequence[Sequence[torch.Tensor]], coefficients: Sequence[torch.Tensor]
     ) -> str | None:
-        """Update every row with its coefficient vector; ``None`` when every row that could
-        compile did, else why compiling failed (the rows from there on ran uncompiled)."""
+        """Update every row with its coefficient vector; ``None`` when every call that could
+        compile did, else why compiling failed (the calls from there on ran uncompiled).
+
+        A row is ``[param, grad, *state]``: every tensor but the gradient is written. Tensors
+        of at least :data:`PACK_BELOW` elements get one call each; smaller ones sharing a
+        coefficient vector and dtypes are concatenated into one call and copied back, so a
+        model's hundreds of biases and norms cost a few calls, not hundreds.
+        """
         failure: str | None = None
+        packs: dict[tuple[Any, ...], tuple[torch.Tensor, list[Sequence[torch.Tensor]]]] = {}
         for row, c in zip(rows, coefficients, strict=True):
             numel = row[0].numel()
             if numel == 0:
                 continue
-            flat = _dense_flat(row) if numel > 1 else None
-            if flat is None or failure is not None:
-                self.update(*row, c)
+            if numel < PACK_BELOW:
+                key = (id(c), *(t.dtype for t in row))
+                packs.setdefault(key, (c, []))[1].append(row)
                 continue
+            flat = _dense_flat(row)
+            if flat is None:
+                self.update(*row, c)
+            else:
+                failure = self._call(flat, c, failure)
+        for c, small in packs.values():
+            columns = [list(column) for column in zip(*small, strict=True)]
+            flats = [torch.cat([t.reshape(-1) for t in column]) for column in columns]
+            failure = self._call(flats, c, failure)
+            sizes = [t.numel() for t in columns[0]]
+            for j, column in enumerate(columns):
+                if j != 1:  # the gradient is only read
+                    pieces = flats[j].split(sizes)
+                    torch._foreach_copy_(
+                        column, [piece.view_as(t) for piece, t in zip(pieces, column, strict=True)]
+                    )
+        return failure
+
+    def _call(self, flat: list[torch.Tensor], c: torch.Tensor, failure: str | None) -> str | None:
+        """One call on 1-D tensors: compiled unless compiling already failed in this
+        :meth:`apply` or the tensors have one element (a size the graph would specialize on)."""
+        if failure is None and flat[0].numel() > 1:
             try:
                 self._compiled(*flat, c)
+                return None
             except Exception as error:  # compiling failed; a real bug re-raises just below
                 failure = f"{type(error).__name__}: {_first_line(error)}"
-                self.update(*row, c)
+        self.update(*flat, c)
         return failure
 
 
