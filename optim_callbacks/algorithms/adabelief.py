@@ -81,8 +81,9 @@ __all__ = ["AdaBelief"]
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 # Columns of the per-parameter coefficient table handed to the fused (compiled) update.
-_L2, _DECAY, _B1, _OMB1, _B2, _OMB2, _EPS, _SQRT_BC2, _NEG_STEP, _SGD, _USE_MAX = range(11)
-_NUM_COEFS = 11
+# The denominator is sqrt(s) * _ROOT_SCALE + _DENOM_ADD: 1 / sqrt(bc2) and eps for an adaptive
+# step, 0 and 1 for the rectified SGD step (no branch in the compiled loop).
+_L2, _DECAY, _B1, _OMB1, _B2, _OMB2, _EPS, _ROOT_SCALE, _DENOM_ADD, _NEG_STEP, _USE_MAX = range(11)
 
 
 class _StepCoefficients:
@@ -144,7 +145,7 @@ def _adabelief_update(
     m = exp_avg.to(c.dtype) * c[_B1] + g * c[_OMB1]
     r = g - m
     s = exp_avg_var.to(c.dtype) * c[_B2] + r * r * c[_OMB2] + c[_EPS]
-    denom = torch.where(c[_SGD] > 0, 1.0, torch.sqrt(s) / c[_SQRT_BC2] + c[_EPS])
+    denom = torch.sqrt(s) * c[_ROOT_SCALE] + c[_DENOM_ADD]
     param.copy_(p + c[_NEG_STEP] * m / denom)
     exp_avg.copy_(m)
     exp_avg_var.copy_(s)
@@ -168,7 +169,7 @@ def _adabelief_amsgrad_update(
     s = exp_avg_var.to(c.dtype) * c[_B2] + r * r * c[_OMB2] + c[_EPS]
     s_max = torch.maximum(max_exp_avg_var.to(c.dtype), s)
     v = torch.where(c[_USE_MAX] > 0, s_max, s)
-    denom = torch.where(c[_SGD] > 0, 1.0, torch.sqrt(v) / c[_SQRT_BC2] + c[_EPS])
+    denom = torch.sqrt(v) * c[_ROOT_SCALE] + c[_DENOM_ADD]
     param.copy_(p + c[_NEG_STEP] * m / denom)
     exp_avg.copy_(m)
     exp_avg_var.copy_(s)
@@ -190,9 +191,9 @@ def _coefficient_row(group: dict[str, Any], c: _StepCoefficients) -> tuple[float
         beta2,
         1.0 - beta2,
         float(group["eps"]),
-        c.sqrt_bc2,
+        1.0 / c.sqrt_bc2 if c.adaptive else 0.0,
+        float(group["eps"]) if c.adaptive else 1.0,
         -c.step_size,
-        0.0 if c.adaptive else 1.0,
         1.0 if use_max else 0.0,
     )
 

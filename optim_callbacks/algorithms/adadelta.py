@@ -51,7 +51,7 @@ def _adadelta_update(
     g = grad.to(c.dtype) * c[_SIGN] + c[_WD] * p
     v = square_avg.to(c.dtype) * c[_RHO] + g * g * c[_ONE_MINUS_RHO]
     u = acc_delta.to(c.dtype)
-    delta = torch.sqrt(u + c[_EPS]) / torch.sqrt(v + c[_EPS]) * g
+    delta = torch.sqrt((u + c[_EPS]) / (v + c[_EPS])) * g
     param.copy_(p + c[_NEG_LR] * delta)
     square_avg.copy_(v)
     acc_delta.copy_(u * c[_RHO] + delta * delta * c[_ONE_MINUS_RHO])

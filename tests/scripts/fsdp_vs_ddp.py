@@ -122,7 +122,9 @@ CASES = {
         trainer=dict(max_epochs=2, max_steps=-1),
     ),
     "swats": dict(switch=dict(epsilon=0.5, min_steps=2)),
-    "adabelief": dict(optimizer="adabelief", optimizer_options={"impl": "foreach"}),
+    # The registry default: the compiled update, on the local shards under FSDP2.
+    "adabelief": dict(optimizer="adabelief"),
+    "rmsprop_foreach": dict(optimizer="rmsprop", optimizer_options={"impl": "foreach"}),
     "amp_epsilon": dict(trainer=dict(precision="16-true"), optimizer_options={"impl": "foreach"}),
 }
 
@@ -174,6 +176,9 @@ def run_case(
         "nonfinite_steps": clipping.nonfinite_steps if clipping else 0,
         "last_checkpoint": checkpoints.last_model_path,
         "eps": sorted({group.get("eps", 0.0) for group in trainer.optimizers[0].param_groups}),
+        # The compiled update ran on every step (a failed compile would say why here).
+        "compiled": bool(trainer.optimizers[0].defaults.get("fused"))
+        and getattr(trainer.optimizers[0], "compile_failure", "not compiled") is None,
         "state_dtype": str(next(iter(trainer.optimizers[0].state.values()))["exp_avg"].dtype)
         if "exp_avg" in next(iter(trainer.optimizers[0].state.values()), {})
         else None,
