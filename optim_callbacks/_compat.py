@@ -1,6 +1,6 @@
 """The one door to torch and Lightning internals.
 
-``optim_callbacks`` needs five things that neither torch nor Lightning offers as public API. This
+``optim_callbacks`` needs a few things that neither torch nor Lightning offers as public API. This
 module is the only one in the package that touches them: each has one named function below that
 says what it reads and why, with a fallback to public API where one exists.
 ``tests/lib/test_compat.py`` asserts, on the installed versions, that every private path still
@@ -16,6 +16,7 @@ are needed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "NORM_BASE_FALLBACK",
     "batches_that_stepped",
     "fused_kernel_devices",
+    "inductor_cpp_compiler",
     "norm_base_classes",
     "saved_callback_state",
     "sharded_checkpoint_metadata_name",
@@ -219,3 +221,12 @@ def saved_callback_state(ckpt_path: str | os.PathLike, state_key: str) -> dict[s
         path = path / sharded_checkpoint_metadata_name()
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=path.suffix != ".pt")
     return (checkpoint.get("callbacks") or {}).get(state_key)
+
+
+def inductor_cpp_compiler(command: str) -> contextlib.AbstractContextManager[Any]:
+    """A context in which torch's inductor builds C++ with ``command`` and skips its caches, so
+    the next compile really runs it. The tests point it at a compiler that does not exist to
+    cause a real compile failure (``torch._inductor.config.cpp.cxx`` is private)."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch({"cpp.cxx": (command,), "force_disable_caches": True})

@@ -237,6 +237,16 @@ def _private_accesses(path: Path, own_names: frozenset[str] = frozenset()) -> li
     return found
 
 
+def test_inductor_cpp_compiler_sets_inductors_compiler_for_the_context():
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.cpp.cxx
+    with _compat.inductor_cpp_compiler("/nonexistent/c++"):
+        assert inductor_config.cpp.cxx == ("/nonexistent/c++",)
+        assert torch.compiler.config.force_disable_caches
+    assert inductor_config.cpp.cxx == before
+
+
 def test_only_the_compat_module_reaches_torch_or_lightning_internals():
     package = Path(optim_callbacks.__file__).parent
     outside = {

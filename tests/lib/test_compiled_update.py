@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from optim_callbacks import AdaBelief, Adadelta, RMSprop, build_optimizer, compiled_update
+from optim_callbacks import AdaBelief, Adadelta, RMSprop, _compat, build_optimizer, compiled_update
 from optim_callbacks.compiled_update import PACK_BELOW
 
 # A silent fallback would make every comparison below compare foreach with itself.
@@ -180,8 +180,8 @@ def test_a_failed_compile_falls_back_for_that_instance_only():
     for opt in (before_opt, failing_opt, reference_opt):
         opt.param_groups[0]["initial_lr"] = 1e-2
     torch.compiler.reset()  # forget graphs compiled by earlier tests, so this one compiles
-    broken = {"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True}
-    with warnings.catch_warnings(record=True) as caught, torch._inductor.config.patch(broken):
+    broken = _compat.inductor_cpp_compiler("/nonexistent/c++")
+    with warnings.catch_warnings(record=True) as caught, broken:
         warnings.simplefilter("always")
         run(failing_opt, failing, 0, 1)
     ours = [w for w in caught if "compiling the update failed" in str(w.message)]
