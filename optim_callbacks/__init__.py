@@ -1,7 +1,15 @@
 """optim-callbacks: optimizers and schedules by name, and Lightning callbacks that watch and
 steer them (clipping, AMP epsilon, Adam->SGD switching, moment statistics)."""
 
-from optim_callbacks.algorithms import AdaBelief, Adadelta, RMSprop
+from optim_callbacks.algorithms import (
+    ADOPT,
+    AdaBelief,
+    Adadelta,
+    Lion,
+    RMSprop,
+    ScheduleFreeAdamW,
+    ScheduleFreeSGD,
+)
 from optim_callbacks.callbacks import *  # noqa: F403
 from optim_callbacks.callbacks import __all__ as _callbacks_all
 from optim_callbacks.optimizers import (
@@ -34,9 +42,13 @@ __all__ = [
     "FSDP2Strategy",
     "OPTIMIZERS",
     "SCHEDULES",
+    "ADOPT",
     "AdaBelief",
     "Adadelta",
+    "Lion",
     "RMSprop",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeSGD",
     "OptimizerSpec",
     "Registry",
     "ScheduleSpec",

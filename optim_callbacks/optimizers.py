@@ -19,7 +19,15 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from optim_callbacks._compat import fused_kernel_devices
-from optim_callbacks.algorithms import AdaBelief, Adadelta, RMSprop
+from optim_callbacks.algorithms import (
+    ADOPT,
+    AdaBelief,
+    Adadelta,
+    Lion,
+    RMSprop,
+    ScheduleFreeAdamW,
+    ScheduleFreeSGD,
+)
 from optim_callbacks.compiled_update import COMPILED_DEVICES
 from optim_callbacks.param_groups import ParamsT, param_groups
 from optim_callbacks.registry import Registry
@@ -35,6 +43,7 @@ from optim_callbacks.validation import (
 
 __all__ = [
     "OPTIMIZERS",
+    "SCHEDULE_FREE",
     "OptimizerSpec",
     "build_optimizer",
     "register_optimizer",
@@ -53,7 +62,10 @@ class OptimizerSpec:
     optimizer has none), so ``adaptive`` is true exactly for optimizers with a per-element
     second-moment estimate. ``identity`` names the options that tell this entry from other
     entries of the same class (``sgd``, ``momentum`` and ``nesterov`` are all
-    ``torch.optim.SGD``): see :meth:`matches`.
+    ``torch.optim.SGD``): see :meth:`matches`. ``bias_corrected`` says the step is Adam's
+    ``lr / (sqrt(v / (1 - beta2^t)) + eps)`` per element, so ``MomentStatistics`` can log step
+    sizes (ADOPT's is not). ``reference`` names the paper and the implementation the entry
+    matches.
     """
 
     name: str
@@ -68,6 +80,8 @@ class OptimizerSpec:
     has_momentum: bool = False
     factory: Callable[..., Optimizer] | None = None
     identity: tuple[str, ...] = ()
+    bias_corrected: bool = True
+    reference: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
@@ -332,6 +346,80 @@ _add(
 )
 
 
+_add(
+    OptimizerSpec(
+        "lion",
+        Lion,
+        "sign of an interpolated momentum: one state tensor, every step exactly lr",
+        defaults={"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0},
+        state_keys=("exp_avg",),
+        first_moment="exp_avg",
+        has_betas=True,
+        reference="Chen et al. 2023, 'Symbolic Discovery of Optimization Algorithms'; "
+        "lion-pytorch 0.2.5 Lion",
+    )
+)
+_add(
+    OptimizerSpec(
+        "adafactor",
+        torch.optim.Adafactor,
+        "factored second moment (row and column means), no first moment: little memory",
+        defaults={"lr": 1e-2, "beta2_decay": -0.8, "eps": (None, 1e-3), "weight_decay": 0.0},
+        state_keys=("row_var", "col_var", "variance"),
+        second_moment="variance",
+        has_eps=True,
+        bias_corrected=False,
+        reference="Shazeer & Stern 2018, 'Adafactor: Adaptive Learning Rates with Sublinear "
+        "Memory Cost'; torch.optim.Adafactor",
+    )
+)
+_add(
+    OptimizerSpec(
+        "adopt",
+        ADOPT,
+        "Adam normalized by the previous second moment: converges for any beta2",
+        defaults={"lr": 1e-3, "betas": (0.9, 0.9999), "eps": 1e-6, "weight_decay": 0.0},
+        state_keys=("exp_avg", "exp_avg_sq"),
+        first_moment="exp_avg",
+        second_moment="exp_avg_sq",
+        has_eps=True,
+        has_betas=True,
+        bias_corrected=False,
+        reference="Taniguchi et al. 2024, 'ADOPT: Modified Adam Can Converge with Any beta2'; "
+        "pytorch-optimizer 4.1.0 ADOPT",
+    )
+)
+_add(
+    OptimizerSpec(
+        "schedule_free_adamw",
+        ScheduleFreeAdamW,
+        "AdamW without a schedule: evaluates an average of its iterates (train/eval modes)",
+        defaults={"lr": 2.5e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+        state_keys=("z", "exp_avg_sq"),
+        second_moment="exp_avg_sq",
+        has_eps=True,
+        has_betas=True,
+        reference="Defazio et al. 2024, 'The Road Less Scheduled'; schedulefree 1.4.1 "
+        "AdamWScheduleFree",
+    )
+)
+_add(
+    OptimizerSpec(
+        "schedule_free_sgd",
+        ScheduleFreeSGD,
+        "SGD without a schedule: evaluates an average of its iterates (train/eval modes)",
+        defaults={"lr": 1.0, "momentum": 0.9, "weight_decay": 0.0},
+        state_keys=("z",),
+        has_momentum=True,
+        reference="Defazio et al. 2024, 'The Road Less Scheduled'; schedulefree 1.4.1 "
+        "SGDScheduleFree",
+    )
+)
+
+# Entries whose optimizer keeps x (evaluate) and y (train) and needs train()/eval() switching.
+SCHEDULE_FREE = ("schedule_free_adamw", "schedule_free_sgd")
+
+
 def spec_for(optimizer: Optimizer) -> OptimizerSpec | None:
     """The registry entry of an optimizer instance, told from its class and parameter groups
     (:meth:`OptimizerSpec.matches`): of the entries for the nearest class in the optimizer's
@@ -350,7 +438,13 @@ def _check_hyperparameters(values: Mapping[str, Any]) -> None:
     if "lr" in values:
         check_lr(values["lr"])
     if "eps" in values:
-        check_positive("eps", values["eps"])
+        eps = values["eps"]
+        if isinstance(eps, tuple | list):  # Adafactor's (eps1, eps2); None means automatic
+            for k, value in enumerate(eps):
+                if value is not None:
+                    check_positive(f"eps[{k}]", value)
+        else:
+            check_positive("eps", eps)
     for key in ("momentum", "weight_decay", "dampening", "lr_decay", "initial_accumulator_value"):
         if key in values:
             check_non_negative(key, values[key])

@@ -1,0 +1,179 @@
+r"""ADOPT (Taniguchi et al., 2024, "ADOPT: Modified Adam Can Converge with Any beta2 with the
+Optimal Rate", NeurIPS 2024, https://arxiv.org/abs/2411.02853).
+
+Adam normalizes the gradient by a second moment that already contains it; ADOPT normalizes by
+the *previous* second moment and applies momentum after the normalization, which removes the
+correlation that makes Adam diverge for some beta2. Per parameter, with gradient :math:`g`
+(negated with ``maximize``), step :math:`t` from 1, as ``pytorch-optimizer`` 4.1.0 ``ADOPT``
+(the tests hold all three implementations to it)::
+
+    weight decay   L2 (default): g <- g + wd * theta;  decoupled: theta <- theta (1 - lr wd)
+    t = 1:         v <- g^2                              (no parameter update)
+    t > 1:         n = clip(g / max(sqrt(v), eps), t^(1/4))     (clip(x, c) = min(max(x, -c), c))
+                   m <- m + (1 - beta1) (n - m)                 (state "exp_avg")
+                   theta <- theta - lr * m
+                   v <- beta2 v + (1 - beta2) g^2               (state "exp_avg_sq")
+
+No bias correction: ``m`` averages normalized gradients, ``v`` starts at ``g_1^2``. The clip
+at ``t^(1/4)`` is the paper's stabilisation (section 4, "clipped ADOPT").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from optim_callbacks.algorithms._elementwise import ElementwiseOptimizer, Tensors
+from optim_callbacks.compiled_update import CompiledUpdate
+from optim_callbacks.validation import check_betas, check_positive
+
+__all__ = ["ADOPT"]
+
+_L2, _DECAY, _OMB1, _B2, _OMB2, _EPS, _CLIP, _NEG_LR, _FIRST, _SIGN = range(10)
+
+
+def _adopt_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    c: torch.Tensor,
+) -> None:
+    """One ADOPT step for one tensor in ``c.dtype`` (columns ``_L2`` ... ``_SIGN``)."""
+    p = param.to(c.dtype)
+    g = grad.to(c.dtype) * c[_SIGN] + c[_L2] * p
+    p = p * c[_DECAY]
+    m = exp_avg.to(c.dtype)
+    v = exp_avg_sq.to(c.dtype)
+    normed = g / torch.clamp_min(torch.sqrt(v), c[_EPS])
+    normed = torch.minimum(torch.maximum(normed, -c[_CLIP]), c[_CLIP])
+    m_new = m + c[_OMB1] * (normed - m)
+    first = c[_FIRST] > 0
+    param.copy_(torch.where(first, p, p + c[_NEG_LR] * m_new))
+    exp_avg.copy_(torch.where(first, m, m_new))
+    exp_avg_sq.copy_(torch.where(first, v + g * g, v * c[_B2] + g * g * c[_OMB2]))
+
+
+class ADOPT(ElementwiseOptimizer):
+    """ADOPT (Taniguchi et al., 2024): Adam that normalizes by the previous second moment.
+
+    Args:
+        params: parameters or parameter-group dicts.
+        lr: learning rate (> 0).
+        betas: ``(beta1, beta2)``, each in [0, 1); the paper's default beta2 is 0.9999.
+        eps: lower bound of ``sqrt(v)`` (> 0).
+        weight_decay: L2 (``g += wd * theta``) by default, decoupled (``theta *= 1 - lr * wd``)
+            with ``decoupled_weight_decay=True`` (>= 0).
+        decoupled_weight_decay: pytorch-optimizer's ``weight_decouple``.
+        maximize: ascend instead of descend.
+        foreach: ``False`` for the single-tensor loop; ``None``/``True`` for foreach kernels.
+        fused: ``True`` for the compiled single pass per tensor (the registry's default).
+
+    State per parameter: ``step`` (float32 CPU tensor), ``exp_avg`` and ``exp_avg_sq``.
+    """
+
+    state_keys = ("exp_avg", "exp_avg_sq")
+    compiled = CompiledUpdate(_adopt_update)
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.9999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        betas = check_betas("betas", betas)
+        check_positive("eps", eps)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults, foreach=foreach, fused=fused)
+
+    def coefficients(self, group: dict[str, Any], step: float) -> tuple[float, ...]:
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        decoupled = group["decoupled_weight_decay"]
+        return (
+            0.0 if decoupled else wd,
+            1.0 - lr * wd if decoupled else 1.0,
+            1.0 - beta1,
+            beta2,
+            1.0 - beta2,
+            float(group["eps"]),
+            step**0.25,
+            -lr,
+            1.0 if step == 1 else 0.0,
+            -1.0 if group["maximize"] else 1.0,
+        )
+
+    def foreach_update(
+        self,
+        group: dict[str, Any],
+        params: Tensors,
+        grads: Tensors,
+        states: list[Tensors],
+        step: float,
+    ) -> None:
+        exp_avgs, exp_avg_sqs = states
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        beta1, beta2 = group["betas"]
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        if wd != 0:
+            if group["decoupled_weight_decay"]:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            else:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+        if step == 1:
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads)
+            return
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_clamp_min_(denom, group["eps"])
+        normed = torch._foreach_div(grads, denom)
+        clip = step**0.25
+        torch._foreach_clamp_min_(normed, -clip)
+        torch._foreach_clamp_max_(normed, clip)
+        torch._foreach_lerp_(exp_avgs, normed, 1.0 - beta1)
+        torch._foreach_add_(params, exp_avgs, alpha=-lr)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+
+    def single_update(
+        self,
+        group: dict[str, Any],
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: Tensors,
+        step: float,
+    ) -> None:
+        exp_avg, exp_avg_sq = state
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        beta1, beta2 = group["betas"]
+        if group["maximize"]:
+            grad = -grad
+        if wd != 0:
+            if group["decoupled_weight_decay"]:
+                param.mul_(1.0 - lr * wd)
+            else:
+                grad = grad.add(param, alpha=wd)
+        if step == 1:
+            exp_avg_sq.addcmul_(grad, grad)
+            return
+        normed = grad / exp_avg_sq.sqrt().clamp_(min=group["eps"])
+        clip = step**0.25
+        normed.clamp_(-clip, clip)
+        exp_avg.lerp_(normed, weight=1.0 - beta1)
+        param.add_(exp_avg, alpha=-lr)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)

@@ -1,0 +1,130 @@
+"""Lion, ADOPT and the schedule-free pair against their reference implementations, in each of
+our three implementations, in float64 over 60 steps (relative error <= 1e-6; in practice
+rounding only), with the schedule-free train/eval switches between steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lion_pytorch import Lion as ReferenceLion
+from pytorch_optimizer import ADOPT as ReferenceADOPT
+from schedulefree import AdamWScheduleFree, SGDScheduleFree
+from torch import nn
+
+from optim_callbacks import OPTIMIZERS, build_optimizer, spec_for
+
+pytestmark = pytest.mark.filterwarnings(r"error:.*compiling the update failed")
+
+SHAPES = [(40, 30), (7,), (), (5, 3)]
+IMPLS = ["for-loop", "foreach", "auto"]
+
+# name -> (reference factory, registry options that mean the same)
+CASES = {
+    "lion": (
+        lambda ps: ReferenceLion(ps, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
+        {"lr": 1e-3, "weight_decay": 0.1},
+    ),
+    "adopt": (
+        lambda ps: ReferenceADOPT(ps, lr=1e-2, betas=(0.9, 0.9999), weight_decay=0.01),
+        {"lr": 1e-2, "weight_decay": 0.01},
+    ),
+    "adopt-decoupled": (
+        lambda ps: ReferenceADOPT(
+            ps, lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, weight_decouple=True
+        ),
+        {"lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 0.1, "decoupled_weight_decay": True},
+    ),
+    "schedule_free_adamw": (
+        lambda ps: AdamWScheduleFree(ps, lr=1e-2, weight_decay=0.01, warmup_steps=10),
+        {"lr": 1e-2, "weight_decay": 0.01, "warmup_steps": 10},
+    ),
+    "schedule_free_sgd": (
+        lambda ps: SGDScheduleFree(ps, lr=0.1, momentum=0.9, weight_decay=0.01, warmup_steps=5),
+        {"lr": 0.1, "weight_decay": 0.01, "warmup_steps": 5},
+    ),
+}
+
+
+def make_params(seed: int = 0) -> list[nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in SHAPES]
+
+
+def clone(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    return [nn.Parameter(p.detach().clone()) for p in params]
+
+
+def run(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], steps: int) -> list[float]:
+    """Gradients of a fixed quadratic-plus-sine loss; schedule-free optimizers switch to eval
+    every 10 steps (the loss there is recorded: it is the evaluated average's) and back."""
+    evaluated = []
+    schedule_free = hasattr(optimizer, "train") and hasattr(optimizer, "eval")
+    if schedule_free:
+        optimizer.train()
+    for t in range(steps):
+        for i, p in enumerate(params):
+            # a fresh tensor each step: the references modify p.grad in place
+            p.grad = (torch.sin(p.detach() * (i + 1) + t) + 0.5 * p.detach()).clone()
+        optimizer.step()
+        if schedule_free and t % 10 == 9:
+            optimizer.eval()
+            evaluated.append(sum(float((p.detach() ** 2).sum()) for p in params))
+            optimizer.train()
+    if schedule_free:
+        optimizer.eval()
+    return evaluated
+
+
+def relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(
+        ((x.detach() - y.detach()).abs().max() / y.detach().abs().max().clamp_min(1e-300)).item()
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_the_reference_implementation(case, impl):
+    reference_factory, options = CASES[case]
+    name = case.removesuffix("-decoupled")
+    init = make_params()
+    ref_params, our_params = clone(init), clone(init)
+    reference = reference_factory(ref_params)
+    ours = build_optimizer(name, our_params, impl=impl, **options)
+    assert bool(ours.defaults["fused"]) is (impl == "auto")
+    ref_evaluated = run(reference, ref_params, 60)
+    our_evaluated = run(ours, our_params, 60)
+    assert relative_error(our_params, ref_params) <= 1e-6
+    for ours_value, ref_value in zip(our_evaluated, ref_evaluated, strict=True):
+        assert math.isclose(ours_value, ref_value, rel_tol=1e-9)
+    assert getattr(ours, "compile_failure", None) is None
+    assert spec_for(ours).name == name
+    state_keys = {k for k in ours.state[our_params[0]] if k != "step"}
+    assert state_keys == set(OPTIMIZERS.get(name).state_keys)
+
+
+def test_schedule_free_evaluates_the_average_not_the_training_point():
+    params = make_params()
+    optimizer = build_optimizer("schedule_free_adamw", params, lr=1e-2)
+    assert not optimizer.training  # starts in eval mode, like schedulefree
+    with pytest.raises(RuntimeError, match=r"in eval mode; call optimizer\.train\(\)"):
+        params[0].grad = torch.ones_like(params[0])
+        optimizer.step()
+    run(optimizer, params, 20)
+    x = [p.detach().clone() for p in params]
+    optimizer.train()
+    y = [p.detach().clone() for p in params]
+    assert relative_error(x, y) > 1e-3  # the two points differ
+    optimizer.eval()
+    assert relative_error(x, [p.detach() for p in params]) < 1e-12  # and switch back
+
+
+def test_adafactor_is_torchs_own_with_its_eps_pair_checked():
+    model = nn.Linear(4, 3)
+    optimizer = build_optimizer("adafactor", model)
+    assert type(optimizer) is torch.optim.Adafactor
+    assert optimizer.defaults["eps"] == (None, 1e-3)
+    with pytest.raises(ValueError, match=r"^eps\[1\]: got -1.0; allowed: a finite number > 0"):
+        build_optimizer("adafactor", model, eps=(None, -1.0))
