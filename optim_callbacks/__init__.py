@@ -14,6 +14,7 @@ from optim_callbacks.callbacks import *  # noqa: F403
 from optim_callbacks.callbacks import __all__ as _callbacks_all
 from optim_callbacks.optimizers import (
     OPTIMIZERS,
+    SCHEDULE_FREE,
     OptimizerSpec,
     build_optimizer,
     register_optimizer,
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FSDP2Strategy",
     "OPTIMIZERS",
+    "SCHEDULE_FREE",
     "SCHEDULES",
     "ADOPT",
     "AdaBelief",

@@ -4,6 +4,7 @@ from optim_callbacks.callbacks.amp_epsilon import AmpEpsilon
 from optim_callbacks.callbacks.clipping import GradientClipping
 from optim_callbacks.callbacks.moment_stats import MomentStatistics
 from optim_callbacks.callbacks.optimizer_switch import AdamToSGD, OptimizerSwitch
+from optim_callbacks.callbacks.schedule_free import ScheduleFreeModes
 
 __all__: list[str] = [
     "AdamToSGD",
@@ -11,4 +12,5 @@ __all__: list[str] = [
     "GradientClipping",
     "MomentStatistics",
     "OptimizerSwitch",
+    "ScheduleFreeModes",
 ]

@@ -31,7 +31,10 @@ Safe values (``max(current eps, safe)`` is applied, so the callback never lowers
 - Adadelta adds ``eps`` inside both square roots (``sqrt(u + eps) / sqrt(v + eps)``): any
   ``eps`` float16 holds keeps it finite, so its safe value is its own default 1e-6;
 - AdaBelief adds ``eps`` to its stored second moment each step: 1e-7 (1.19e-7 in float16)
-  keeps ``sqrt(s) >= 3.4e-4``.
+  keeps ``sqrt(s) >= 3.4e-4``;
+- ADOPT divides by ``max(sqrt(v), eps)`` and clips the result: its default 1e-6 is safe;
+- Lion has no ``eps`` (the sign bounds every step) and Adafactor's ``eps`` is a pair whose
+  first entry defaults to the state dtype's own epsilon: both are left alone.
 
 ``eps_by_optimizer`` overrides these per registry name.
 """
@@ -57,7 +60,7 @@ POLICIES = ("auto", "force", "never")
 
 # Where eps sits inside a square root a smaller value is already safe (see the module docstring).
 DEFAULT_EPS_BY_OPTIMIZER: Mapping[str, float] = MappingProxyType(
-    {"adadelta": 1e-6, "adabelief": 1e-7}
+    {"adadelta": 1e-6, "adabelief": 1e-7, "adopt": 1e-6}
 )
 
 # The smallest positive float16 (a subnormal); a smaller eps would itself round to 0.
@@ -192,6 +195,11 @@ class AmpEpsilon(Callback):
         for group_index, group in enumerate(optimizer.param_groups):
             if "eps" not in group:
                 continue
+            if not _is_number(group["eps"]):
+                # Adafactor's (eps1, eps2): eps1=None is the state dtype's own epsilon, and
+                # eps2 clips the update's RMS; neither is an eps added to a denominator.
+                left_alone.setdefault("eps not one number", []).append(group_index)
+                continue
             dtype = _state_dtype(optimizer, group, spec)
             old = float(group["eps"])
             half = dtype == torch.float16
@@ -223,6 +231,13 @@ class AmpEpsilon(Callback):
             reason = "float16 optimizer state" if half else "policy='force'"
             self._report(f"{where}: eps {old:g} -> {new:g} ({reason}, precision {precision!r})")
         for dtype_name, groups in left_alone.items():
+            if dtype_name == "eps not one number":
+                eps = optimizer.param_groups[groups[0]]["eps"]
+                self._report(
+                    f"AmpEpsilon: {name} (optimizer {index}): eps is {eps!r}, not one number "
+                    f"added to a denominator; left alone in group(s) {groups}"
+                )
+                continue
             eps_values = sorted({float(optimizer.param_groups[g]["eps"]) for g in groups})
             self._report(
                 f"AmpEpsilon: {name} (optimizer {index}): optimizer state is {dtype_name} under "
@@ -263,3 +278,7 @@ def _state_dtype(
     if torch.float16 in dtypes:
         return torch.float16
     return dtypes[0] if dtypes else torch.float32
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float | torch.Tensor) and not isinstance(value, bool)

@@ -23,11 +23,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from optim_callbacks.callbacks import ScheduleFreeModes
 from optim_callbacks.validation import check_at_least
 from recipes.core.errors import UsageError
 from recipes.core.optimization import OptimizerSettings
@@ -172,6 +174,10 @@ class ClassificationModule(L.LightningModule):
     def peak_lr(self) -> float | None:
         """The peak learning rate of this run (``None``: the optimizer entry's default)."""
         return self.optimization.lr
+
+    def configure_callbacks(self) -> list[Callback]:
+        """A schedule-free optimizer brings the callback that switches its train/eval modes."""
+        return [ScheduleFreeModes()] if self.optimization.schedule_free else []
 
     def configure_optimizers(self) -> dict[str, Any]:
         try:

@@ -18,6 +18,7 @@ from torch import nn
 
 from optim_callbacks import (
     OPTIMIZERS,
+    SCHEDULE_FREE,
     SCHEDULES,
     build_optimizer,
     build_scheduler,
@@ -72,6 +73,18 @@ class OptimizerSettings:
             **self.optimizer_options,
         )
         SCHEDULES.get(self.scheduler).check_options(warmup=self.warmup, **self.scheduler_options)
+        optimizer = OPTIMIZERS.canonical(self.optimizer)
+        if optimizer in SCHEDULE_FREE and SCHEDULES.canonical(self.scheduler) != "constant":
+            raise ValueError(
+                f"scheduler: got {self.scheduler!r} with the schedule-free optimizer "
+                f"{optimizer!r}; allowed: 'constant' (a schedule-free optimizer replaces the "
+                "schedule; --warmup still applies)"
+            )
+
+    @property
+    def schedule_free(self) -> bool:
+        """Whether the optimizer needs train/eval switching (:class:`ScheduleFreeModes`)."""
+        return OPTIMIZERS.canonical(self.optimizer) in SCHEDULE_FREE
 
     def replace(self, **changes: Any) -> OptimizerSettings:
         """A copy with ``changes`` (checked again)."""

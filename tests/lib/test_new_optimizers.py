@@ -4,16 +4,29 @@ rounding only), with the schedule-free train/eval switches between steps."""
 
 from __future__ import annotations
 
+import csv
 import math
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from lion_pytorch import Lion as ReferenceLion
 from pytorch_optimizer import ADOPT as ReferenceADOPT
 from schedulefree import AdamWScheduleFree, SGDScheduleFree
 from torch import nn
+from torch.utils.data import DataLoader
 
-from optim_callbacks import OPTIMIZERS, build_optimizer, spec_for
+from optim_callbacks import (
+    OPTIMIZERS,
+    AmpEpsilon,
+    GradientClipping,
+    MomentStatistics,
+    ScheduleFreeModes,
+    build_optimizer,
+    spec_for,
+)
+from tests.lib.tiny import TinyRegressor, regression_data, tiny_trainer
 
 pytestmark = pytest.mark.filterwarnings(r"error:.*compiling the update failed")
 
@@ -128,3 +141,96 @@ def test_adafactor_is_torchs_own_with_its_eps_pair_checked():
     assert optimizer.defaults["eps"] == (None, 1e-3)
     with pytest.raises(ValueError, match=r"^eps\[1\]: got -1.0; allowed: a finite number > 0"):
         build_optimizer("adafactor", model, eps=(None, -1.0))
+
+
+# --- real Lightning fits ------------------------------------------------------------------------
+class Validated(TinyRegressor):
+    """TinyRegressor with a validation loop (the loss on a held-out draw)."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y))
+
+    def val_dataloader(self):
+        return DataLoader(regression_data(64, self.hparams.features, seed=1), batch_size=32)
+
+
+NEW_ENTRIES = {
+    "lion": {"lr": 1e-3},
+    "adopt": {"lr": 1e-2},
+    "adafactor": {"lr": 1e-2},
+    "schedule_free_adamw": {"lr": 1e-2},
+    "schedule_free_sgd": {"lr": 0.1},
+}
+
+
+def _fit(root, name: str, max_steps: int, ckpt_path: str | None = None):
+    torch.manual_seed(0)
+    # 6 steps per epoch; checkpoints at the end of each (the data loader resumes at epochs).
+    module = Validated(optimizer=name, scheduler="constant", samples=96, **NEW_ENTRIES[name])
+    # Saved from on_train_batch_end, in train mode: ScheduleFreeModes writes the eval weights.
+    checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=6, save_top_k=-1)
+    trainer = tiny_trainer(
+        root,
+        max_steps=max_steps,
+        max_epochs=-1,
+        callbacks=[
+            GradientClipping(max_norm=0.5),
+            AmpEpsilon(),
+            MomentStatistics(every_n_steps=3),
+            ScheduleFreeModes(),
+            checkpoints,
+        ],
+        logger=CSVLogger(root, name="csv", version=0),
+        log_every_n_steps=1,
+        val_check_interval=3,
+        enable_checkpointing=True,
+    )
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return trainer, module
+
+
+@pytest.mark.parametrize("name", list(NEW_ENTRIES))
+def test_each_new_entry_fits_with_every_callback_and_resumes_exactly(tmp_path, name):
+    """Clipping, AMP epsilon, moment statistics (CSV), schedule-free switching and a resume
+    from a mid-run checkpoint that ends bit-identical to the run that was not interrupted."""
+    trainer, module = _fit(tmp_path / "full", name, 12)
+    assert trainer.global_step == 12
+    with open(tmp_path / "full" / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    moments = {k for row in rows for k, v in row.items() if k.startswith("moments/") and v}
+    assert any(k.endswith("_norm") for k in moments), moments
+    assert any(k.startswith("grad_clip/") and v for row in rows for k, v in row.items())
+    _, resumed = _fit(
+        tmp_path / "resumed",
+        name,
+        12,
+        ckpt_path=str(tmp_path / "full" / "ckpt" / "epoch=0-step=6.ckpt"),
+    )
+    for a, b in zip(module.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    optimizer = trainer.optimizers[0]
+    assert getattr(optimizer, "compile_failure", None) is None
+
+
+def test_schedule_free_validates_with_the_average_weights(tmp_path):
+    """ScheduleFreeModes evaluates x: the logged validation loss is x's, and it differs from
+    the loss at the training point y (computed here by switching by hand)."""
+    trainer, module = _fit(tmp_path, "schedule_free_adamw", 12)
+    optimizer = trainer.optimizers[0]
+    assert not optimizer.training  # eval mode after fit: the model holds x
+    data = regression_data(64, 16, seed=1)
+    x, y = data.tensors
+    with torch.no_grad():
+        loss_x = nn.functional.mse_loss(module(x), y).item()
+        optimizer.train()
+        loss_y = nn.functional.mse_loss(module(x), y).item()
+        optimizer.eval()
+    assert trainer.callback_metrics["val_loss"].item() == pytest.approx(loss_x, rel=1e-5)
+    assert abs(loss_x - loss_y) > 1e-4 * loss_x
+    # the checkpoint written during training holds x too
+    saved = torch.load(tmp_path / "ckpt" / "epoch=1-step=12.ckpt", weights_only=True)
+    assert all(g["train_mode"] is False for g in saved["optimizer_states"][0]["param_groups"])
+    for key, value in module.state_dict().items():  # x, as the model holds after fit (up to
+        # the rounding of the eval -> train -> eval round trip the run made after saving)
+        torch.testing.assert_close(saved["state_dict"][key], value, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,90 @@
+"""Switch schedule-free optimizers between train and eval mode at the right moments.
+
+A schedule-free optimizer (Defazio et al., 2024) trains at one point ``y`` and should be
+evaluated, tested and saved at another, the average ``x``: ``optimizer.train()`` puts ``y``
+into the parameters, ``optimizer.eval()`` puts ``x``. Forgetting ``eval()`` silently evaluates
+the wrong weights. :class:`ScheduleFreeModes` does it for every optimizer of the trainer that
+has ``train()``/``eval()`` methods (ours and the ``schedulefree`` package's):
+
+- train mode before every training batch;
+- eval mode before validation, test and prediction, and at the end of fit;
+- checkpoints hold the eval weights ``x``: when Lightning saves during training (train mode),
+  the callback switches to eval, writes the model and optimizer state again into the
+  checkpoint, and switches back. A run resumed from that checkpoint loads ``x`` and switches
+  to train at its first batch, exactly as the uninterrupted run did after saving, so it
+  continues bit for bit (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.optim import Optimizer
+
+__all__ = ["ScheduleFreeModes", "is_schedule_free"]
+
+
+def is_schedule_free(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer`` keeps train and eval points (has ``train()`` and ``eval()``)."""
+    return callable(getattr(optimizer, "train", None)) and callable(
+        getattr(optimizer, "eval", None)
+    )
+
+
+def _in_train_mode(optimizer: Optimizer) -> bool:
+    return bool(optimizer.param_groups[0].get("train_mode", False))
+
+
+class ScheduleFreeModes(Callback):
+    """Calls ``optimizer.train()`` / ``optimizer.eval()`` for schedule-free optimizers (see the
+    module docstring); does nothing for any other optimizer."""
+
+    @staticmethod
+    def _optimizers(trainer: pl.Trainer) -> list[Optimizer]:
+        return [opt for opt in trainer.optimizers if is_schedule_free(opt)]
+
+    def _set(self, trainer: pl.Trainer, *, train: bool) -> None:
+        for optimizer in self._optimizers(trainer):
+            if _in_train_mode(optimizer) != train:
+                optimizer.train() if train else optimizer.eval()
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._set(trainer, train=True)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set(trainer, train=False)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set(trainer, train=False)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set(trainer, train=False)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set(trainer, train=False)
+
+    @torch.no_grad()
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        training = [opt for opt in self._optimizers(trainer) if _in_train_mode(opt)]
+        if not training:
+            return  # already the eval weights (saved after validation, or at the end)
+        for optimizer in training:
+            optimizer.eval()
+        state = trainer.strategy.lightning_module_state_dict()
+        checkpoint["state_dict"] = {
+            key: value.detach().clone() if isinstance(value, torch.Tensor) else value
+            for key, value in state.items()
+        }
+        if "optimizer_states" in checkpoint:
+            checkpoint["optimizer_states"] = [
+                trainer.strategy.optimizer_state(opt) for opt in trainer.optimizers
+            ]
+        for optimizer in training:
+            optimizer.train()
