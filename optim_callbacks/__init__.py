@@ -3,9 +3,11 @@ steer them (clipping, AMP epsilon, Adam->SGD switching, moment statistics)."""
 
 from optim_callbacks.algorithms import (
     ADOPT,
+    LAMB,
     AdaBelief,
     Adadelta,
     Lion,
+    MuonWithAdamW,
     RMSprop,
     ScheduleFreeAdamW,
     ScheduleFreeSGD,
@@ -45,9 +47,11 @@ __all__ = [
     "SCHEDULE_FREE",
     "SCHEDULES",
     "ADOPT",
+    "LAMB",
     "AdaBelief",
     "Adadelta",
     "Lion",
+    "MuonWithAdamW",
     "RMSprop",
     "ScheduleFreeAdamW",
     "ScheduleFreeSGD",

@@ -105,9 +105,11 @@ class CompiledUpdate:
     of FSDP2 parameters are given as their local shards.
     """
 
-    def __init__(self, update: Callable[..., None]) -> None:
+    def __init__(self, update: Callable[..., None], *, per_tensor: bool = False) -> None:
         self.update = update
         self.name = update.__name__
+        # An update with per-tensor reductions (LAMB's norms) must see each tensor whole.
+        self.per_tensor = per_tensor
         # dynamic_threads: with symbolic sizes inductor would otherwise emit a serial loop.
         self._compiled = torch.compile(
             update, fullgraph=True, dynamic=True, options={"cpp.dynamic_threads": True}
@@ -130,7 +132,7 @@ class CompiledUpdate:
             numel = row[0].numel()
             if numel == 0:
                 continue
-            if numel < PACK_BELOW:
+            if numel < PACK_BELOW and not self.per_tensor:
                 key = (id(c), *(t.dtype for t in row))
                 packs.setdefault(key, (c, []))[1].append(row)
                 continue
@@ -155,7 +157,7 @@ class CompiledUpdate:
     def _call(self, flat: list[torch.Tensor], c: torch.Tensor, failure: str | None) -> str | None:
         """One call on 1-D tensors: compiled unless compiling already failed in this
         :meth:`apply` or the tensors have one element (a size the graph would specialize on)."""
-        if failure is None and flat[0].numel() > 1:
+        if failure is None and (flat[0].numel() > 1 or self.per_tensor):
             try:
                 self._compiled(*flat, c)
                 return None

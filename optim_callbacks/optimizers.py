@@ -21,13 +21,16 @@ from torch.optim import Optimizer
 from optim_callbacks._compat import fused_kernel_devices
 from optim_callbacks.algorithms import (
     ADOPT,
+    LAMB,
     AdaBelief,
     Adadelta,
     Lion,
+    MuonWithAdamW,
     RMSprop,
     ScheduleFreeAdamW,
     ScheduleFreeSGD,
 )
+from optim_callbacks.algorithms.muon import muon_groups
 from optim_callbacks.compiled_update import COMPILED_DEVICES
 from optim_callbacks.param_groups import ParamsT, param_groups
 from optim_callbacks.registry import Registry
@@ -65,7 +68,9 @@ class OptimizerSpec:
     ``torch.optim.SGD``): see :meth:`matches`. ``bias_corrected`` says the step is Adam's
     ``lr / (sqrt(v / (1 - beta2^t)) + eps)`` per element, so ``MomentStatistics`` can log step
     sizes (ADOPT's is not). ``reference`` names the paper and the implementation the entry
-    matches.
+    matches. ``split_groups(model, groups)``, when set, splits the parameter groups
+    :func:`build_optimizer` made from a model further (Muon's matrices from the rest), given
+    the options.
     """
 
     name: str
@@ -82,6 +87,9 @@ class OptimizerSpec:
     identity: tuple[str, ...] = ()
     bias_corrected: bool = True
     reference: str = ""
+    split_groups: (
+        Callable[[nn.Module, list[dict[str, Any]], dict[str, Any]], list[dict[str, Any]]] | None
+    ) = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
@@ -375,6 +383,36 @@ _add(
 )
 _add(
     OptimizerSpec(
+        "lamb",
+        LAMB,
+        "Adam's direction scaled per layer by ||w|| / ||update||: stable very large batches",
+        defaults={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.01},
+        state_keys=("exp_avg", "exp_avg_sq"),
+        first_moment="exp_avg",
+        second_moment="exp_avg_sq",
+        has_eps=True,
+        has_betas=True,
+        bias_corrected=False,
+        reference="You et al. 2019, 'Large Batch Optimization for Deep Learning'; "
+        "pytorch-optimizer 4.1.0 Lamb",
+    )
+)
+_add(
+    OptimizerSpec(
+        "muon",
+        MuonWithAdamW,
+        "orthogonalized momentum for hidden matrices (Newton-Schulz), AdamW for the rest",
+        defaults={"lr": 0.02, "weight_decay": 0.1, "momentum": 0.95},
+        state_keys=("momentum_buffer", "exp_avg", "exp_avg_sq"),
+        first_moment="momentum_buffer",
+        has_momentum=True,
+        reference="Jordan et al. 2024, 'Muon: An optimizer for hidden layers in neural "
+        "networks'; torch.optim.Muon for the matrices",
+        split_groups=muon_groups,
+    )
+)
+_add(
+    OptimizerSpec(
         "adopt",
         ADOPT,
         "Adam normalized by the previous second moment: converges for any beta2",
@@ -552,6 +590,8 @@ def build_optimizer(
             no_decay=no_decay,
             layer_decay=layer_decay,
         )
+        if spec.split_groups is not None:
+            groups = spec.split_groups(model_or_params, groups, kwargs)
     else:
         if layer_decay is not None:
             raise ValueError(

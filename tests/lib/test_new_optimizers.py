@@ -4,6 +4,7 @@ rounding only), with the schedule-free train/eval switches between steps."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 
@@ -13,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lion_pytorch import Lion as ReferenceLion
 from pytorch_optimizer import ADOPT as ReferenceADOPT
+from pytorch_optimizer import Lamb as ReferenceLamb
 from schedulefree import AdamWScheduleFree, SGDScheduleFree
 from torch import nn
 from torch.utils.data import DataLoader
@@ -26,6 +28,7 @@ from optim_callbacks import (
     build_optimizer,
     spec_for,
 )
+from optim_callbacks.algorithms.muon import muon_parameter_names
 from tests.lib.tiny import TinyRegressor, regression_data, tiny_trainer
 
 pytestmark = pytest.mark.filterwarnings(r"error:.*compiling the update failed")
@@ -48,6 +51,16 @@ CASES = {
             ps, lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, weight_decouple=True
         ),
         {"lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 0.1, "decoupled_weight_decay": True},
+    ),
+    "lamb": (
+        lambda ps: ReferenceLamb(ps, lr=1e-2, weight_decay=0.1),
+        {"lr": 1e-2, "weight_decay": 0.1},
+    ),
+    "lamb-l2": (
+        lambda ps: ReferenceLamb(
+            ps, lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, weight_decouple=False
+        ),
+        {"lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 0.1, "decoupled_weight_decay": False},
     ),
     "schedule_free_adamw": (
         lambda ps: AdamWScheduleFree(ps, lr=1e-2, weight_decay=0.01, warmup_steps=10),
@@ -101,7 +114,7 @@ def relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_the_reference_implementation(case, impl):
     reference_factory, options = CASES[case]
-    name = case.removesuffix("-decoupled")
+    name = case.split("-")[0]
     init = make_params()
     ref_params, our_params = clone(init), clone(init)
     reference = reference_factory(ref_params)
@@ -157,6 +170,8 @@ class Validated(TinyRegressor):
 
 NEW_ENTRIES = {
     "lion": {"lr": 1e-3},
+    "lamb": {"lr": 1e-2},
+    "muon": {"lr": 0.02},
     "adopt": {"lr": 1e-2},
     "adafactor": {"lr": 1e-2},
     "schedule_free_adamw": {"lr": 1e-2},
@@ -234,3 +249,46 @@ def test_schedule_free_validates_with_the_average_weights(tmp_path):
     for key, value in module.state_dict().items():  # x, as the model holds after fit (up to
         # the rounding of the eval -> train -> eval round trip the run made after saving)
         torch.testing.assert_close(saved["state_dict"][key], value, rtol=1e-5, atol=1e-7)
+
+
+def test_muon_steps_matrices_with_torchs_muon_and_the_rest_with_adamw():
+    """The registry's muon on a small transformer-like model: the standard split, and every
+    parameter bit-identical to torch.optim.Muon (hidden matrices) plus torch.optim.AdamW (the
+    rest) stepping side by side with the same options."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {
+            "embed": nn.Embedding(11, 8),
+            "layers": nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8)),
+            "classifier": nn.Linear(8, 3),
+        }
+    )
+    twin = copy.deepcopy(model)
+    ours = build_optimizer("muon", model, lr=0.02, weight_decay=0.0)
+    split = {name for name in muon_parameter_names(model)}
+    assert split == {"layers.0.weight", "layers.2.weight"}
+    hidden = [p for n, p in twin.named_parameters() if n in split]
+    rest = [p for n, p in twin.named_parameters() if n not in split]
+    muon = torch.optim.Muon(hidden, lr=0.02, weight_decay=0.0)
+    adamw = torch.optim.AdamW(rest, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)
+    tokens = torch.randint(0, 11, (16, 5))
+    for _ in range(20):
+        for net, optimizers in ((model, [ours]), (twin, [muon, adamw])):
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            h = net["layers"](net["embed"](tokens)).mean(1)
+            net["classifier"](h).logsumexp(-1).mean().backward()
+            for optimizer in optimizers:
+                optimizer.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert spec_for(ours).name == "muon"
+    # one state dict for both parts, and it loads into a fresh instance
+    fresh = build_optimizer("muon", copy.deepcopy(model), lr=0.02, weight_decay=0.0)
+    fresh.load_state_dict(ours.state_dict())
+    assert {k for state in fresh.state.values() for k in state} == {
+        "momentum_buffer",
+        "step",
+        "exp_avg",
+        "exp_avg_sq",
+    }
