@@ -80,7 +80,7 @@ from optim_callbacks.callbacks.switch_target import (
     source_base_lrs,
     switch_units,
 )
-from optim_callbacks.optimizers import OptimizerSpec
+from optim_callbacks.optimizers import OptimizerSpec, spec_for
 
 __all__ = ["AdamToSGD", "OptimizerSwitch"]
 
@@ -204,7 +204,11 @@ class OptimizerSwitch(Callback):
     # ----------------------------------------------------------------- trainer checks
 
     def _check_source(self, optimizer: Optimizer) -> OptimizerSpec:
-        return check_source_optimizer(optimizer, momentum_init=self.momentum_init)
+        return check_source_optimizer(
+            optimizer,
+            momentum_init=self.momentum_init,
+            estimates_lr=self.automatic or self.estimates_lr,
+        )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         source = check_trainer(trainer, pl_module)
@@ -426,6 +430,7 @@ class AdamToSGD(OptimizerSwitch):
         )
 
     def _check_source(self, optimizer: Optimizer) -> OptimizerSpec:
-        spec = super()._check_source(optimizer)
-        check_adam_family(spec)
-        return spec
+        known = spec_for(optimizer)
+        if known is not None:
+            check_adam_family(known)  # SWATS's own message before the general ones
+        return super()._check_source(optimizer)

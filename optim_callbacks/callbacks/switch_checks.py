@@ -105,21 +105,37 @@ def check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optimiz
     return trainer.optimizers[0]
 
 
-def check_source_optimizer(optimizer: Optimizer, *, momentum_init: str) -> OptimizerSpec:
-    """The source is a registry optimizer with an adaptive second moment (and a first moment
-    when the SGD buffer starts from it); return its registry entry."""
+def swats_sources() -> list[str]:
+    """Registry entries SWATS is defined for: Adam's bias-corrected moments and ``betas``."""
+    return sorted(name for name, s in OPTIMIZERS.items() if _is_adam_like(s))
+
+
+def _is_adam_like(spec: OptimizerSpec) -> bool:
+    return (
+        spec.adaptive and spec.has_betas and spec.bias_corrected and spec.first_moment is not None
+    )
+
+
+def check_source_optimizer(
+    optimizer: Optimizer, *, momentum_init: str, estimates_lr: bool = True
+) -> OptimizerSpec:
+    """The source is a registry optimizer (any entry for a scheduled switch with a given
+    ``lr``; an adaptive one when the SGD LR is estimated from its steps, which needs a second
+    moment), with a first moment when the SGD buffer starts from it; return its entry."""
     spec = spec_for(optimizer)
     adaptive = sorted(name for name, s in OPTIMIZERS.items() if s.adaptive)
     if spec is None:
         raise ValueError(
             f"optimizer: got {type(optimizer).__name__}, which the optimizer registry does not know; "
-            f"allowed: an adaptive registry optimizer ({', '.join(adaptive)}) or one registered "
-            "with register_optimizer(..., second_moment=...)"
+            f"allowed: a registry optimizer ({', '.join(OPTIMIZERS.names())}) or one registered "
+            "with register_optimizer(...)"
         )
-    if not spec.adaptive:
+    if estimates_lr and not spec.adaptive:
         raise ValueError(
-            f"optimizer: got {spec.name!r} ({type(optimizer).__name__}), which keeps no adaptive second "
-            f"moment: there is nothing to switch from; allowed: {', '.join(adaptive)}"
+            f"optimizer: got {spec.name!r} ({type(optimizer).__name__}), which keeps no adaptive "
+            "second moment to estimate the SGD learning rate from; allowed: "
+            f"{', '.join(adaptive)}, or any registry optimizer with a given lr=... and a "
+            "scheduled switch (at_step, at_epoch or at_fraction)"
         )
     if momentum_init == "adam" and spec.first_moment is None:
         raise ValueError(
@@ -129,12 +145,13 @@ def check_source_optimizer(optimizer: Optimizer, *, momentum_init: str) -> Optim
 
 
 def check_adam_family(spec: OptimizerSpec) -> None:
-    """``AdamToSGD``'s narrower source: an adaptive optimizer with ``betas`` (the Adam family)."""
-    if not spec.has_betas:
-        adam_family = sorted(name for name, s in OPTIMIZERS.items() if s.adaptive and s.has_betas)
+    """``AdamToSGD``'s narrower source: where SWATS is defined, Adam's bias-corrected first
+    and second moments with ``betas`` (Keskar & Socher 2017)."""
+    if not _is_adam_like(spec):
         raise ValueError(
-            f"optimizer: got {spec.name!r}; allowed for AdamToSGD: {', '.join(adam_family)} "
-            "(use OptimizerSwitch for other adaptive optimizers)"
+            f"optimizer: got {spec.name!r}; allowed for AdamToSGD: {', '.join(swats_sources())} "
+            "(SWATS is defined for Adam's bias-corrected moments; use OptimizerSwitch with "
+            "lr=... to switch from another optimizer)"
         )
 
 

@@ -131,13 +131,25 @@ class StepLRRegressor(TinyRegressor):
     [
         (
             TinyRegressor(optimizer="momentum"),
-            OptimizerSwitch(at_step=2, lr=0.1),
-            r"optimizer: got 'momentum' \(SGD\), which keeps no adaptive second moment: there is nothing to switch from",
+            OptimizerSwitch(at_step=2),
+            r"optimizer: got 'momentum' \(SGD\), which keeps no adaptive second moment to "
+            r"estimate the SGD learning rate from; allowed: .*or any registry optimizer with a "
+            r"given lr=",
         ),
         (
             TinyRegressor(optimizer="rmsprop", lr=1e-3),
             AdamToSGD(at_step=2),
-            r"optimizer: got 'rmsprop'; allowed for AdamToSGD: adabelief, adam, adamw",
+            r"optimizer: got 'rmsprop'; allowed for AdamToSGD: adabelief, adam, adamw \(SWATS",
+        ),
+        (
+            TinyRegressor(optimizer="adopt", lr=1e-3),
+            AdamToSGD(),
+            r"optimizer: got 'adopt'; allowed for AdamToSGD: adabelief, adam, adamw \(SWATS",
+        ),
+        (
+            TinyRegressor(optimizer="lion", lr=1e-4),
+            AdamToSGD(at_step=2),
+            r"optimizer: got 'lion'; allowed for AdamToSGD: adabelief, adam, adamw \(SWATS",
         ),
         (
             TinyRegressor(optimizer="rmsprop", lr=1e-3),
@@ -150,7 +162,14 @@ class StepLRRegressor(TinyRegressor):
             r"lr_scheduler: got StepLR; allowed: LambdaLR",
         ),
     ],
-    ids=["sgd-source", "adam-preset-on-rmsprop", "first-moment-missing", "steplr"],
+    ids=[
+        "sgd-source-estimated-lr",
+        "adam-preset-on-rmsprop",
+        "adopt-not-adam-like",
+        "lion-not-adaptive",
+        "first-moment-missing",
+        "steplr",
+    ],
 )
 def test_unusable_trainer_setup_is_rejected_before_training(tmp_path, module, callback, message):
     trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[callback])
@@ -671,3 +690,19 @@ def test_ddp_ranks_switch_at_the_same_step_and_stay_identical(tmp_path, two_proc
         "statistics",
     ):
         assert zero[key] == one[key], key  # ... yet decided and stepped identically
+
+
+@pytest.mark.parametrize("name", ["lion", "muon", "schedule_free_sgd", "lamb", "adafactor"])
+def test_a_scheduled_switch_works_from_any_entry(tmp_path, name):
+    """OptimizerSwitch with a given lr needs nothing of the source's state: it switches from
+    every registry entry, the new ones included, and SGD trains on."""
+    from optim_callbacks import ScheduleFreeModes
+
+    switch = OptimizerSwitch(at_step=3, lr=0.05, momentum=0.9)
+    trainer = tiny_trainer(tmp_path, max_steps=6, callbacks=[switch, ScheduleFreeModes()])
+    lr = {"lion": 1e-4, "muon": 0.02, "schedule_free_sgd": 0.1, "lamb": 1e-2}.get(name, 1e-2)
+    module = TinyRegressor(optimizer=name, lr=lr, scheduler="constant")
+    trainer.fit(module)
+    assert switch.switched and switch.switch_step == 3 and trainer.global_step == 6
+    assert isinstance(trainer.optimizers[0], torch.optim.SGD)
+    assert all(math.isfinite(loss) for loss in module.losses)
