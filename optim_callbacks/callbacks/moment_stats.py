@@ -386,6 +386,7 @@ def _read_moments(
         if (
             moments.second_moment is not None
             and spec.has_betas
+            and spec.bias_corrected  # Adam's step lr / (sqrt(v_hat) + eps); not ADOPT's
             and hyperparameters["betas"] is not None
         ):
             moments.betas = hyperparameters["betas"][:2]

@@ -36,6 +36,10 @@ ROLES: dict[str, tuple[str | None, str | None, bool]] = {
     "adabelief": ("exp_avg", "exp_avg_var", True),
     "momentum": ("momentum_buffer", None, False),
     "rmsprop": (None, "square_avg", False),
+    # After the classic nine: no bias-corrected Adam step, so no step sizes are logged.
+    "lion": ("exp_avg", None, False),
+    "adopt": ("exp_avg", "exp_avg_sq", False),
+    "lamb": ("exp_avg", "exp_avg_sq", False),
 }
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_var", "max_exp_avg_var",
               "momentum_buffer", "square_avg", "grad_avg", "acc_delta", "sum")  # fmt: skip
@@ -167,7 +171,9 @@ def read_csv_rows(logger: CSVLogger) -> dict[int, dict[str, float]]:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adamw", "adabelief", "momentum", "rmsprop"])
+@pytest.mark.parametrize(
+    "optimizer", ["adam", "adamw", "adabelief", "momentum", "rmsprop", "lion", "adopt", "lamb"]
+)
 def test_wandb_and_csv_log_the_statistics_of_the_optimizer_state(tmp_path, wandb_run, optimizer):
     options = {"momentum": 0.9} if optimizer == "rmsprop" else None  # a momentum_buffer too
     model = TinyRegressor(optimizer=optimizer, optimizer_options=options)

@@ -21,11 +21,14 @@ from torch.utils.data import DataLoader
 
 from optim_callbacks import (
     OPTIMIZERS,
+    AdamToSGD,
     AmpEpsilon,
     GradientClipping,
     MomentStatistics,
+    OptimizerSwitch,
     ScheduleFreeModes,
     build_optimizer,
+    register_optimizer,
     spec_for,
 )
 from optim_callbacks.algorithms.muon import muon_parameter_names
@@ -292,3 +295,50 @@ def test_muon_steps_matrices_with_torchs_muon_and_the_rest_with_adamw():
         "exp_avg",
         "exp_avg_sq",
     }
+
+
+def test_a_third_party_optimizer_registered_directly_works_with_every_callback(tmp_path):
+    """torch.optim.Adafactor registered by a user with register_optimizer (its state and its
+    eps pair look nothing like Adam's): clipping, AMP epsilon, moment statistics, schedule-free
+    switching (a no-op) and a scheduled switch to SGD all run; AdamToSGD refuses it by name."""
+
+    class UserAdafactor(torch.optim.Adafactor):
+        """torch's Adafactor as a user's own registered class."""
+
+    register_optimizer(
+        "user_adafactor",
+        state_keys=("row_var", "col_var", "variance"),
+        second_moment="variance",
+    )(UserAdafactor)
+    try:
+        switch = OptimizerSwitch(at_step=4, lr=0.05)
+        stats = MomentStatistics(every_n_steps=2)
+        trainer = tiny_trainer(
+            tmp_path,
+            max_steps=6,
+            callbacks=[
+                GradientClipping(max_norm=0.5),
+                AmpEpsilon(),
+                stats,
+                ScheduleFreeModes(),
+                switch,
+            ],
+            logger=CSVLogger(tmp_path, name="csv", version=0),
+            log_every_n_steps=1,
+        )
+        module = TinyRegressor(optimizer="user_adafactor", lr=1e-2, scheduler="constant")
+        trainer.fit(module)
+        assert switch.switched and trainer.global_step == 6
+        with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        logged = {k for row in rows for k, v in row.items() if v}
+        assert any(k.startswith("moments/") and k.endswith("row_var_norm") for k in logged)
+        assert any(k.startswith("grad_clip/") for k in logged)
+        with pytest.raises(
+            ValueError, match=r"optimizer: got 'user_adafactor'; allowed for AdamToSGD"
+        ):
+            tiny_trainer(tmp_path / "swats", max_steps=2, callbacks=[AdamToSGD()]).fit(
+                TinyRegressor(optimizer="user_adafactor", lr=1e-2, scheduler="constant")
+            )
+    finally:
+        OPTIMIZERS.unregister("user_adafactor")
