@@ -45,6 +45,21 @@ LR_SCALE: Mapping[str, float | None] = {
     "nesterov": 100.0,
     "sgd": 1000.0,
     "adadelta": None,
+    # Chen et al. 2023, section 5: Lion's LR is 3-10x smaller than AdamW's (10x in their
+    # image-classification runs), its weight decay 3-10x larger.
+    "lion": 0.1,
+    # You et al. 2019 tune LAMB's LR with the batch size; at a fine-tuning batch it is Adam's
+    # (pytorch-optimizer's default equals Adam's 1e-3).
+    "lamb": 1.0,
+    # Taniguchi et al. 2024 train ADOPT with Adam's learning rates.
+    "adopt": 1.0,
+    # schedulefree's README: schedule-free AdamW wants 1-10x the LR of scheduled AdamW.
+    "schedule_free_adamw": 3.0,
+    # Their own defaults: Adafactor's step is relative to each weight's RMS, Muon's matrix LR
+    # (0.02) is on another scale than its AdamW part's (3e-4), schedule-free SGD's is 1.0.
+    "adafactor": None,
+    "muon": None,
+    "schedule_free_sgd": None,
 }
 
 DEFAULT_LR_GRID: tuple[float, ...] = (0.3, 1.0, 3.0)

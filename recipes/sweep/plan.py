@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import recipes
-from optim_callbacks import OPTIMIZERS
+from optim_callbacks import OPTIMIZERS, SCHEDULE_FREE
 from optim_callbacks.validation import check_at_least, check_choice, check_in_range
 from recipes.sweep.lr_presets import (
     DEFAULT_LR_GRID,
@@ -125,9 +125,13 @@ class PlannedRun:
 
     def recipe_args(self, common: Sequence[str]) -> list[str]:
         """The options of this run (besides its folder, ``--trainer.default_root_dir``)."""
+        # A schedule-free optimizer replaces the schedule: its runs use the constant one (the
+        # recipe's warmup still applies), which the recipes require for it.
+        schedule = ("--scheduler", "constant") if self.optimizer in SCHEDULE_FREE else ()
         return [
             *common,
             *("--optimizer", self.optimizer, "--lr", repr(self.lr.value)),
+            *schedule,
             *("--seed_everything", str(self.seed)),
         ]
 

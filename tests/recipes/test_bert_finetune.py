@@ -258,6 +258,26 @@ def test_adam_to_sgd_switch_at_half_of_training_is_one_flag(tiny):
     assert torch.isfinite(torch.tensor(cli.test_results["test_loss"]))
 
 
+def test_a_schedule_free_optimizer_brings_its_train_eval_switching(tiny):
+    """--optimizer schedule_free_adamw: the module adds ScheduleFreeModes, so the run ends in
+    eval mode (tested and saved with the average weights)."""
+    from optim_callbacks import ScheduleFreeModes
+
+    model_dir, data = tiny
+    cli = run(
+        tiny_args(
+            model_dir,
+            data,
+            *("--trainer.max_steps", "4", "--logger", "csv", "--trainer.limit_test_batches", "1"),
+            *("--optimizer", "schedule_free_adamw", "--scheduler", "constant"),
+        )
+    )
+    optimizer = cli.trainer.optimizers[0]
+    assert any(isinstance(c, ScheduleFreeModes) for c in cli.trainer.callbacks)
+    assert not optimizer.training and optimizer.param_groups[0]["k"] == 4
+    assert torch.isfinite(torch.tensor(cli.test_results["test_loss"]))
+
+
 def test_warmup_longer_than_the_run_is_a_usage_error(tiny, capsys):
     model_dir, data = tiny
     with pytest.raises(SystemExit) as exit_info:

@@ -374,3 +374,21 @@ def test_choose_lr_prefers_accuracy_then_loss_and_skips_nan():
     assert choose_lr({0.1: (0.8, 0.5), 0.3: (0.9, 0.7), 1.0: (math.nan, math.nan)}) == 0.3
     assert choose_lr({0.1: (0.9, 0.4), 0.3: (0.9, 0.7)}) == 0.1
     assert choose_lr({0.1: (math.nan, 1.0)}) is None
+
+
+def test_every_registry_entry_has_a_sweep_lr_rule_and_schedule_free_runs_are_constant():
+    from optim_callbacks import OPTIMIZERS
+    from recipes.sweep.lr_presets import LR_SCALE
+    from recipes.sweep.plan import PlannedRun
+
+    assert set(LR_SCALE) == set(OPTIMIZERS.names())
+    assert LR_SCALE["lion"] < LR_SCALE["adamw"]  # Lion's LR is several times smaller
+    lr = LearningRate(3e-3, "preset")
+    args = PlannedRun("schedule_free_adamw", lr, 0, "compare").recipe_args(
+        ["--scheduler", "cosine"]
+    )
+    assert args[args.index("--optimizer") :] == [
+        "--optimizer", "schedule_free_adamw", "--lr", "0.003",
+        "--scheduler", "constant", "--seed_everything", "0",
+    ]  # fmt: skip
+    assert "constant" not in PlannedRun("adamw", lr, 0, "compare").recipe_args([])
