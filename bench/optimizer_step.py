@@ -10,7 +10,7 @@ gradients, rows interleaved step by step. Reported per row: median ms per step a
 steps, the ratio to fused AdamW, the bytes a step must move per parameter (read parameter,
 gradient and state, write parameter and state) and the bandwidth that achieves.
 
-Then, per compiled entry (``adadelta``, ``rmsprop``, ``adabelief``), two fresh processes
+Then, for some compiled entries (``FIRST_STEP_ENTRIES``), two fresh processes
 sharing one new inductor cache folder time the first step: cold (compiles and runs the C++
 compiler) and warm (torch's on-disk cache from the first process).
 """
@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch.optim import Optimizer
 
-from optim_callbacks import OPTIMIZERS, AdaBelief, build_optimizer
+from optim_callbacks import OPTIMIZERS, SCHEDULE_FREE, AdaBelief, build_optimizer
 
 
 def make_params(layers: int, width: int, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -113,13 +113,25 @@ def bytes_moved_per_parameter(optimizer: Optimizer) -> int:
     return 4 * (3 + 2 * tensors)
 
 
-COMPILED_ENTRIES = ("adadelta", "rmsprop", "adabelief")
+COMPILED_ENTRIES = (
+    "adadelta",
+    "rmsprop",
+    "adabelief",
+    "lion",
+    "lamb",
+    "adopt",
+    "schedule_free_adamw",
+)
+# Whose cold and warm first steps are timed (each costs two fresh processes).
+FIRST_STEP_ENTRIES = ("adadelta", "rmsprop", "adabelief", "lion", "schedule_free_adamw")
 
 
 def first_step_child(name: str, layers: int, width: int) -> None:
     """In a fresh process: build ``name`` with its defaults and print its first step's time."""
     params = make_params(layers, width)
     optimizer = build_optimizer(name, params)
+    if name in SCHEDULE_FREE:
+        optimizer.train()
     start = time.perf_counter()
     optimizer.step()
     first = time.perf_counter() - start
@@ -135,7 +147,7 @@ def first_step_costs(args: argparse.Namespace, threads: int) -> None:
         "| optimizer | cold first step (s) | warm first step, 2nd process (s) | later step (ms) |"
     )
     print("|---|---:|---:|---:|")
-    for name in COMPILED_ENTRIES:
+    for name in FIRST_STEP_ENTRIES:
         with tempfile.TemporaryDirectory() as cache:
             env = {
                 **os.environ,
@@ -210,6 +222,9 @@ def steady_state(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> 
         print("(adabelief-pytorch not installed: its row is skipped)\n")
 
     optimizers = [factory() for _, _, factory in runs]
+    for optimizer in optimizers:
+        if isinstance(optimizer, tuple(OPTIMIZERS.get(n).optimizer_class for n in SCHEDULE_FREE)):
+            optimizer.train()  # schedule-free: steps only in train mode
     _, medians = time_round_robin(optimizers, max(args.warmup, 1), args.steps)
     reference = medians[0]
     print(

@@ -405,6 +405,7 @@ _add(
         defaults={"lr": 0.02, "weight_decay": 0.1, "momentum": 0.95},
         state_keys=("momentum_buffer", "exp_avg", "exp_avg_sq"),
         first_moment="momentum_buffer",
+        has_eps=True,  # the AdamW part's; AmpEpsilon leaves the Muon part's (Newton-Schulz) alone
         has_momentum=True,
         reference="Jordan et al. 2024, 'Muon: An optimizer for hidden layers in neural "
         "networks'; torch.optim.Muon for the matrices",

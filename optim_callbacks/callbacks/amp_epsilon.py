@@ -34,7 +34,9 @@ Safe values (``max(current eps, safe)`` is applied, so the callback never lowers
   keeps ``sqrt(s) >= 3.4e-4``;
 - ADOPT divides by ``max(sqrt(v), eps)`` and clips the result: its default 1e-6 is safe;
 - Lion has no ``eps`` (the sign bounds every step) and Adafactor's ``eps`` is a pair whose
-  first entry defaults to the state dtype's own epsilon: both are left alone.
+  first entry defaults to the state dtype's own epsilon: both are left alone, as is the
+  Muon part of ``muon`` (its ``eps`` normalizes the Newton-Schulz input); its AdamW part is
+  treated as AdamW.
 
 ``eps_by_optimizer`` overrides these per registry name.
 """
@@ -193,8 +195,8 @@ class AmpEpsilon(Callback):
         safe = self.safe_eps(optimizer)
         left_alone: dict[str, list[int]] = {}
         for group_index, group in enumerate(optimizer.param_groups):
-            if "eps" not in group:
-                continue
+            if "eps" not in group or group.get("use_muon"):
+                continue  # Muon's eps normalizes its Newton-Schulz input, not a denominator
             if not _is_number(group["eps"]):
                 # Adafactor's (eps1, eps2): eps1=None is the state dtype's own epsilon, and
                 # eps2 clips the update's RMS; neither is an eps added to a denominator.
