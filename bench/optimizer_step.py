@@ -104,13 +104,20 @@ def _load_average() -> str:
         return "n/a"
 
 
-def bytes_moved_per_parameter(optimizer: Optimizer) -> int:
-    """The traffic floor of one step per parameter: read the parameter, its gradient and each
-    state tensor once, write the parameter and each state tensor once (4 bytes each in
-    float32). Adam-like updates with two state tensors: 28 bytes."""
-    state = next(iter(optimizer.state.values()), {})
-    tensors = sum(1 for k, v in state.items() if isinstance(v, torch.Tensor) and k != "step")
-    return 4 * (3 + 2 * tensors)
+def bytes_moved_per_parameter(optimizer: Optimizer) -> float:
+    """The traffic floor of one step per parameter: read the parameter, its gradient and its
+    state once, write the parameter and its state once (4 bytes per float32 element). Adam-like
+    updates with two state tensors: 28 bytes; factored state (Adafactor) counts as the few
+    elements it has."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    numel = sum(p.numel() for p in params)
+    state = sum(
+        v.numel()
+        for s in optimizer.state.values()
+        for k, v in s.items()
+        if isinstance(v, torch.Tensor) and k != "step"
+    )
+    return 4 * (3 * numel + 2 * state) / numel
 
 
 COMPILED_ENTRIES = (
@@ -239,7 +246,7 @@ def steady_state(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> 
         moved = bytes_moved_per_parameter(optimizer)
         print(
             f"| {label} | {impl or impl_of(optimizer)} | {seconds * 1e3:.1f} "
-            f"| {seconds / reference:.2f}x | {moved} | {moved * n / seconds / 1e9:.1f} |"
+            f"| {seconds / reference:.2f}x | {moved:.0f} | {moved * n / seconds / 1e9:.1f} |"
         )
     del optimizers
 

@@ -30,7 +30,7 @@ from optim_callbacks.validation import check_betas, check_positive
 
 __all__ = ["ADOPT"]
 
-_L2, _DECAY, _OMB1, _B2, _OMB2, _EPS, _CLIP, _NEG_LR, _FIRST, _SIGN = range(10)
+_L2, _DECAY, _OMB1, _B2, _OMB2, _EPS, _CLIP, _NEG_LR, _SIGN = range(9)
 
 
 def _adopt_update(
@@ -40,19 +40,19 @@ def _adopt_update(
     exp_avg_sq: torch.Tensor,
     c: torch.Tensor,
 ) -> None:
-    """One ADOPT step for one tensor in ``c.dtype`` (columns ``_L2`` ... ``_SIGN``)."""
+    """One ADOPT step for one tensor in ``c.dtype`` (columns ``_L2`` ... ``_SIGN``). The first
+    step needs no branch: its coefficients (``1 - beta1 = 0``, ``-lr = 0``, ``beta2 = 1``,
+    ``1 - beta2 = 1``) leave ``m`` and the parameter as they are and set ``v = v + g^2``."""
     p = param.to(c.dtype)
     g = grad.to(c.dtype) * c[_SIGN] + c[_L2] * p
-    p = p * c[_DECAY]
     m = exp_avg.to(c.dtype)
     v = exp_avg_sq.to(c.dtype)
     normed = g / torch.clamp_min(torch.sqrt(v), c[_EPS])
     normed = torch.minimum(torch.maximum(normed, -c[_CLIP]), c[_CLIP])
-    m_new = m + c[_OMB1] * (normed - m)
-    first = c[_FIRST] > 0
-    param.copy_(torch.where(first, p, p + c[_NEG_LR] * m_new))
-    exp_avg.copy_(torch.where(first, m, m_new))
-    exp_avg_sq.copy_(torch.where(first, v + g * g, v * c[_B2] + g * g * c[_OMB2]))
+    m = m + c[_OMB1] * (normed - m)
+    param.copy_(p * c[_DECAY] + c[_NEG_LR] * m)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v * c[_B2] + g * g * c[_OMB2])
 
 
 class ADOPT(ElementwiseOptimizer):
@@ -105,16 +105,16 @@ class ADOPT(ElementwiseOptimizer):
         lr, wd = float(group["lr"]), float(group["weight_decay"])
         beta1, beta2 = (float(b) for b in group["betas"])
         decoupled = group["decoupled_weight_decay"]
+        first = step == 1  # only v <- v + g^2 (see _adopt_update)
         return (
             0.0 if decoupled else wd,
             1.0 - lr * wd if decoupled else 1.0,
-            1.0 - beta1,
-            beta2,
-            1.0 - beta2,
+            0.0 if first else 1.0 - beta1,
+            1.0 if first else beta2,
+            1.0 if first else 1.0 - beta2,
             float(group["eps"]),
             step**0.25,
-            -lr,
-            1.0 if step == 1 else 0.0,
+            0.0 if first else -lr,
             -1.0 if group["maximize"] else 1.0,
         )
 
