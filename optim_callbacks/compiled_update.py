@@ -43,11 +43,15 @@ from typing import Any
 
 import torch
 
+from optim_callbacks.sharded import local_part
+
 __all__ = [
     "COMPILED_DEVICES",
     "CompiledUpdate",
     "check_compiled_devices",
+    "coefficient_rows",
     "coefficient_tensor",
+    "local_rows",
     "step_compiled",
 ]
 
@@ -182,6 +186,30 @@ def coefficient_tensor(values: Sequence[float], like: torch.Tensor) -> torch.Ten
     float32 otherwise) on ``like``'s device."""
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     return torch.tensor([float(v) for v in values], dtype=dtype).to(like.device)
+
+
+def local_rows(*columns: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Rows ``[param, grad, *state]`` from aligned columns (params, grads, each state), every
+    tensor as its local shard (FSDP2's ``DTensor``; other tensors as they are)."""
+    return [[local_part(t) for t in row] for row in zip(*columns, strict=True)]
+
+
+def coefficient_rows(
+    rows: Sequence[Sequence[torch.Tensor]],
+    values_for_step: Callable[[float], Sequence[float]],
+    steps: Sequence[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """One coefficient tensor per row, ``values_for_step(step)`` with the row's step count
+    (``0.0`` without ``steps``), shared by the rows with the same step, device and dtype."""
+    tables: dict[tuple[float, torch.device, torch.dtype], torch.Tensor] = {}
+    out = []
+    for i, row in enumerate(rows):
+        step = steps[i].item() if steps is not None else 0.0
+        key = (step, row[0].device, row[0].dtype)
+        if key not in tables:
+            tables[key] = coefficient_tensor(values_for_step(step), row[0])
+        out.append(tables[key])
+    return out
 
 
 def step_compiled(

@@ -20,7 +20,8 @@ import torch
 from optim_callbacks.compiled_update import (
     CompiledUpdate,
     check_compiled_devices,
-    coefficient_tensor,
+    coefficient_rows,
+    local_rows,
     step_compiled,
 )
 from optim_callbacks.sharded import local_part
@@ -151,15 +152,8 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
         states: list[list[torch.Tensor]],
         steps: list[torch.Tensor],
     ) -> None:
-        tables: dict[tuple[float, torch.device, torch.dtype], torch.Tensor] = {}
-        rows, coefficients = [], []
-        for p, g, s, t in zip(params, grads, states, steps, strict=True):
-            row = [local_part(p), local_part(g), *(local_part(x) for x in s)]
-            key = (t.item(), row[0].device, row[0].dtype)
-            if key not in tables:
-                tables[key] = coefficient_tensor(self.coefficients(group, key[0]), row[0])
-            rows.append(row)
-            coefficients.append(tables[key])
+        rows = local_rows(params, grads, *zip(*states, strict=True))
+        coefficients = coefficient_rows(rows, lambda step: self.coefficients(group, step), steps)
         step_compiled(self, self.compiled_for(group), rows, coefficients)
 
     def _foreach_step(

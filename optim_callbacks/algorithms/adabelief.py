@@ -70,7 +70,8 @@ import torch
 from optim_callbacks.compiled_update import (
     CompiledUpdate,
     check_compiled_devices,
-    coefficient_tensor,
+    coefficient_rows,
+    local_rows,
     step_compiled,
 )
 from optim_callbacks.sharded import local_part
@@ -354,17 +355,11 @@ class AdaBelief(torch.optim.Optimizer):
     ) -> None:
         torch._foreach_add_(steps, 1.0)
         amsgrad = bool(group["amsgrad"])
-        tables: dict[tuple[float, torch.device, torch.dtype], torch.Tensor] = {}
-        rows, coefficients = [], []
-        for i, step_t in enumerate(steps):
-            p = local_part(params[i])
-            key = (step_t.item(), p.device, p.dtype)
-            if key not in tables:
-                row = _coefficient_row(group, _StepCoefficients(group, key[0]))
-                tables[key] = coefficient_tensor(row, p)
-            state = [exp_avgs[i], exp_avg_vars[i]] + ([max_exp_avg_vars[i]] if amsgrad else [])
-            rows.append([p, local_part(grads[i]), *(local_part(t) for t in state)])
-            coefficients.append(tables[key])
+        states = [exp_avgs, exp_avg_vars] + ([max_exp_avg_vars] if amsgrad else [])
+        rows = local_rows(params, grads, *states)
+        coefficients = coefficient_rows(
+            rows, lambda step: _coefficient_row(group, _StepCoefficients(group, step)), steps
+        )
         step_compiled(self, _COMPILED_AMSGRAD if amsgrad else _COMPILED, rows, coefficients)
 
 

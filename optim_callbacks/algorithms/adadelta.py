@@ -28,10 +28,10 @@ from optim_callbacks.algorithms._torch_base import (
 from optim_callbacks.compiled_update import (
     CompiledUpdate,
     check_compiled_devices,
-    coefficient_tensor,
+    coefficient_rows,
+    local_rows,
     step_compiled,
 )
-from optim_callbacks.sharded import local_part
 from optim_callbacks.validation import check_lr
 
 __all__ = ["Adadelta"]
@@ -168,13 +168,6 @@ class Adadelta(torch.optim.Adadelta):
             -float(group["lr"]),
             -1.0 if group["maximize"] else 1.0,
         )
-        tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        rows, coefficients = [], []
-        for p, g, v, u in zip(params, grads, square_avgs, acc_deltas, strict=True):
-            row = [local_part(t) for t in (p, g, v, u)]
-            key = (row[0].device, row[0].dtype)
-            if key not in tables:
-                tables[key] = coefficient_tensor(values, row[0])
-            rows.append(row)
-            coefficients.append(tables[key])
+        rows = local_rows(params, grads, square_avgs, acc_deltas)
+        coefficients = coefficient_rows(rows, lambda _: values)
         step_compiled(self, _COMPILED, rows, coefficients)

@@ -31,10 +31,10 @@ from optim_callbacks.algorithms._torch_base import (
 from optim_callbacks.compiled_update import (
     CompiledUpdate,
     check_compiled_devices,
-    coefficient_tensor,
+    coefficient_rows,
+    local_rows,
     step_compiled,
 )
-from optim_callbacks.sharded import local_part
 from optim_callbacks.validation import check_lr
 
 __all__ = ["RMSprop"]
@@ -235,14 +235,6 @@ class RMSprop(torch.optim.RMSprop):
             -1.0 if group["maximize"] else 1.0,
             float(group["momentum"]),
         )
-        tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        rows, coefficients = [], []
-        for i, p in enumerate(params):
-            row = [local_part(p), local_part(grads[i])]
-            row += [local_part(tensors[i]) for tensors in states.values()]
-            key = (row[0].device, row[0].dtype)
-            if key not in tables:
-                tables[key] = coefficient_tensor(values, row[0])
-            rows.append(row)
-            coefficients.append(tables[key])
+        rows = local_rows(params, grads, *states.values())
+        coefficients = coefficient_rows(rows, lambda _: values)
         step_compiled(self, _COMPILED[variant], rows, coefficients)
