@@ -79,6 +79,10 @@ class ParamMoments:
     betas: tuple[float, float] | None = None
     lr: float | None = None
     eps: float | None = None
+    # A factored second moment (Adafactor): row and column factors of shapes (..., R, 1) and
+    # (..., 1, C); v[..., i, j] = row[..., i] * col[..., j] / mean(row[..., :]). Never
+    # materialized: sampled elements are computed from the factors.
+    factors: tuple[Tensor, Tensor] | None = None
     sharded: bool = False  # the tensors are this rank's shard of a DTensor (FSDP2)
     global_numel: int | None = None  # the whole parameter's size, when ``param`` is a shard
 
@@ -252,26 +256,125 @@ def _bias_corrections(
 @dataclass
 class _SecondMoments:
     """The second moments of all adaptive parameters, concatenated group by group, so each
-    layer is a contiguous range; one NaN at the end stands for "no element"."""
+    layer is a contiguous range of positions; position ``total`` stands for "no element".
+
+    Element-wise second moments are stored in ``flat`` (NaN at its end); factored ones
+    (:attr:`ParamMoments.factors`) occupy positions but no storage: :meth:`gather` computes
+    their elements from the factors.
+    """
 
     flat: Tensor
     order: list[int]  # indices into ``moments``, in concatenation order
     sizes: list[int]
-    starts: list[int]  # per group: first element
+    starts: list[int]  # per group: first position
     counts: list[int]  # per group: number of elements
+    stored: Tensor  # per order entry: its start in ``flat``, or -1 when factored
+    factored: _Factors | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    def gather(self, index: Tensor) -> Tensor:
+        """The second-moment values at positions ``index`` (NaN at position ``total``)."""
+        device = index.device
+        sizes = torch.tensor(self.sizes, device=device)
+        ends = sizes.cumsum(0)
+        owner = torch.searchsorted(ends, index, right=True).clamp_max(len(self.sizes) - 1)
+        local = index - (ends[owner] - sizes[owner])
+        start = self.stored.to(device)[owner]
+        values = self.flat[(start + local).clamp(0, self.flat.numel() - 1)]
+        if self.factored is not None:
+            values = torch.where(start < 0, self.factored.values(owner, local), values)
+        return torch.where(index >= self.total, math.nan, values)
+
+
+@dataclass
+class _Factors:
+    """The factored second moments' normalized rows and columns, concatenated, with where each
+    parameter's start and its ``R`` and ``C`` (per order entry; zeros for stored ones)."""
+
+    rows: Tensor  # row / mean(row) per leading index, flattened
+    cols: Tensor
+    row_start: Tensor
+    col_start: Tensor
+    n_rows: Tensor
+    n_cols: Tensor
+
+    def values(self, owner: Tensor, local: Tensor) -> Tensor:
+        """``v`` at element ``local`` (row-major in ``(..., R, C)``) of parameter ``owner``."""
+        n_rows = self.n_rows[owner].clamp_min(1)
+        n_cols = self.n_cols[owner].clamp_min(1)
+        batch, rest = local // (n_rows * n_cols), local % (n_rows * n_cols)
+        row = (self.row_start[owner] + batch * n_rows + rest // n_cols).clamp(
+            0, self.rows.numel() - 1
+        )
+        col = (self.col_start[owner] + batch * n_cols + rest % n_cols).clamp(
+            0, self.cols.numel() - 1
+        )
+        return self.rows[row] * self.cols[col]
+
+
+def _factors(
+    moments: Sequence[ParamMoments], order: list[int], device: torch.device
+) -> _Factors | None:
+    factored = [k for k, i in enumerate(order) if moments[i].factors is not None]
+    if not factored:
+        return None
+    zeros = [0] * len(order)
+    row_start, col_start, n_rows, n_cols = list(zeros), list(zeros), list(zeros), list(zeros)
+    rows, cols, r_pos, c_pos = [], [], 0, 0
+    for k in factored:
+        row, col = moments[order[k]].factors
+        row32 = row.detach().to(torch.float32)
+        rows.append((row32 / row32.mean(dim=-2, keepdim=True)).reshape(-1))
+        cols.append(_fp32(col))
+        row_start[k], col_start[k] = r_pos, c_pos
+        n_rows[k], n_cols[k] = row.shape[-2], col.shape[-1]
+        r_pos += row.numel()
+        c_pos += col.numel()
+
+    def as_tensor(values: list[int]) -> Tensor:
+        return torch.tensor(values, device=device)
+
+    return _Factors(
+        torch.cat(rows),
+        torch.cat(cols),
+        as_tensor(row_start),
+        as_tensor(col_start),
+        as_tensor(n_rows),
+        as_tensor(n_cols),
+    )
+
+
+def _size(m: ParamMoments) -> int:
+    if m.second_moment is not None:
+        return m.second_moment.numel()
+    row, col = m.factors
+    return row.numel() * col.shape[-1]  # (..., R, 1) x (..., 1, C) elements
 
 
 def _concatenate(
     moments: Sequence[ParamMoments], groups: Sequence[Sequence[int]], device: torch.device
 ) -> _SecondMoments | None:
     layer_of = {i: g for g, members in enumerate(groups[:-1]) for i in members}
-    adaptive = [i for i, m in enumerate(moments) if m.second_moment is not None]
+    adaptive = [
+        i for i, m in enumerate(moments) if m.second_moment is not None or m.factors is not None
+    ]
     if not adaptive:
         return None
     order = sorted(adaptive, key=lambda i: layer_of.get(i, len(groups)))
-    sizes = [moments[i].second_moment.numel() for i in order]
+    sizes = [_size(moments[i]) for i in order]
     nan = torch.full((1,), math.nan, device=device)
-    flat = torch.cat([*(_fp32(moments[i].second_moment) for i in order), nan])
+    stored_parts = [_fp32(moments[i].second_moment) for i in order if moments[i].factors is None]
+    flat = torch.cat([*(p.flatten() for p in stored_parts), nan])
+    stored, position = [], 0
+    for i in order:
+        if moments[i].factors is None:
+            stored.append(position)
+            position += moments[i].second_moment.numel()
+        else:
+            stored.append(-1)
     starts, counts, position = [], [], 0
     sizes_by_group = [0] * len(groups)
     for i, size in zip(order, sizes, strict=True):
@@ -283,25 +386,36 @@ def _concatenate(
         position += sizes_by_group[g]
     starts.append(0)  # all parameters
     counts.append(sum(sizes))
-    return _SecondMoments(flat, order, sizes, starts, counts)
+    return _SecondMoments(
+        flat,
+        order,
+        sizes,
+        starts,
+        counts,
+        torch.tensor(stored, device=device),
+        _factors(moments, order, device),
+    )
 
 
 def _underflow_sums(moments: Sequence[ParamMoments], second: _SecondMoments, sums: _Sums) -> None:
-    """Count ``v < eps^2`` per parameter, in fp32 (in fp16, eps^2 itself would round to 0)."""
-    with_eps = [k for k, i in enumerate(second.order) if moments[i].eps is not None]
+    """Count ``v < eps^2`` per parameter with a stored second moment and an eps, in fp32 (in
+    fp16, eps^2 itself would round to 0)."""
+    stored = [k for k, i in enumerate(second.order) if moments[i].factors is None]
+    with_eps = [k for k in stored if moments[second.order[k]].eps is not None]
     if not with_eps:
         return
     values = second.flat[:-1]
-    eps = {moments[i].eps for i in second.order}
+    stored_sizes = [second.sizes[k] for k in stored]
+    eps = {moments[second.order[k]].eps for k in stored}
     if len(eps) == 1:
-        below = values < next(iter(eps)) ** 2
+        below = values < (next(iter(eps)) or 0.0) ** 2
     else:
         eps2 = torch.tensor(
-            [(moments[i].eps or 0.0) ** 2 for i in second.order], device=values.device
+            [(moments[second.order[k]].eps or 0.0) ** 2 for k in stored], device=values.device
         )
-        below = values < eps2.repeat_interleave(torch.tensor(second.sizes, device=values.device))
-    counts = torch.stack([torch.count_nonzero(part) for part in below.split(second.sizes)])
-    picked = torch.tensor(with_eps, device=values.device)
+        below = values < eps2.repeat_interleave(torch.tensor(stored_sizes, device=values.device))
+    counts = torch.stack([torch.count_nonzero(part) for part in below.split(stored_sizes)])
+    picked = torch.tensor([stored.index(k) for k in with_eps], device=values.device)
     sums.add("underflow", [second.order[k] for k in with_eps], counts[picked])
     sizes = torch.tensor([float(second.sizes[k]) for k in with_eps], device=values.device)
     sums.add("numel", [second.order[k] for k in with_eps], sizes)
@@ -316,7 +430,7 @@ def _sampled_rows(
     """``sqrt(v_hat)`` and step size of up to ``max_samples`` elements per group, NaN-padded:
     two ``[groups, width]`` matrices (step size NaN where the optimizer is not Adam-like)."""
     device = second.flat.device
-    total = second.flat.numel() - 1
+    total = second.total
     starts = torch.tensor(second.starts, device=device)
     counts = torch.tensor(second.counts, device=device)
     width = max(1, min(max_samples, max(second.counts)))
@@ -330,7 +444,7 @@ def _sampled_rows(
     )
     valid = torch.where(exact, column < counts[:, None], counts[:, None] > 0)
     index = torch.where(valid, starts[:, None] + offset, total)
-    values = second.flat[index]
+    values = second.gather(index)
 
     # Which parameter each sampled element belongs to, for its bias correction, lr and eps.
     ends = torch.tensor(second.sizes, device=device).cumsum(0)
@@ -543,7 +657,7 @@ def _log_histograms(
         return counts.reshape(2 * len(groups), columns)
     index, owner = torch.cat(picks), torch.cat(owners)
     weight = torch.cat(draw_weights).to(device)
-    roots, steps = _roots_and_steps(params, second.flat[index], owner)
+    roots, steps = _roots_and_steps(params, second.gather(index), owner)
     rows = torch.tensor(row_of, device=device)[owner]
     for offset, series in ((0, roots), (len(groups), steps)):
         valid = ~torch.isnan(series)

@@ -377,7 +377,10 @@ def _read_moments(
     moments.states = {k: state[k] for k in spec.state_keys if isinstance(state.get(k), Tensor)}
     if spec.first_moment is not None:
         moments.first_moment = moments.states.get(spec.first_moment)
-    if spec.second_moment is not None:
+    if isinstance(optimizer, torch.optim.Adafactor) and state.get("row_var") is not None:
+        # torch's factored second moment of a matrix: read from its factors, never expanded
+        moments.factors = (state["row_var"], state["col_var"])
+    elif spec.second_moment is not None:
         second = spec.second_moment
         amsgrad_max = moments.states.get(f"max_{second}")
         use_max = hyperparameters["amsgrad"] and amsgrad_max is not None
@@ -416,6 +419,8 @@ def _local(moments: ParamMoments) -> ParamMoments:
             setattr(moments, name, local_part(value))
     if isinstance(moments.step, Tensor):
         moments.step = local_part(moments.step)
+    if moments.factors is not None:
+        moments.factors = (local_part(moments.factors[0]), local_part(moments.factors[1]))
     moments.sharded = sharded
     return moments
 

@@ -342,3 +342,32 @@ def test_a_third_party_optimizer_registered_directly_works_with_every_callback(t
             )
     finally:
         OPTIMIZERS.unregister("user_adafactor")
+
+
+def test_adafactor_percentiles_come_from_its_factors(tmp_path):
+    """Adafactor keeps a matrix's second moment as row and column factors. The logged
+    percentiles of sqrt(v) equal those of v = row col / mean(row) expanded here (the callback
+    never expands it: it samples elements from the factors); layers this small are exact."""
+    module = TinyRegressor(optimizer="adafactor", lr=1e-2, scheduler="constant", samples=64)
+    stats = MomentStatistics(every_n_steps=4, percentiles=(5.0, 50.0, 95.0))
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    trainer = tiny_trainer(
+        tmp_path, max_steps=4, callbacks=[stats], logger=logger, log_every_n_steps=1
+    )
+    trainer.fit(module)
+    optimizer = trainer.optimizers[0]
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("moments/net.0/sqrt_second_moment_p50")]
+    assert len(rows) == 1
+    weight, bias = module.net[0].weight, module.net[0].bias
+    state_w, state_b = optimizer.state[weight], optimizer.state[bias]
+    assert "row_var" in state_w and "variance" in state_b  # factored matrix, stored vector
+    row, col = state_w["row_var"].double(), state_w["col_var"].double()
+    v = torch.cat(
+        [(row @ col / row.mean(dim=-2, keepdim=True)).flatten(), state_b["variance"].double()]
+    )
+    expected = torch.quantile(v.sqrt(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+    for label, value in zip(("p05", "p50", "p95"), expected.tolist(), strict=True):
+        assert float(rows[0][f"moments/net.0/sqrt_second_moment_{label}"]) == pytest.approx(
+            value, rel=1e-5
+        )
