@@ -371,3 +371,32 @@ def test_adafactor_percentiles_come_from_its_factors(tmp_path):
         assert float(rows[0][f"moments/net.0/sqrt_second_moment_{label}"]) == pytest.approx(
             value, rel=1e-5
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("lamb", 1e-4),
+        ("schedule_free_adamw", 1e-4),
+        ("adopt", 1e-6),  # its default is already safe: max(sqrt(v), eps), then clipped
+        ("muon", 1e-4),  # the AdamW part; the Muon part keeps its Newton-Schulz eps
+        ("adafactor", (None, 1e-3)),  # a pair: left alone
+        ("lion", None),  # no eps at all
+    ],
+)
+def test_amp_epsilon_under_true_float16_knows_each_new_entry(tmp_path, name, expected):
+    module = TinyRegressor(optimizer=name, lr=NEW_ENTRIES.get(name, {}).get("lr", 1e-3))
+    module.hparams.scheduler = "constant"
+    trainer = tiny_trainer(
+        tmp_path, max_steps=3, precision="16-true", callbacks=[AmpEpsilon(), ScheduleFreeModes()]
+    )
+    trainer.fit(module)
+    groups = trainer.optimizers[0].param_groups
+    if name == "muon":
+        assert {g["eps"] for g in groups if not g["use_muon"]} == {expected}
+        assert {g["eps"] for g in groups if g["use_muon"]} == {1e-7}
+    elif expected is None:
+        assert all("eps" not in g for g in groups)
+    else:
+        assert {g["eps"] for g in groups} == {expected}
+    assert all(torch.isfinite(p).all() for p in module.parameters())
