@@ -25,14 +25,23 @@ def _max_difference(a: list[float], b: list[float]) -> float:
 
 
 @pytest.mark.parametrize(
-    "case", [*CLIPPING_MODES, "nonfinite", "adabelief", "rmsprop_foreach", "amp_epsilon"]
+    "case",
+    [
+        *CLIPPING_MODES,
+        "nonfinite",
+        "adabelief",
+        "rmsprop_foreach",
+        "lion",
+        "schedule_free_adamw",
+        "amp_epsilon",
+    ],
 )
 def test_fsdp2_ends_with_the_weights_of_ddp(ranks, case):
     ddp, fsdp2 = ranks[0][case]["ddp"], ranks[0][case]["fsdp2"]
     assert fsdp2["global_step"] == ddp["global_step"] == 8
     assert _max_difference(fsdp2["weights"], ddp["weights"]) <= 1e-6
     assert ranks[1][case]["fsdp2"]["weights"] == fsdp2["weights"]  # one model, gathered
-    if case == "adabelief":  # the registry's default for it: the compiled update, on shards
+    if case in ("adabelief", "lion", "schedule_free_adamw"):  # compiled, on the local shards
         assert fsdp2["compiled"] and ddp["compiled"]
 
 

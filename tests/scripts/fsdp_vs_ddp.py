@@ -24,7 +24,13 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.debug import CommDebugMode
 
-from optim_callbacks import AdamToSGD, AmpEpsilon, FSDP2Strategy, GradientClipping
+from optim_callbacks import (
+    AdamToSGD,
+    AmpEpsilon,
+    FSDP2Strategy,
+    GradientClipping,
+    ScheduleFreeModes,
+)
 from tests.lib.tiny import RecordingLogger, TinyRegressor, tiny_trainer
 
 STEPS = 8  # 128 samples, 2 ranks, batch 8
@@ -125,6 +131,9 @@ CASES = {
     # The registry default: the compiled update, on the local shards under FSDP2.
     "adabelief": dict(optimizer="adabelief"),
     "rmsprop_foreach": dict(optimizer="rmsprop", optimizer_options={"impl": "foreach"}),
+    # Newer entries, compiled on the local shards; schedule-free switching on shards too.
+    "lion": dict(optimizer="lion"),
+    "schedule_free_adamw": dict(optimizer="schedule_free_adamw"),
     "amp_epsilon": dict(trainer=dict(precision="16-true"), optimizer_options={"impl": "foreach"}),
 }
 
@@ -148,7 +157,7 @@ def run_case(
     clipping = CountedClipping(**case["clipping"]) if "clipping" in case else None
     trace = Trace()
     logger = RecordingLogger()
-    callbacks = [c for c in (clipping, AmpEpsilon(), trace) if c is not None]
+    callbacks = [c for c in (clipping, AmpEpsilon(), ScheduleFreeModes(), trace) if c is not None]
     if "switch" in case:
         callbacks.insert(0, AdamToSGD(**case["switch"]))
     checkpoints = ModelCheckpoint(dirpath=folder / "ckpt", save_last=True, save_top_k=-1)
