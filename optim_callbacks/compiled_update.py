@@ -109,11 +109,15 @@ class CompiledUpdate:
     of FSDP2 parameters are given as their local shards.
     """
 
-    def __init__(self, update: Callable[..., None], *, per_tensor: bool = False) -> None:
+    def __init__(
+        self, update: Callable[..., None], *, per_tensor: bool = False, flatten: bool = True
+    ) -> None:
         self.update = update
         self.name = update.__name__
-        # An update with per-tensor reductions (LAMB's norms) must see each tensor whole.
-        self.per_tensor = per_tensor
+        # An update with per-tensor reductions (LAMB's norms) must see each tensor whole; one
+        # that reduces along dimensions (Adafactor's rows and columns) also in its shape.
+        self.per_tensor = per_tensor or not flatten
+        self.flatten = flatten
         # dynamic_threads: with symbolic sizes inductor would otherwise emit a serial loop.
         self._compiled = torch.compile(
             update, fullgraph=True, dynamic=True, options={"cpp.dynamic_threads": True}
@@ -140,7 +144,7 @@ class CompiledUpdate:
                 key = (id(c), *(t.dtype for t in row))
                 packs.setdefault(key, (c, []))[1].append(row)
                 continue
-            flat = _dense_flat(row)
+            flat = _dense_flat(row) if self.flatten else list(row)
             if flat is None:
                 self.update(*row, c)
             else:
@@ -225,8 +229,8 @@ def step_compiled(
         optimizer.compile_failure = failure
         warnings.warn(
             f"{type(optimizer).__name__}(fused=True): compiling the update failed ({failure}); "
-            "this optimizer uses its foreach implementation from now on (other optimizers "
-            "keep the compiled path)",
+            "this optimizer steps uncompiled (foreach) from now on (other optimizers keep the "
+            "compiled path)",
             RuntimeWarning,
             stacklevel=4,
         )

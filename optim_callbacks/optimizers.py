@@ -30,6 +30,7 @@ from optim_callbacks.algorithms import (
     ScheduleFreeAdamW,
     ScheduleFreeSGD,
 )
+from optim_callbacks.algorithms.adafactor import adafactor
 from optim_callbacks.algorithms.muon import muon_groups
 from optim_callbacks.compiled_update import COMPILED_DEVICES
 from optim_callbacks.param_groups import ParamsT, param_groups
@@ -379,6 +380,7 @@ _add(
         bias_corrected=False,
         reference="Shazeer & Stern 2018, 'Adafactor: Adaptive Learning Rates with Sublinear "
         "Memory Cost'; torch.optim.Adafactor",
+        factory=adafactor,
     )
 )
 _add(

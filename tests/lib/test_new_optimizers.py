@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import warnings
 
 import pytest
 import torch
@@ -152,8 +153,9 @@ def test_schedule_free_evaluates_the_average_not_the_training_point():
 
 def test_adafactor_is_torchs_own_with_its_eps_pair_checked():
     model = nn.Linear(4, 3)
-    optimizer = build_optimizer("adafactor", model)
+    optimizer = build_optimizer("adafactor", model, impl="foreach")
     assert type(optimizer) is torch.optim.Adafactor
+    assert isinstance(build_optimizer("adafactor", model), torch.optim.Adafactor)  # compiled
     assert optimizer.defaults["eps"] == (None, 1e-3)
     with pytest.raises(ValueError, match=r"^eps\[1\]: got -1.0; allowed: a finite number > 0"):
         build_optimizer("adafactor", model, eps=(None, -1.0))
@@ -400,3 +402,57 @@ def test_amp_epsilon_under_true_float16_knows_each_new_entry(tmp_path, name, exp
     else:
         assert {g["eps"] for g in groups} == {expected}
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def _adafactor_run(optimizer, params, steps, start=0):
+    for t in range(start, start + steps):
+        for i, p in enumerate(params):
+            p.grad = torch.sin(p.detach() * (i + 1) + t) + 0.3 * p.detach()
+        optimizer.step()
+
+
+ADAFACTOR_SHAPES = [(40, 30), (2, 5, 6), (7,), (1, 9)]
+
+
+def test_compiled_adafactor_is_torchs_adafactor():
+    """The registry's default (compiled) Adafactor against torch.optim.Adafactor's for-loop in
+    float64 over 60 steps, matrices, a 3-D tensor and a vector, weight decay and maximize; its
+    state dict continues in torch's class."""
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in ADAFACTOR_SHAPES]
+    ours_params = [nn.Parameter(x.clone()) for x in init]
+    ref_params = [nn.Parameter(x.clone()) for x in init]
+    options = {"weight_decay": 0.1, "maximize": True, "lr": 3e-2}
+    ours = build_optimizer("adafactor", ours_params, **options)
+    reference = torch.optim.Adafactor(ref_params, foreach=False, **options)
+    assert ours.defaults["fused"] is True and spec_for(ours).name == "adafactor"
+    _adafactor_run(ours, ours_params, 30)
+    _adafactor_run(reference, ref_params, 30)
+    assert relative_error(ours_params, ref_params) <= 1e-6
+    continued = torch.optim.Adafactor(ours_params, foreach=False, **options)
+    continued.load_state_dict(ours.state_dict())
+    _adafactor_run(continued, ours_params, 30, start=30)
+    _adafactor_run(reference, ref_params, 30, start=30)
+    assert relative_error(ours_params, ref_params) <= 1e-6
+    assert ours.compile_failure is None
+
+
+def test_compiled_adafactor_falls_back_to_torchs_when_compiling_fails():
+    from optim_callbacks import _compat
+
+    gen = torch.Generator().manual_seed(1)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in ADAFACTOR_SHAPES]
+    ours_params = [nn.Parameter(x.clone()) for x in init]
+    ref_params = [nn.Parameter(x.clone()) for x in init]
+    ours = build_optimizer("adafactor", ours_params)
+    reference = torch.optim.Adafactor(ref_params, foreach=False)
+    torch.compiler.reset()
+    broken = _compat.inductor_cpp_compiler("/nonexistent/c++")
+    with warnings.catch_warnings(record=True) as caught, broken:
+        warnings.simplefilter("always")
+        _adafactor_run(ours, ours_params, 1)
+    assert any("compiling the update failed" in str(w.message) for w in caught)
+    assert "C++ compiler" in ours.compile_failure
+    _adafactor_run(ours, ours_params, 9, start=1)  # torch's own step from here on
+    _adafactor_run(reference, ref_params, 10)
+    assert relative_error(ours_params, ref_params) <= 1e-6
