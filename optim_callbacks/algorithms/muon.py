@@ -76,8 +76,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
     """``torch.optim.Muon`` on groups with ``use_muon=True``, ``torch.optim.AdamW`` on the rest.
 
     Args:
-        params: parameter groups with ``use_muon`` flags (a group without one goes to Muon if
-            all its parameters are 2-D, else to AdamW), or parameters (2-D ones to Muon).
+        params: parameter groups with ``use_muon`` flags, or parameters or groups without
+            flags (then their 2-D parameters go to Muon, the others to AdamW).
         lr, weight_decay, momentum, nesterov, ns_steps, adjust_lr_fn: the Muon part's options,
             as ``torch.optim.Muon`` (``lr`` 0.02 as Jordan et al.'s reference).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW part's.
@@ -122,12 +122,19 @@ class MuonWithAdamW(torch.optim.Optimizer):
             groups = [{"params": groups}]
         split = []
         for group in groups:
-            group = dict(group, params=list(group["params"]))
-            if "use_muon" not in group:
-                group["use_muon"] = all(p.ndim == 2 for p in group["params"])
-            for key, value in (muon_defaults if group["use_muon"] else adamw_defaults).items():
-                group.setdefault(key, value)
-            split.append(group)
+            if "use_muon" in group:
+                parts = [dict(group, params=list(group["params"]))]
+            else:  # no flag: its 2-D parameters to Muon, the others to AdamW
+                members = list(group["params"])
+                parts = [
+                    dict(group, params=chosen, use_muon=flag)
+                    for flag in (True, False)
+                    if (chosen := [p for p in members if (p.ndim == 2) is flag])
+                ]
+            for part in parts:
+                for key, value in (muon_defaults if part["use_muon"] else adamw_defaults).items():
+                    part.setdefault(key, value)
+                split.append(part)
         super().__init__(split, {"lr": lr, "use_muon": True})
         self._link()
 

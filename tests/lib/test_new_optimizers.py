@@ -456,3 +456,10 @@ def test_compiled_adafactor_falls_back_to_torchs_when_compiling_fails():
     _adafactor_run(ours, ours_params, 9, start=1)  # torch's own step from here on
     _adafactor_run(reference, ref_params, 10)
     assert relative_error(ours_params, ref_params) <= 1e-6
+
+
+def test_muon_on_plain_parameters_sends_matrices_to_muon():
+    matrix, bias = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3))
+    optimizer = build_optimizer("muon", [matrix, bias])
+    flags = {id(p): g["use_muon"] for g in optimizer.param_groups for p in g["params"]}
+    assert flags == {id(matrix): True, id(bias): False}
