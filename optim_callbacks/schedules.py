@@ -445,7 +445,16 @@ def build_scheduler(
     scales, so layer-wise decay and other per-group LRs keep their ratios. Step it once per
     optimizer step; ``total_steps`` is the number of optimizer steps (in Lightning:
     ``trainer.estimated_stepping_batches``).
+
+    A schedule-free optimizer (one with ``train()``/``eval()``) takes only ``constant`` (with
+    any warmup): its averaging replaces the schedule.
     """
+    if _is_schedule_free(optimizer) and SCHEDULES.canonical(name) != "constant":
+        raise ValueError(
+            f"schedule: got {name!r} with the schedule-free optimizer "
+            f"{type(optimizer).__name__}; allowed: 'constant' (a schedule-free optimizer "
+            "replaces the schedule; warmup still applies)"
+        )
     multiplier = schedule_multiplier(
         name,
         total_steps,
@@ -468,3 +477,10 @@ def lightning_scheduler_config(scheduler: LambdaLR, name: str | None = "lr") -> 
     if name is not None:
         config["name"] = name
     return config
+
+
+def _is_schedule_free(optimizer: Optimizer) -> bool:
+    """Keeps train and eval points (``train()``/``eval()``), as schedule-free optimizers do."""
+    return callable(getattr(optimizer, "train", None)) and callable(
+        getattr(optimizer, "eval", None)
+    )

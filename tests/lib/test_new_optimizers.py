@@ -463,3 +463,15 @@ def test_muon_on_plain_parameters_sends_matrices_to_muon():
     optimizer = build_optimizer("muon", [matrix, bias])
     flags = {id(p): g["use_muon"] for g in optimizer.param_groups for p in g["params"]}
     assert flags == {id(matrix): True, id(bias): False}
+
+
+def test_a_schedule_with_a_schedule_free_optimizer_is_refused_but_warmup_is_not():
+    from optim_callbacks import build_scheduler
+
+    optimizer = build_optimizer("schedule_free_sgd", [nn.Parameter(torch.zeros(3))])
+    with pytest.raises(
+        ValueError, match=r"^schedule: got 'cosine' with the schedule-free .*'constant'"
+    ):
+        build_scheduler("cosine", optimizer, total_steps=10)
+    scheduler = build_scheduler("constant", optimizer, total_steps=10, warmup=4)
+    assert scheduler.get_last_lr()[0] < 1.0  # the warmup still ramps the LR up

@@ -133,7 +133,7 @@ CASES = {
     "rmsprop_foreach": dict(optimizer="rmsprop", optimizer_options={"impl": "foreach"}),
     # Newer entries, compiled on the local shards; schedule-free switching on shards too.
     "lion": dict(optimizer="lion"),
-    "schedule_free_adamw": dict(optimizer="schedule_free_adamw"),
+    "schedule_free_adamw": dict(optimizer="schedule_free_adamw", scheduler="constant"),
     "amp_epsilon": dict(trainer=dict(precision="16-true"), optimizer_options={"impl": "foreach"}),
 }
 
@@ -149,7 +149,7 @@ def run_case(
         nan_grad_steps=case.get("nan_grad_steps", ()),
         optimizer=case.get("optimizer", "adam"),
         lr=1e-2,
-        scheduler="cosine",
+        scheduler=case.get("scheduler", "cosine"),
         samples=128,
         batch_size=8,
         optimizer_options=case.get("optimizer_options"),
