@@ -95,6 +95,10 @@ def _dense_flat(row: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
     return [_alias_1d(t) for t in row]
 
 
+def _at_least_1d(t: torch.Tensor) -> torch.Tensor:
+    return t.view(1) if t.dim() == 0 else t
+
+
 def _alias_1d(t: torch.Tensor) -> torch.Tensor:
     """A plain 1-D tensor over ``t``'s ``numel`` elements of memory (``t`` dense)."""
     out = torch.empty(0, dtype=t.dtype, device=t.device)
@@ -144,7 +148,9 @@ class CompiledUpdate:
                 key = (id(c), *(t.dtype for t in row))
                 packs.setdefault(key, (c, []))[1].append(row)
                 continue
-            flat = _dense_flat(row) if self.flatten else list(row)
+            # 0-d tensors go in as 1-element views: inductor (torch 2.13) drops in-place writes
+            # to 0-d graph inputs.
+            flat = _dense_flat(row) if self.flatten else [_at_least_1d(t) for t in row]
             if flat is None:
                 self.update(*row, c)
             else:

@@ -411,7 +411,7 @@ def _adafactor_run(optimizer, params, steps, start=0):
         optimizer.step()
 
 
-ADAFACTOR_SHAPES = [(40, 30), (2, 5, 6), (7,), (1, 9)]
+ADAFACTOR_SHAPES = [(40, 30), (2, 5, 6), (7,), (1, 9), ()]  # () : a 0-d parameter
 
 
 def test_compiled_adafactor_is_torchs_adafactor():
