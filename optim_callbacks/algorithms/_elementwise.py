@@ -12,6 +12,7 @@ to foreach when compiling fails.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ from optim_callbacks.validation import check_lr, check_non_negative
 Tensors = list[torch.Tensor]
 
 
-class ElementwiseOptimizer(torch.optim.Optimizer):
+class ElementwiseOptimizer(torch.optim.Optimizer, abc.ABC):
     """Base class: subclasses set ``state_keys``, ``compiled`` and implement
     :meth:`coefficients`, :meth:`foreach_update` and :meth:`single_update`."""
 
@@ -62,10 +63,11 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
             group.setdefault("fused", None)
 
     # --- what a subclass provides ------------------------------------------------------------
+    @abc.abstractmethod
     def coefficients(self, group: dict[str, Any], step: float) -> tuple[float, ...]:
         """The values the compiled update reads from ``c`` for a parameter at ``step``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def foreach_update(
         self,
         group: dict[str, Any],
@@ -76,8 +78,8 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
     ) -> None:
         """One step of tensors at the same ``step`` count with ``torch._foreach_*`` kernels;
         ``states[k]`` lists state ``state_keys[k]`` of every tensor."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def single_update(
         self,
         group: dict[str, Any],
@@ -87,7 +89,6 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
         step: float,
     ) -> None:
         """One step of one tensor, operation by operation as the reference implementation."""
-        raise NotImplementedError
 
     def initial_state(self, key: str, param: torch.Tensor) -> torch.Tensor:
         """A new state tensor ``key`` for ``param`` (zeros unless a subclass says otherwise)."""

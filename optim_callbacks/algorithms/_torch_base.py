@@ -10,9 +10,19 @@ direction. Non-fused steps call torch's public functional API (``torch.optim.ada
 
 from __future__ import annotations
 
+import abc
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from optim_callbacks.compiled_update import (
+    CompiledUpdate,
+    check_compiled_devices,
+    coefficient_rows,
+    local_rows,
+    step_compiled,
+)
 
 
 def check_fused_options(fused: bool | None, foreach: bool | None, **flags: bool) -> None:
@@ -47,3 +57,86 @@ def foreach_after_failure(group: dict[str, Any]) -> bool | None:
     """The ``foreach`` flag for a group whose compiled path failed: foreach unless the user
     turned it off (torch's ``None`` on CPU would mean a for-loop)."""
     return True if group["foreach"] is None else group["foreach"]
+
+
+class CompiledTorchStep(abc.ABC):
+    """Mixin, placed before the torch class: the step of a compiled subclass.
+
+    It collects each group's tensors (creating state as torch does), then steps them with the
+    compiled update when ``fused`` is on (and compiling has not failed for this instance),
+    else with torch's own functional update. A subclass provides :meth:`state_keys_for`,
+    :meth:`compiled_for`, :meth:`coefficients` and :meth:`torch_update`.
+    """
+
+    #: Why compiling the fused update failed for this instance (then it steps with foreach).
+    compile_failure: str | None = None
+    param_groups: list[dict[str, Any]]
+    state: dict[torch.Tensor, dict[str, Any]]
+
+    @abc.abstractmethod
+    def state_keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The state tensors (besides ``step``) this group's options use, as torch names them."""
+
+    @abc.abstractmethod
+    def compiled_for(self, group: dict[str, Any]) -> CompiledUpdate:
+        """The compiled update for this group's options."""
+
+    @abc.abstractmethod
+    def coefficients(self, group: dict[str, Any]) -> tuple[float, ...]:
+        """The values the compiled update reads from its coefficient vector."""
+
+    @abc.abstractmethod
+    def torch_update(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: dict[str, list[torch.Tensor]],
+        steps: list[torch.Tensor],
+        foreach: bool | None,
+    ) -> None:
+        """torch's functional update for one group (``foreach`` already resolved)."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        for group in self.param_groups:
+            group.setdefault("fused", None)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step; ``closure`` re-evaluates the loss (optional)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        name = type(self).__name__
+        for group in self.param_groups:
+            keys = self.state_keys_for(group)
+            params, grads, steps = [], [], []
+            states: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{name} does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state.update(new_state(p, keys, group["capturable"]))
+                params.append(p)
+                grads.append(p.grad)
+                steps.append(state["step"])
+                for key in keys:
+                    states[key].append(state[key])
+            if not params:
+                continue
+            if group["fused"] and self.compile_failure is None:
+                check_compiled_devices(params, name)
+                torch._foreach_add_(steps, 1.0)
+                rows = local_rows(params, grads, *states.values())
+                values = self.coefficients(group)
+                coefficients = coefficient_rows(rows, lambda _, values=values: values)
+                step_compiled(self, self.compiled_for(group), rows, coefficients)
+            else:
+                foreach = foreach_after_failure(group) if group["fused"] else group["foreach"]
+                self.torch_update(group, params, grads, states, steps, foreach)
+        return loss

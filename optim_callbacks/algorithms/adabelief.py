@@ -130,6 +130,22 @@ class _StepCoefficients:
             self.step_size = 1.0 / bias_correction1 * lr
 
 
+def _moments(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_var: torch.Tensor,
+    c: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decayed parameter, ``m_t`` and ``s_t`` in ``c.dtype`` (both updates start here)."""
+    p = param.to(c.dtype)
+    g = grad.to(c.dtype) + c[_L2] * p
+    m = exp_avg.to(c.dtype) * c[_B1] + g * c[_OMB1]
+    r = g - m
+    s = exp_avg_var.to(c.dtype) * c[_B2] + r * r * c[_OMB2] + c[_EPS]
+    return p * c[_DECAY], m, s
+
+
 def _adabelief_update(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -140,12 +156,7 @@ def _adabelief_update(
     """The whole AdaBelief step for one tensor, element-wise in ``c.dtype`` (compiled by
     :class:`~optim_callbacks.compiled_update.CompiledUpdate`). ``c`` holds the columns
     ``_L2`` ... ``_USE_MAX`` of :func:`_coefficient_row`."""
-    p = param.to(c.dtype)
-    g = grad.to(c.dtype) + c[_L2] * p
-    p = p * c[_DECAY]
-    m = exp_avg.to(c.dtype) * c[_B1] + g * c[_OMB1]
-    r = g - m
-    s = exp_avg_var.to(c.dtype) * c[_B2] + r * r * c[_OMB2] + c[_EPS]
+    p, m, s = _moments(param, grad, exp_avg, exp_avg_var, c)
     denom = torch.sqrt(s) * c[_ROOT_SCALE] + c[_DENOM_ADD]
     param.copy_(p + c[_NEG_STEP] * m / denom)
     exp_avg.copy_(m)
@@ -162,12 +173,7 @@ def _adabelief_amsgrad_update(
 ) -> None:
     """:func:`_adabelief_update` that also keeps the running maximum of ``s`` (amsgrad) and,
     where ``c[_USE_MAX]`` is set (not rectified), divides by it."""
-    p = param.to(c.dtype)
-    g = grad.to(c.dtype) + c[_L2] * p
-    p = p * c[_DECAY]
-    m = exp_avg.to(c.dtype) * c[_B1] + g * c[_OMB1]
-    r = g - m
-    s = exp_avg_var.to(c.dtype) * c[_B2] + r * r * c[_OMB2] + c[_EPS]
+    p, m, s = _moments(param, grad, exp_avg, exp_avg_var, c)
     s_max = torch.maximum(max_exp_avg_var.to(c.dtype), s)
     v = torch.where(c[_USE_MAX] > 0, s_max, s)
     denom = torch.sqrt(v) * c[_ROOT_SCALE] + c[_DENOM_ADD]

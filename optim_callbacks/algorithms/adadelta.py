@@ -13,25 +13,17 @@ Per parameter, with gradient :math:`g` (negated with ``maximize``) and L2 decay 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.optim.adadelta import adadelta
 
 from optim_callbacks.algorithms._torch_base import (
+    CompiledTorchStep,
     add_fused_option,
     check_fused_options,
-    foreach_after_failure,
-    new_state,
 )
-from optim_callbacks.compiled_update import (
-    CompiledUpdate,
-    check_compiled_devices,
-    coefficient_rows,
-    local_rows,
-    step_compiled,
-)
+from optim_callbacks.compiled_update import CompiledUpdate
 from optim_callbacks.validation import check_lr
 
 __all__ = ["Adadelta"]
@@ -60,15 +52,12 @@ def _adadelta_update(
 _COMPILED = CompiledUpdate(_adadelta_update)
 
 
-class Adadelta(torch.optim.Adadelta):
+class Adadelta(CompiledTorchStep, torch.optim.Adadelta):
     """``torch.optim.Adadelta`` with ``fused=True``: the update compiled into one pass per
     tensor (:mod:`optim_callbacks.compiled_update`); ``fused=None``/``False`` is torch's.
 
     If compiling fails, this instance warns once and steps with torch's foreach kernels.
     """
-
-    #: Why compiling the fused update failed for this instance (then it steps with foreach).
-    compile_failure: str | None = None
 
     def __init__(
         self,
@@ -99,68 +88,15 @@ class Adadelta(torch.optim.Adadelta):
         )
         add_fused_option(self, fused)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("fused", None)
+    def state_keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("square_avg", "acc_delta")
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimization step; ``closure`` re-evaluates the loss (optional)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, square_avgs, acc_deltas, steps = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Adadelta does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state.update(new_state(p, ("square_avg", "acc_delta"), group["capturable"]))
-                params.append(p)
-                grads.append(p.grad)
-                square_avgs.append(state["square_avg"])
-                acc_deltas.append(state["acc_delta"])
-                steps.append(state["step"])
-            if not params:
-                continue
-            if group["fused"] and self.compile_failure is None:
-                check_compiled_devices(params, "Adadelta")
-                torch._foreach_add_(steps, 1.0)
-                self._compiled_step(group, params, grads, square_avgs, acc_deltas)
-                continue
-            adadelta(
-                params,
-                grads,
-                square_avgs,
-                acc_deltas,
-                steps,
-                capturable=group["capturable"],
-                foreach=foreach_after_failure(group) if group["fused"] else group["foreach"],
-                differentiable=group["differentiable"],
-                has_complex=any(torch.is_complex(p) for p in params),
-                lr=group["lr"],
-                rho=group["rho"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
-            )
-        return loss
+    def compiled_for(self, group: dict[str, Any]) -> CompiledUpdate:
+        return _COMPILED
 
-    def _compiled_step(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        square_avgs: list[torch.Tensor],
-        acc_deltas: list[torch.Tensor],
-    ) -> None:
+    def coefficients(self, group: dict[str, Any]) -> tuple[float, ...]:
         rho = float(group["rho"])
-        values = (
+        return (
             float(group["weight_decay"]),
             rho,
             1.0 - rho,
@@ -168,6 +104,29 @@ class Adadelta(torch.optim.Adadelta):
             -float(group["lr"]),
             -1.0 if group["maximize"] else 1.0,
         )
-        rows = local_rows(params, grads, square_avgs, acc_deltas)
-        coefficients = coefficient_rows(rows, lambda _: values)
-        step_compiled(self, _COMPILED, rows, coefficients)
+
+    def torch_update(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: dict[str, list[torch.Tensor]],
+        steps: list[torch.Tensor],
+        foreach: bool | None,
+    ) -> None:
+        adadelta(
+            params,
+            grads,
+            states["square_avg"],
+            states["acc_delta"],
+            steps,
+            capturable=group["capturable"],
+            foreach=foreach,
+            differentiable=group["differentiable"],
+            has_complex=any(torch.is_complex(p) for p in params),
+            lr=group["lr"],
+            rho=group["rho"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )

@@ -16,25 +16,17 @@ Per parameter, with gradient :math:`g` (negated with ``maximize``) and L2 decay 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.optim.rmsprop import rmsprop
 
 from optim_callbacks.algorithms._torch_base import (
+    CompiledTorchStep,
     add_fused_option,
     check_fused_options,
-    foreach_after_failure,
-    new_state,
 )
-from optim_callbacks.compiled_update import (
-    CompiledUpdate,
-    check_compiled_devices,
-    coefficient_rows,
-    local_rows,
-    step_compiled,
-)
+from optim_callbacks.compiled_update import CompiledUpdate
 from optim_callbacks.validation import check_lr
 
 __all__ = ["RMSprop"]
@@ -116,15 +108,12 @@ _COMPILED = {
 }
 
 
-class RMSprop(torch.optim.RMSprop):
+class RMSprop(CompiledTorchStep, torch.optim.RMSprop):
     """``torch.optim.RMSprop`` with ``fused=True``: the update compiled into one pass per
     tensor (:mod:`optim_callbacks.compiled_update`); ``fused=None``/``False`` is torch's.
 
     If compiling fails, this instance warns once and steps with torch's foreach kernels.
     """
-
-    #: Why compiling the fused update failed for this instance (then it steps with foreach).
-    compile_failure: str | None = None
 
     def __init__(
         self,
@@ -159,74 +148,20 @@ class RMSprop(torch.optim.RMSprop):
         )
         add_fused_option(self, fused)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("fused", None)
+    @staticmethod
+    def _variant(group: dict[str, Any]) -> tuple[bool, bool]:
+        return group["momentum"] > 0, bool(group["centered"])
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimization step; ``closure`` re-evaluates the loss (optional)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            has_momentum, centered = group["momentum"] > 0, bool(group["centered"])
-            keys = ("square_avg",) + ("momentum_buffer",) * has_momentum + ("grad_avg",) * centered
-            params, grads, steps = [], [], []
-            states: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("RMSprop does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state.update(new_state(p, keys, group["capturable"]))
-                params.append(p)
-                grads.append(p.grad)
-                steps.append(state["step"])
-                for key in keys:
-                    states[key].append(state[key])
-            if not params:
-                continue
-            if group["fused"] and self.compile_failure is None:
-                check_compiled_devices(params, "RMSprop")
-                torch._foreach_add_(steps, 1.0)
-                self._compiled_step(group, params, grads, states, (has_momentum, centered))
-                continue
-            rmsprop(
-                params,
-                grads,
-                states["square_avg"],
-                states.get("grad_avg", []),
-                states.get("momentum_buffer", []),
-                steps,
-                foreach=foreach_after_failure(group) if group["fused"] else group["foreach"],
-                maximize=group["maximize"],
-                differentiable=group["differentiable"],
-                capturable=group["capturable"],
-                has_complex=any(torch.is_complex(p) for p in params),
-                lr=group["lr"],
-                alpha=group["alpha"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                centered=centered,
-            )
-        return loss
+    def state_keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+        has_momentum, centered = self._variant(group)
+        return ("square_avg",) + ("momentum_buffer",) * has_momentum + ("grad_avg",) * centered
 
-    def _compiled_step(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        states: dict[str, list[torch.Tensor]],
-        variant: tuple[bool, bool],
-    ) -> None:
+    def compiled_for(self, group: dict[str, Any]) -> CompiledUpdate:
+        return _COMPILED[self._variant(group)]
+
+    def coefficients(self, group: dict[str, Any]) -> tuple[float, ...]:
         alpha = float(group["alpha"])
-        values = (
+        return (
             float(group["weight_decay"]),
             alpha,
             1.0 - alpha,
@@ -235,6 +170,32 @@ class RMSprop(torch.optim.RMSprop):
             -1.0 if group["maximize"] else 1.0,
             float(group["momentum"]),
         )
-        rows = local_rows(params, grads, *states.values())
-        coefficients = coefficient_rows(rows, lambda _: values)
-        step_compiled(self, _COMPILED[variant], rows, coefficients)
+
+    def torch_update(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: dict[str, list[torch.Tensor]],
+        steps: list[torch.Tensor],
+        foreach: bool | None,
+    ) -> None:
+        rmsprop(
+            params,
+            grads,
+            states["square_avg"],
+            states.get("grad_avg", []),
+            states.get("momentum_buffer", []),
+            steps,
+            foreach=foreach,
+            maximize=group["maximize"],
+            differentiable=group["differentiable"],
+            capturable=group["capturable"],
+            has_complex=any(torch.is_complex(p) for p in params),
+            lr=group["lr"],
+            alpha=group["alpha"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            centered=bool(group["centered"]),
+        )
