@@ -51,6 +51,7 @@ __all__ = [
     "ScheduleSpec",
     "build_scheduler",
     "check_warmup",
+    "is_schedule_free",
     "lightning_scheduler_config",
     "register_schedule",
     "resolve_warmup_steps",
@@ -449,7 +450,7 @@ def build_scheduler(
     A schedule-free optimizer (one with ``train()``/``eval()``) takes only ``constant`` (with
     any warmup): its averaging replaces the schedule.
     """
-    if _is_schedule_free(optimizer) and SCHEDULES.canonical(name) != "constant":
+    if is_schedule_free(optimizer) and SCHEDULES.canonical(name) != "constant":
         raise ValueError(
             f"schedule: got {name!r} with the schedule-free optimizer "
             f"{type(optimizer).__name__}; allowed: 'constant' (a schedule-free optimizer "
@@ -479,7 +480,7 @@ def lightning_scheduler_config(scheduler: LambdaLR, name: str | None = "lr") -> 
     return config
 
 
-def _is_schedule_free(optimizer: Optimizer) -> bool:
+def is_schedule_free(optimizer: Optimizer) -> bool:
     """Keeps train and eval points (``train()``/``eval()``), as schedule-free optimizers do."""
     return callable(getattr(optimizer, "train", None)) and callable(
         getattr(optimizer, "eval", None)

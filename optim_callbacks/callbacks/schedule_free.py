@@ -24,14 +24,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 
-__all__ = ["ScheduleFreeModes", "is_schedule_free"]
+from optim_callbacks.schedules import is_schedule_free
 
-
-def is_schedule_free(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer`` keeps train and eval points (has ``train()`` and ``eval()``)."""
-    return callable(getattr(optimizer, "train", None)) and callable(
-        getattr(optimizer, "eval", None)
-    )
+__all__ = ["ScheduleFreeModes"]
 
 
 def _in_train_mode(optimizer: Optimizer) -> bool:
