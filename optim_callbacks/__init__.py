@@ -14,6 +14,7 @@ from optim_callbacks.algorithms import (
 )
 from optim_callbacks.callbacks import *  # noqa: F403
 from optim_callbacks.callbacks import __all__ as _callbacks_all
+from optim_callbacks.moment_history import MomentHistory
 from optim_callbacks.optimizers import (
     OPTIMIZERS,
     SCHEDULE_FREE,
@@ -29,6 +30,7 @@ from optim_callbacks.param_groups import (
     scale_lr,
 )
 from optim_callbacks.registry import Registry
+from optim_callbacks.run_files import run_folder
 from optim_callbacks.schedules import (
     SCHEDULES,
     ScheduleSpec,
@@ -43,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FSDP2Strategy",
+    "MomentHistory",
     "OPTIMIZERS",
     "SCHEDULE_FREE",
     "SCHEDULES",
@@ -66,6 +69,7 @@ __all__ = [
     "param_groups",
     "register_optimizer",
     "register_schedule",
+    "run_folder",
     "scale_lr",
     "schedule_multiplier",
     "spec_for",

@@ -2,10 +2,21 @@
 
 Every ``every_n_steps`` optimizer steps, rank zero reads each optimizer's state (the tensors its
 registry entry names, :func:`optim_callbacks.optimizers.spec_for`; for an unregistered optimizer
-every state tensor shaped like its parameter) and logs, per layer and for all parameters, the
-statistics of :mod:`optim_callbacks.moment_math` under ``<prefix>/<layer>/<statistic>`` and
-``<prefix>/global/<statistic>``. With a ``WandbLogger`` it also logs histograms of
-``log10(step size)`` and declares each key with ``define_metric``.
+every state tensor shaped like its parameter) and logs the statistics of
+:mod:`optim_callbacks.moment_math`, laid out for dashboards (W&B and TensorBoard group panels by
+the part of a key before its first ``/``):
+
+- ``<prefix>/<statistic>`` over all parameters: one section of a few curves;
+- ``<prefix>.<statistic>/<layer>`` per layer (``per_layer_scalars=False`` to skip): one section
+  per statistic, holding that statistic's layers;
+- ``heatmaps/<statistic>``: layers x steps pictures (:mod:`optim_callbacks.heatmaps`), as images
+  to W&B and TensorBoard every ``heatmap_every_n_steps`` and at the end of fit, and as PNG files
+  in the run folder, with the optimizer switch, skipped non-finite steps and heavy clipping
+  marked. They are drawn from the values already computed, kept in a
+  :class:`~optim_callbacks.moment_history.MomentHistory` that checkpoints carry.
+
+With a ``WandbLogger`` it also logs histograms of ``log10(step size)`` and declares each key
+with ``define_metric``: the run table's summary keeps the global statistics only.
 
 Steps that don't log cost one integer test. On a logging step the parameters are copied in
 ``on_before_optimizer_step`` (for the update-to-weight ratio) and everything is computed in
@@ -18,22 +29,27 @@ shards and the ranks exchange one packed buffer per logging step (see
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
 from optim_callbacks._compat import batches_that_stepped
 from optim_callbacks.callbacks._strategy import check_supported_strategy, is_fsdp2
+from optim_callbacks.heatmaps import HEATMAP_ORDER, matplotlib_available, render_heatmaps
+from optim_callbacks.moment_history import MomentHistory
 from optim_callbacks.moment_math import (
     STATISTICS,
     GroupHistogram,
@@ -42,13 +58,18 @@ from optim_callbacks.moment_math import (
     snapshot_parameters,
 )
 from optim_callbacks.optimizers import OptimizerSpec, spec_for
+from optim_callbacks.run_files import run_folder
 from optim_callbacks.sharded import is_sharded, local_part, shard_group
 from optim_callbacks.validation import check_at_least, check_choice, check_in_range
 
-__all__ = ["STATISTICS", "MomentStatistics"]
+__all__ = ["STATISTICS", "MomentStatistics", "moment_key"]
 
 GLOBAL = "global"
+HEATMAP_PREFIX = "heatmaps"
+# Drawn into W&B and TensorBoard during training (all statistics are drawn at the end of fit).
+HEADLINE_HEATMAPS = HEATMAP_ORDER[:4]
 # How W&B summarizes each statistic in the run table (the last value unless a peak matters).
+_CLIPPING_COUNTERS = ("finite_steps", "clipped_steps", "nonfinite_steps")  # GradientClipping's
 _WANDB_SUMMARY = {"second_moment_underflow": "max,last", "update_to_weight": "max,last"}
 
 
@@ -79,10 +100,22 @@ class MomentStatistics(Callback):
         percentiles: percentiles (0-100) of ``sqrt(v_hat)`` and of the step size.
         max_samples: percentiles of a layer larger than this are computed on a uniform sample of
             this many elements (smaller layers are exact).
-        histograms: with a ``WandbLogger``, also log histograms of ``log10(step size)``.
+        histograms: with a ``WandbLogger``, also log histograms of ``log10(step size)``
+            (per layer too when ``per_layer_scalars``).
         histogram_bins: bins per histogram.
         prefix: first component of every key.
         seed: seeds the sampling (the step is added, so a resumed run samples identically).
+        per_layer_scalars: log each layer's statistics as scalars. ``False`` keeps a big
+            model's dashboard to the global statistics; the heatmaps still show every layer.
+        heatmaps: keep the per-layer values and draw layers x steps heatmaps (needs
+            matplotlib, the ``plots`` extra; without it a warning says so and none are drawn).
+        heatmap_every_n_steps: also send the headline heatmaps (update/weight ratio, step
+            sizes) to W&B and TensorBoard as images every this many optimizer steps;
+            ``None``: only at the end of fit, when every statistic's heatmap is drawn.
+        heatmap_dir: folder of the PNG files (default: ``heatmaps/`` in the run folder, the
+            folder above the checkpoints; see :func:`optim_callbacks.run_files.run_folder`).
+        clipping_event_share: mark a logging step on the heatmaps when ``GradientClipping``
+            clipped at least this share of the steps since the previous logging step.
 
     Example::
 
@@ -102,6 +135,11 @@ class MomentStatistics(Callback):
         histogram_bins: int = 64,
         prefix: str = "moments",
         seed: int = 0,
+        per_layer_scalars: bool = True,
+        heatmaps: bool = True,
+        heatmap_every_n_steps: int | None = 500,
+        heatmap_dir: str | None = None,
+        clipping_event_share: float = 0.5,
     ) -> None:
         self.every_n_steps = check_at_least("every_n_steps", every_n_steps, 1)
         if statistics is None:
@@ -131,6 +169,26 @@ class MomentStatistics(Callback):
             raise ValueError(f"prefix: got {prefix!r}; allowed: a non-empty string without '/'")
         self.prefix = prefix
         self.seed = check_at_least("seed", seed, 0)
+        self.per_layer_scalars = bool(per_layer_scalars)
+        self.heatmaps = bool(heatmaps)
+        self.heatmap_every_n_steps = (
+            None
+            if heatmap_every_n_steps is None
+            else check_at_least("heatmap_every_n_steps", heatmap_every_n_steps, 1)
+        )
+        if heatmap_dir is not None and (not isinstance(heatmap_dir, str) or not heatmap_dir):
+            raise ValueError(f"heatmap_dir: got {heatmap_dir!r}; allowed: a folder path or None")
+        self.heatmap_dir = heatmap_dir
+        self.clipping_event_share = check_in_range(
+            "clipping_event_share", clipping_event_share, 0, 1, high_inclusive=True
+        )
+        self.history = MomentHistory()
+        self.heatmap_files: dict[str, Path] = {}  # statistic -> the PNG drawn last
+        self._last_heatmap_step: int | None = None
+        self._clipping_counts = (0, 0, 0)  # GradientClipping's finite, clipped, non-finite steps
+        self._optimizer_names: list[str] = []
+        self._draw = True
+        self._restoring_fit = False
         self._layer_of: dict[int, str] = {}  # id(parameter) -> layer name
         self._layers: list[str] = []  # layers logged one by one
         self._specs: dict[int, tuple[Optimizer, OptimizerSpec | None]] = {}  # id(optimizer) -> spec
@@ -150,19 +208,33 @@ class MomentStatistics(Callback):
                 "logger: MomentStatistics got a Trainer without a logger (logger=False); allowed: any "
                 "Lightning logger, e.g. CSVLogger, TensorBoardLogger or WandbLogger"
             )
+        self._draw = self.heatmaps and matplotlib_available()
+        if self.heatmaps and not self._draw:
+            rank_zero_warn(
+                "MomentStatistics: heatmaps need matplotlib, which is not installed; logging "
+                "scalars only (pip install 'optim-callbacks[plots]', or heatmaps=False)"
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._map_layers(pl_module)
         self._specs.clear()
         self._pending.clear()
+        if self.history.layers != self._layers:
+            self.history.reset(self._layers)  # a new model; a resumed run keeps its history
+        self._optimizer_names = [type(o).__name__ for o in trainer.optimizers]
 
     def on_optimizers_changed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Protocol hook: another callback replaced the optimizers; forget per-optimizer caches.
+        """Protocol hook: another callback replaced the optimizers; forget per-optimizer caches
+        and mark the switch on the heatmaps.
 
         Keys do not depend on the optimizer (layers are modules; statistics are named by role or
         by state key), so a dashboard's panels continue across an Adam -> SGD switch.
         """
         self._specs.clear()
+        names = [type(o).__name__ for o in trainer.optimizers]
+        before = ", ".join(self._optimizer_names) or "?"
+        self.history.add_event(trainer.global_step, "switch", f"{before} → {', '.join(names)}")
+        self._optimizer_names = names
 
     # --- the two hooks that do work on logging steps -----------------------------------------
     def on_before_optimizer_step(
@@ -207,12 +279,22 @@ class MomentStatistics(Callback):
         snapshots = list(self._pending.values())
         self._pending.clear()
         step = snapshots[0].step  # Lightning counts this batch only after on_train_batch_end
-        scalars, histograms = self.compute(snapshots, step)
+        results, histograms = self.compute(snapshots, step)
         pre_clip = _pre_clip_norm(trainer)
         if pre_clip is not None and "grad_norm" in self.statistics:
-            scalars[f"{self.prefix}/{GLOBAL}/grad_norm_before_clipping"] = pre_clip
-        if trainer.is_global_zero:
-            self._log(trainer, scalars, histograms, step)
+            results[GLOBAL]["grad_norm_before_clipping"] = pre_clip
+        if not trainer.is_global_zero:
+            return
+        self._log(trainer, results, histograms, step)
+        if self.heatmaps:
+            self.history.record(step, {k: v for k, v in results.items() if k != GLOBAL})
+            self._mark_clipping_events(trainer, step)
+            if self._draw and self._heatmaps_due(step):
+                self.draw_heatmaps(trainer, HEADLINE_HEATMAPS, step)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self._draw and len(self.history):
+            self.draw_heatmaps(trainer, None, self.history.steps[-1])
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pending.clear()
@@ -222,11 +304,39 @@ class MomentStatistics(Callback):
     ) -> None:
         self._pending.clear()
 
+    # --- checkpoints --------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The heatmaps' history and the event counters; what logs when depends on the step."""
+        return {
+            "history": self.history.state_dict(),
+            "clipping_counts": list(self._clipping_counts),
+            "last_heatmap_step": self._last_heatmap_step,
+        }
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # test(ckpt_path="best") restores callbacks too: that must not roll the history back
+        self._restoring_fit = trainer.state.fn == TrainerFn.FITTING
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self._restoring_fit:
+            return
+        self._restoring_fit = False
+        self.history.load_state_dict(state_dict["history"])
+        self._clipping_counts = tuple(int(c) for c in state_dict["clipping_counts"])
+        self._last_heatmap_step = state_dict["last_heatmap_step"]
+
     # --- computing ----------------------------------------------------------------------------
     def compute(
         self, snapshots: Sequence[_Snapshot], step: int
-    ) -> tuple[dict[str, float], dict[str, GroupHistogram]]:
-        """Statistics of the optimizers in ``snapshots`` as ``{key: value}`` and histograms."""
+    ) -> tuple[dict[str, dict[str, float]], dict[str, GroupHistogram]]:
+        """Statistics of the optimizers in ``snapshots``: ``{layer: {statistic: value}}`` (all
+        parameters under ``"global"``) and the step-size histograms by layer."""
         moments: list[ParamMoments] = []
         layer_members: dict[str, list[int]] = {name: [] for name in self._layers}
         for snapshot in snapshots:
@@ -255,17 +365,10 @@ class MomentStatistics(Callback):
             generator=generator,
             group=shard_group(snapshots[0].params) if self._sharded else None,
         )
-        scalars = {
-            f"{self.prefix}/{name}/{stat}": value
-            for name, result in zip(names, results, strict=True)
-            for stat, value in result.items()
-        }
-        hists = {
-            f"{self.prefix}/{name}/log10_step_size": hist
-            for name, hist in zip(names, histograms, strict=True)
-            if hist is not None
-        }
-        return scalars, hists
+        return (
+            dict(zip(names, results, strict=True)),
+            {name: h for name, h in zip(names, histograms, strict=True) if h is not None},
+        )
 
     def _spec(self, optimizer: Optimizer) -> OptimizerSpec | None:
         cached = self._specs.get(id(optimizer))
@@ -291,44 +394,140 @@ class MomentStatistics(Callback):
         if self.max_layers is not None and len(chosen) > self.max_layers:
             rank_zero_info(
                 f"MomentStatistics: logging the first {self.max_layers} of {len(chosen)} layers "
-                f"(max_layers={self.max_layers}); '{GLOBAL}' still covers every parameter"
+                f"(max_layers={self.max_layers}); the global statistics still cover every parameter"
             )
             chosen = chosen[: self.max_layers]
         self._layers = chosen
 
     # --- logging ------------------------------------------------------------------------------
+    def keys(self, results: dict[str, dict[str, float]]) -> dict[str, float]:
+        """``results`` of :meth:`compute` as logged keys (see :func:`moment_key`)."""
+        return {
+            moment_key(stat, None if name == GLOBAL else name, self.prefix): value
+            for name, result in results.items()
+            if name == GLOBAL or self.per_layer_scalars
+            for stat, value in result.items()
+        }
+
     def _log(
         self,
         trainer: pl.Trainer,
-        scalars: dict[str, float],
+        results: dict[str, dict[str, float]],
         histograms: dict[str, GroupHistogram],
         step: int,
     ) -> None:
+        scalars = self.keys(results)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                self._define_wandb_metrics(logger, scalars)
-                if histograms:
-                    logger.log_metrics({**scalars, **_wandb_histograms(histograms)}, step=step)
+                hists = {
+                    moment_key("log10_step_size", None if name == GLOBAL else name, self.prefix): h
+                    for name, h in histograms.items()
+                    if name == GLOBAL or self.per_layer_scalars
+                }
+                self._define_wandb_metrics(logger, [*scalars, *hists])
+                if hists:
+                    logger.log_metrics({**scalars, **_wandb_histograms(hists)}, step=step)
                     continue
             logger.log_metrics(scalars, step=step)
 
-    def _define_wandb_metrics(self, logger: WandbLogger, scalars: dict[str, float]) -> None:
+    def _define_wandb_metrics(self, logger: WandbLogger, keys: Sequence[str]) -> None:
         """Declare each key once per run: plotted against ``trainer/global_step`` like every
-        Lightning metric, summarized by its last value (peaks too where they matter)."""
+        Lightning metric. The run table's summary keeps the global statistics (last value,
+        peaks too where they matter); per-layer keys, histograms and heatmaps stay out of it."""
         run = logger.experiment
         define = getattr(run, "define_metric", None)
         if define is None:
             return
-        for key in scalars:
+        for key in keys:
             if (id(run), key) in self._defined_keys:
                 continue
-            statistic = key.rsplit("/", 1)[-1]
-            define(
-                key,
-                step_metric="trainer/global_step",
-                summary=_WANDB_SUMMARY.get(statistic, "last"),
-            )
+            section, _, name = key.partition("/")
+            if section != self.prefix or name.endswith("log10_step_size"):
+                summary = "none"
+            else:
+                summary = _WANDB_SUMMARY.get(name, "last")
+            define(key, step_metric="trainer/global_step", summary=summary)
             self._defined_keys.add((id(run), key))
+
+    # --- heatmaps -----------------------------------------------------------------------------
+    def _heatmaps_due(self, step: int) -> bool:
+        """Whether a multiple of ``heatmap_every_n_steps`` was passed since the last drawing."""
+        every = self.heatmap_every_n_steps
+        if every is None:
+            return False
+        last = -1 if self._last_heatmap_step is None else self._last_heatmap_step
+        return (step + 1) // every > (last + 1) // every
+
+    def _mark_clipping_events(self, trainer: pl.Trainer, step: int) -> None:
+        """Events from ``GradientClipping``'s counters since the previous logging step."""
+        clipper = next(
+            (c for c in trainer.callbacks if all(hasattr(c, a) for a in _CLIPPING_COUNTERS)), None
+        )
+        if clipper is None:
+            return
+        counts = tuple(int(getattr(clipper, a)) for a in _CLIPPING_COUNTERS)
+        finite, clipped, nonfinite = (
+            a - b for a, b in zip(counts, self._clipping_counts, strict=True)
+        )
+        self._clipping_counts = counts
+        if min(finite, clipped, nonfinite) < 0:
+            return  # the counters started again (another GradientClipping instance)
+        if nonfinite:
+            self.history.add_event(step, "nonfinite", f"{nonfinite} non-finite step(s) skipped")
+        if clipped and clipped >= self.clipping_event_share * finite:
+            self.history.add_event(step, "clipping", f"{clipped} of {finite} steps clipped")
+
+    def heatmap_folder(self, trainer: pl.Trainer) -> Path:
+        """Where the PNG files go: ``heatmap_dir``, or ``heatmaps/`` in the run folder."""
+        if self.heatmap_dir is not None:
+            return Path(self.heatmap_dir)
+        return run_folder(trainer) / HEATMAP_PREFIX
+
+    def draw_heatmaps(
+        self, trainer: pl.Trainer, statistics: Sequence[str] | None, step: int
+    ) -> dict[str, Path]:
+        """Draw the heatmaps of ``statistics`` (``None``: all), write the history beside them
+        as ``history.json``, and send them to W&B and TensorBoard as images at ``step``."""
+        folder = self.heatmap_folder(trainer)
+        chosen = None
+        if statistics is not None:
+            chosen = [stat for stat in statistics if stat in self.history.values]
+        files = render_heatmaps(self.history, folder, chosen)
+        self.heatmap_files.update(files)
+        self._last_heatmap_step = step
+        folder.mkdir(parents=True, exist_ok=True)
+        history_file = folder / "history.json"
+        temporary = history_file.with_name(".history.json.tmp")
+        temporary.write_text(json.dumps(self.history.to_json()))
+        temporary.replace(history_file)
+        if files:
+            _log_images(trainer, files, step, self._define_wandb_metrics)
+        return files
+
+
+def moment_key(statistic: str, layer: str | None = None, prefix: str = "moments") -> str:
+    """The logged key of ``statistic``: ``<prefix>/<statistic>`` over all parameters,
+    ``<prefix>.<statistic>/<layer>`` for one layer (so a dashboard's section holds one
+    statistic's layers)."""
+    return f"{prefix}/{statistic}" if layer is None else f"{prefix}.{statistic}/{layer}"
+
+
+def _log_images(trainer: pl.Trainer, files: dict[str, Path], step: int, define: Any) -> None:
+    """The heatmap PNGs as images: W&B (one row, summary off) and TensorBoard."""
+    keys = {f"{HEATMAP_PREFIX}/{stat}": path for stat, path in files.items()}
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            define(logger, list(keys))
+            images = {key: wandb.Image(str(path), caption=key) for key, path in keys.items()}
+            logger.log_metrics(images, step=step)
+        elif isinstance(logger, TensorBoardLogger):
+            from matplotlib.image import imread
+
+            for key, path in keys.items():
+                picture = imread(path)[..., :3]  # RGBA floats in [0, 1] -> RGB
+                logger.experiment.add_image(key, picture, global_step=step, dataformats="HWC")
 
 
 def _compile_layer_filter(layer_filter: str | None) -> re.Pattern[str] | None:

@@ -20,7 +20,7 @@ from recipes.sweep.summary import metric_series
 
 __all__ = ["MOMENT_PANELS", "draw_figures", "plot_curves", "plot_lr_schedule", "plot_moments"]
 
-MOMENT_PANELS = (  # (key under moments/global/, title, log scale)
+MOMENT_PANELS = (  # (key under moments/, title, log scale)
     ("update_to_weight", "update / weight  ||Δθ|| / ||θ||", True),
     ("first_moment_hat_norm", "||m̂||  (first moment, bias-corrected)", True),
     ("sqrt_second_moment_p95", "95th percentile of sqrt(v̂)  (AdaBelief: sqrt(ŝ))", True),
@@ -141,7 +141,7 @@ def plot_moments(
     figure, axes = _new_figure(2, 2)
     drawn_any = False
     for axis, (statistic, title, log_scale) in zip(axes, MOMENT_PANELS, strict=True):
-        drawn = _plot_metric(axis, results_by_optimizer, f"moments/global/{statistic}", colors, ".")
+        drawn = _plot_metric(axis, results_by_optimizer, f"moments/{statistic}", colors, ".")
         axis.set_title(title)
         axis.set_xlabel("optimizer step")
         axis.grid(alpha=0.3)

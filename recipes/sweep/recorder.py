@@ -5,7 +5,7 @@ The comparison sweep (:mod:`recipes.compare`) adds this callback to each recipe 
 - every scalar the run logs, at the step it is logged: the callback appends a
   :class:`MetricsHistory` logger beside the run's own (through the public ``trainer.loggers``
   setter), so it sees exactly what W&B, CSV or TensorBoard see (``train_loss``, ``val_acc``,
-  ``lr/*``, ``grad_clip/*``, ``moments/global/*``, ...). Per-layer moment statistics stay in
+  ``lr/*``, ``grad_clip/*``, ``moments/*``, ...). Per-layer moment statistics stay in
   the run's own logger;
 - the learning rate each optimizer step really used (the largest of the parameter groups, read
   in ``on_before_optimizer_step``, before the scheduler steps);
@@ -92,9 +92,9 @@ class MetricsHistory(Logger):
 
 
 def _global_statistics_only(key: str) -> bool:
-    """Keep run-level metrics and global moment statistics, not per-layer ones."""
-    parts = key.split("/")
-    return not (parts[0] == "moments" and len(parts) > 2 and parts[1] != "global")
+    """Keep run-level metrics and global moment statistics (``moments/<statistic>``), not
+    per-layer ones (``moments.<statistic>/<layer>``)."""
+    return not key.partition("/")[0].startswith("moments.")
 
 
 class RunRecorder(Callback):
@@ -102,7 +102,7 @@ class RunRecorder(Callback):
 
     Args:
         keep_layer_moments: keep per-layer moment statistics too (default: only
-            ``moments/global/*``; per-layer ones stay in the run's own logger).
+            ``moments/*``; per-layer ones stay in the run's own logger).
 
     After ``fit``, :meth:`summary` returns everything as plain JSON-ready values.
     """

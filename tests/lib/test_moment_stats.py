@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 
 from optim_callbacks import MomentStatistics, build_optimizer
+from optim_callbacks.callbacks.moment_stats import moment_key
 from optim_callbacks.callbacks.optimizer_swap import notify_optimizers_changed
 from optim_callbacks.moment_math import ParamMoments, moment_statistics
 from tests.lib.tiny import RecordingLogger, TinyRegressor, fp16_mixed, tiny_trainer
@@ -137,7 +138,8 @@ def expected_statistics(
                         out[f"{label}_p{p:02d}"] = value
             if hat:
                 out["first_moment_hat_norm"] = _norm(hat)
-        expected.update({f"{prefix}/{group}/{k}": v for k, v in out.items()})
+        layer = None if group == "global" else group
+        expected.update({moment_key(k, layer, prefix): v for k, v in out.items()})
     return expected
 
 
@@ -153,15 +155,13 @@ def assert_statistics_equal(
 
 
 def moment_scalars(row: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in row.items() if k.startswith("moments/") and v not in ("", None)}
+    return {k: float(v) for k, v in row.items() if k.startswith("moments") and v not in ("", None)}
 
 
 def read_csv_rows(logger: CSVLogger) -> dict[int, dict[str, float]]:
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = [
-            r
-            for r in csv.DictReader(f)
-            if any(k.startswith("moments/") and v for k, v in r.items())
+            r for r in csv.DictReader(f) if any(k.startswith("moments") and v for k, v in r.items())
         ]
     return {int(r["step"]): moment_scalars(r) for r in rows}
 
@@ -194,7 +194,7 @@ def test_wandb_and_csv_log_the_statistics_of_the_optimizer_state(tmp_path, wandb
     logged = {
         int(item["trainer/global_step"]): item
         for item in history
-        if any(k.startswith("moments/") for k in item)
+        if any(k.startswith("moments") for k in item)
     }
     assert sorted(logged) == [2, 5]  # after optimizer steps 3 and 6
     csv_rows = read_csv_rows(csv_logger)
@@ -202,7 +202,7 @@ def test_wandb_and_csv_log_the_statistics_of_the_optimizer_state(tmp_path, wandb
     for step, item in logged.items():
         expected = expected_statistics(recorder.records[step], optimizer)
         scalars = {
-            k: v for k, v in item.items() if k.startswith("moments/") and "log10_step_size" not in k
+            k: v for k, v in item.items() if k.startswith("moments") and "log10_step_size" not in k
         }
         assert_statistics_equal(scalars, expected)
         assert csv_rows[step] == pytest.approx(scalars, rel=1e-12)
@@ -212,9 +212,9 @@ def test_wandb_and_csv_log_the_statistics_of_the_optimizer_state(tmp_path, wandb
     item = logged[5]
     hist_keys = sorted({k.rsplit(".", 1)[0] for k in item if k.endswith("._type")})
     if ROLES[optimizer][2]:
-        assert hist_keys == [
-            f"moments/{layer}/log10_step_size" for layer in ("global", "net.0", "net.1", "net.3")
-        ]
+        assert hist_keys == sorted(
+            moment_key("log10_step_size", layer) for layer in (None, "net.0", "net.1", "net.3")
+        )
         record, (_, second, _) = recorder.records[5], ROLES[optimizer]
         step_sizes = []
         for name in record["after"]:
@@ -222,8 +222,8 @@ def test_wandb_and_csv_log_the_statistics_of_the_optimizer_state(tmp_path, wandb
             v_hat = record["state"][name][second].double() / (1 - hyper["betas"][1] ** t)
             step_sizes.append((hyper["lr"] / (v_hat.sqrt() + hyper["eps"])).log10().flatten())
         everything = torch.cat(step_sizes)
-        bins = item["moments/global/log10_step_size.bins"]
-        assert sum(item["moments/global/log10_step_size.values"]) == everything.numel()
+        bins = item["moments/log10_step_size.bins"]
+        assert sum(item["moments/log10_step_size.values"]) == everything.numel()
         assert bins[0] == pytest.approx(float(everything.min()), rel=1e-5)
         assert bins[-1] == pytest.approx(float(everything.max()), rel=1e-5)
     else:
@@ -237,7 +237,7 @@ def test_wandb_and_csv_log_the_statistics_of_the_optimizer_state(tmp_path, wandb
     }
     for key in expected_statistics(recorder.records[5], optimizer):
         assert defined[key]["step_metric"] == "trainer/global_step"
-    assert defined["moments/global/update_to_weight"]["summary"] == {"max": True, "last": True}
+    assert defined["moments/update_to_weight"]["summary"] == {"max": True, "last": True}
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def test_statistics_match_under_reduced_precision(tmp_path, precision):
     # 16-true: parameters, gradients and moments are fp16; the callback reduces them in fp32.
     assert_statistics_equal(rows[3], expected, rel=1e-3 if precision == "16-true" else 2e-5)
     state_dtype = next(iter(trainer.optimizers[0].state.values()))["exp_avg_sq"].dtype
-    underflow = rows[3]["moments/global/second_moment_underflow"]
+    underflow = rows[3]["moments/second_moment_underflow"]
     if precision == "16-true":
         # The fp16 underflow sign: (1 - beta2) g^2 is below fp16's smallest subnormal.
         assert state_dtype == torch.float16
@@ -298,17 +298,27 @@ def test_layer_filter_and_max_layers_choose_the_layers_global_covers_all(tmp_pat
     ((step, filtered),) = [
         (s, m) for s, m in loggers[0].rows if any(k.startswith("filtered/") for k in m)
     ]
-    layers = {k.split("/")[1] for k in filtered}
-    assert layers == {"net.1", "net.3", "global"}
+    layers = {layer_of(k) for k in filtered}
+    assert layers == {"net.1", "net.3", None}
     expected = expected_statistics(recorder.records[step], "adam", prefix="filtered")
-    assert_statistics_equal(
-        filtered, {k: v for k, v in expected.items() if k.split("/")[1] in layers}
-    )
+    assert_statistics_equal(filtered, {k: v for k, v in expected.items() if layer_of(k) in layers})
     ((_, capped),) = [(s, m) for s, m in loggers[1].rows if any(k.startswith("capped/") for k in m)]
-    assert set(capped) == {"capped/net.0/update_to_weight", "capped/global/update_to_weight"}
-    assert capped["capped/global/update_to_weight"] == pytest.approx(
-        expected["filtered/global/update_to_weight"], rel=1e-6
+    assert set(capped) == {"capped.update_to_weight/net.0", "capped/update_to_weight"}
+    assert capped["capped/update_to_weight"] == pytest.approx(
+        expected["filtered/update_to_weight"], rel=1e-6
     )
+
+
+def layer_of(key: str) -> str | None:
+    """The layer of a logged key (``None`` for the global statistics)."""
+    section, _, rest = key.partition("/")
+    return rest if "." in section else None
+
+
+def statistic_of(key: str) -> str:
+    """The statistic of a logged key: ``moments/<statistic>``, ``moments.<statistic>/<layer>``."""
+    section, _, rest = key.partition("/")
+    return section.partition(".")[2] if "." in section else rest
 
 
 class Velocity(torch.optim.Optimizer):
@@ -345,19 +355,17 @@ def test_unregistered_optimizer_logs_every_state_tensor_shaped_like_its_paramete
         callbacks=[MomentStatistics(every_n_steps=2), recorder],
     )
     trainer.fit(VelocityRegressor())
-    ((step, metrics),) = [
-        (s, m) for s, m in logger.rows if any(k.startswith("moments/") for k in m)
-    ]
+    ((step, metrics),) = [(s, m) for s, m in logger.rows if any(k.startswith("moments") for k in m)]
     record = recorder.records[step]
     names = list(record["after"])
-    assert {k.rsplit("/", 1)[1] for k in metrics} == {
+    assert {statistic_of(k) for k in metrics} == {
         "velocity_norm",
         "update_to_weight",
         "update_norm",
         "weight_norm",
         "grad_norm",
     }
-    assert metrics["moments/global/velocity_norm"] == pytest.approx(
+    assert metrics["moments/velocity_norm"] == pytest.approx(
         _norm(record["state"][n]["velocity"] for n in names), rel=1e-6
     )
 
@@ -383,9 +391,9 @@ def test_an_optimizer_with_a_pair_as_eps_logs_its_state(tmp_path):
     callbacks = [MomentStatistics(every_n_steps=2)]
     trainer = tiny_trainer(tmp_path, max_steps=2, logger=logger, callbacks=callbacks)
     trainer.fit(AdafactorRegressor())
-    ((_, metrics),) = [(s, m) for s, m in logger.rows if any(k.startswith("moments/") for k in m)]
-    assert metrics["moments/global/grad_norm"] > 0 and metrics["moments/global/update_norm"] > 0
-    assert "moments/net.0/update_to_weight" in metrics
+    ((_, metrics),) = [(s, m) for s, m in logger.rows if any(k.startswith("moments") for k in m)]
+    assert metrics["moments/grad_norm"] > 0 and metrics["moments/update_norm"] > 0
+    assert "moments.update_to_weight/net.0" in metrics
 
 
 def test_keys_continue_across_an_adam_to_sgd_switch(tmp_path):
@@ -393,14 +401,14 @@ def test_keys_continue_across_an_adam_to_sgd_switch(tmp_path):
     callbacks = [MomentStatistics(every_n_steps=3), SwitchToMomentum(), recorder]
     trainer = tiny_trainer(tmp_path, max_steps=6, logger=logger, callbacks=callbacks)
     trainer.fit(TinyRegressor(optimizer="adam", scheduler=None))
-    rows = {s: m for s, m in logger.rows if any(k.startswith("moments/") for k in m)}
+    rows = {s: m for s, m in logger.rows if any(k.startswith("moments") for k in m)}
     assert sorted(rows) == [2, 5]
     assert_statistics_equal(rows[2], expected_statistics(recorder.records[2], "adam"))
     assert_statistics_equal(rows[5], expected_statistics(recorder.records[5], "momentum"))
-    for layer in ("net.0", "net.1", "net.3", "global"):
+    for layer in ("net.0", "net.1", "net.3", None):
         for stat in ("update_to_weight", "grad_cosine"):  # the panels that span the switch
-            assert f"moments/{layer}/{stat}" in rows[2]
-            assert f"moments/{layer}/{stat}" in rows[5]
+            assert moment_key(stat, layer) in rows[2]
+            assert moment_key(stat, layer) in rows[5]
 
 
 def test_resumed_run_logs_the_same_values_at_the_same_steps(tmp_path):
@@ -419,7 +427,7 @@ def test_resumed_run_logs_the_same_values_at_the_same_steps(tmp_path):
             callbacks=[callback, checkpoint],
         )
         trainer.fit(TinyRegressor(optimizer="adamw", samples=64), ckpt_path=ckpt_path)
-        return {s: m for s, m in logger.rows if any(k.startswith("moments/") for k in m)}
+        return {s: m for s, m in logger.rows if any(k.startswith("moments") for k in m)}
 
     straight = run(tmp_path / "straight")
     assert sorted(straight) == [1, 3, 5, 7]
@@ -558,7 +566,7 @@ def _csv_moments(path: str) -> dict[int, dict[str, float]]:
     with open(path) as handle:
         rows = {}
         for row in csv.DictReader(handle):
-            values = {k: float(v) for k, v in row.items() if v != "" and k.startswith("moments/")}
+            values = {k: float(v) for k, v in row.items() if v != "" and k.startswith("moments")}
             if values:
                 rows[int(row["step"])] = values
     return rows
@@ -584,8 +592,8 @@ def test_fsdp2_logs_the_statistics_of_ddp(fsdp_moments, optimizer):
         for key, value in expected.items():
             tolerance = 2e-2 if re.search(r"_p\d+$", key) else 1e-5
             assert fsdp2[step][key] == pytest.approx(value, rel=tolerance, abs=1e-12), key
-    assert {"moments/global/grad_norm", "moments/net.0/weight_norm"} <= set(fsdp2[1])
-    assert "moments/net.1/update_norm" in fsdp2[1]  # the LayerNorm, spread over both ranks
+    assert {"moments/grad_norm", "moments.weight_norm/net.0"} <= set(fsdp2[1])
+    assert "moments.update_norm/net.1" in fsdp2[1]  # the LayerNorm, spread over both ranks
 
 
 @pytest.mark.slow
@@ -601,18 +609,12 @@ def test_fsdp2_exchanges_one_buffer_per_logging_step_and_nothing_otherwise(fsdp_
 @pytest.mark.ddp
 def test_fsdp2_statistics_and_histograms_reach_an_offline_wandb_run(fsdp_moments, wandb_run):
     run = fsdp_moments[0]["adamw"]["fsdp2"]
-    rows = [
-        r
-        for r in wandb_run.history(Path(run["wandb_dir"]).parent)
-        if "moments/global/grad_norm" in r
-    ]
+    rows = [r for r in wandb_run.history(Path(run["wandb_dir"]).parent) if "moments/grad_norm" in r]
     assert len(rows) == 3
     csv_rows = _csv_moments(run["csv"])
-    assert rows[0]["moments/global/grad_norm"] == pytest.approx(
-        csv_rows[1]["moments/global/grad_norm"]
-    )
-    values = rows[0]["moments/net.0/log10_step_size.values"]
-    assert rows[0]["moments/net.0/log10_step_size._type"] == "histogram"
+    assert rows[0]["moments/grad_norm"] == pytest.approx(csv_rows[1]["moments/grad_norm"])
+    values = rows[0]["moments.log10_step_size/net.0.values"]
+    assert rows[0]["moments.log10_step_size/net.0._type"] == "histogram"
     assert sum(values) == 32 * 16 + 32  # every element of net.0, from both shards
 
 
@@ -628,9 +630,9 @@ def test_grad_norm_before_clipping_is_the_clipping_callbacks_own(tmp_path):
     clipped = {
         s: m["grad_clip/pre_clip_norm"] for s, m in logger.rows if "grad_clip/pre_clip_norm" in m
     }
-    moments = {s: m for s, m in logger.rows if "moments/global/grad_norm" in m}
+    moments = {s: m for s, m in logger.rows if "moments/grad_norm" in m}
     assert sorted(moments) == sorted(clipped) == [0, 1, 2]
     for step, metrics in moments.items():
-        assert metrics["moments/global/grad_norm_before_clipping"] == clipped[step]
+        assert metrics["moments/grad_norm_before_clipping"] == clipped[step]
         assert clipped[step] > 0.05  # it clipped: the gradients the optimizer used are smaller
-        assert metrics["moments/global/grad_norm"] == pytest.approx(0.05, rel=1e-5)
+        assert metrics["moments/grad_norm"] == pytest.approx(0.05, rel=1e-5)

@@ -218,7 +218,7 @@ def test_each_new_entry_fits_with_every_callback_and_resumes_exactly(tmp_path, n
     assert trainer.global_step == 12
     with open(tmp_path / "full" / "csv" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    moments = {k for row in rows for k, v in row.items() if k.startswith("moments/") and v}
+    moments = {k for row in rows for k, v in row.items() if k.startswith("moments") and v}
     assert any(k.endswith("_norm") for k in moments), moments
     assert any(k.startswith("grad_clip/") and v for row in rows for k, v in row.items())
     _, resumed = _fit(
@@ -334,7 +334,7 @@ def test_a_third_party_optimizer_registered_directly_works_with_every_callback(t
         with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
             rows = list(csv.DictReader(f))
         logged = {k for row in rows for k, v in row.items() if v}
-        assert any(k.startswith("moments/") and k.endswith("row_var_norm") for k in logged)
+        assert any(k.startswith("moments") and k.endswith("row_var_norm") for k in logged)
         assert any(k.startswith("grad_clip/") for k in logged)
         with pytest.raises(
             ValueError, match=r"optimizer: got 'user_adafactor'; allowed for AdamToSGD"
@@ -359,7 +359,7 @@ def test_adafactor_percentiles_come_from_its_factors(tmp_path):
     trainer.fit(module)
     optimizer = trainer.optimizers[0]
     with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("moments/net.0/sqrt_second_moment_p50")]
+        rows = [r for r in csv.DictReader(f) if r.get("moments.sqrt_second_moment_p50/net.0")]
     assert len(rows) == 1
     weight, bias = module.net[0].weight, module.net[0].bias
     state_w, state_b = optimizer.state[weight], optimizer.state[bias]
@@ -370,7 +370,7 @@ def test_adafactor_percentiles_come_from_its_factors(tmp_path):
     )
     expected = torch.quantile(v.sqrt(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
     for label, value in zip(("p05", "p50", "p95"), expected.tolist(), strict=True):
-        assert float(rows[0][f"moments/net.0/sqrt_second_moment_{label}"]) == pytest.approx(
+        assert float(rows[0][f"moments.sqrt_second_moment_{label}/net.0"]) == pytest.approx(
             value, rel=1e-5
         )
 

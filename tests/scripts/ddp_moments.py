@@ -32,7 +32,7 @@ def main(out_dir: Path) -> None:
     rows = [
         {"step": step, "metrics": metrics}
         for step, metrics in logger.rows
-        if any(k.startswith("moments/") for k in metrics)
+        if any(k.startswith("moments") for k in metrics)
     ]
     result = {
         "rank": trainer.global_rank,
