@@ -134,10 +134,9 @@ def render_heatmap(
     colorbar.set_label(f"{statistic} ({'log' if log else 'linear'} scale)", fontsize=8)
     handles = _draw_events(axis, history.events)
     if handles:
-        axis.legend(
+        figure.legend(
             handles=handles,
-            loc="upper center",
-            bbox_to_anchor=(0.5, -0.12 if height < 4 else -0.06),
+            loc="outside lower center",
             ncol=len(handles),
             fontsize=7,
             frameon=False,

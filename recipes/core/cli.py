@@ -51,6 +51,7 @@ from optim_callbacks import (
     FSDP2Strategy,
     GradientClipping,
     MomentStatistics,
+    run_folder,
 )
 from optim_callbacks.validation import check_choice
 from recipes.core.errors import UsageError
@@ -59,6 +60,9 @@ from recipes.core.loggers import LOGGERS, build_logger, finish_wandb_runs, run_l
 from recipes.core.optimization import TOP_LEVEL_FLAGS, OptimizerSettings
 from recipes.core.parse_errors import one_line_parse_error
 from recipes.core.resume_checks import check_checkpoint_fits, check_resume_checkpoint
+from recipes.pages.run_page import regenerate_command, write_run_page
+from recipes.pages.run_record import build_run_record, write_run_record
+from recipes.sweep.recorder import RunRecorder
 
 __all__ = ["STANDARD_CALLBACKS", "CallbackOption", "Recipe", "RecipeCLI", "format_test_table"]
 
@@ -88,9 +92,10 @@ STANDARD_CALLBACKS: tuple[CallbackOption, ...] = (
     CallbackOption(
         "moment_stats",
         MomentStatistics,
-        {"every_n_steps": 50},
+        {"every_n_steps": 10, "per_layer_scalars": False},
         needs_logger=True,
-        help="optimizer moment statistics per layer",
+        help="optimizer moment statistics: global curves, per-layer heatmaps "
+        "(--moment_stats.per_layer_scalars true for per-layer curves too)",
     ),
     CallbackOption(
         "adam_to_sgd",
@@ -150,9 +155,7 @@ class RunConfigSaver(SaveConfigCallback):
             self.already_saved = True
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        checkpoint = trainer.checkpoint_callback
-        dirpath = getattr(checkpoint, "dirpath", None)
-        folder = Path(dirpath).parent if dirpath else Path(trainer.log_dir or ".")
+        folder = run_folder(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         self.parser.save(
             self.config, str(folder / self.config_filename), skip_none=False, overwrite=True
@@ -269,6 +272,7 @@ class RecipeCLI(LightningCLI):
         """Parse (configurations of earlier versions upgraded), then check names and settings
         before anything is seeded, read or loaded."""
         args = _join_negative_numbers(upgrade_args(sys.argv[1:] if args is None else args))
+        self.run_args = list(args)
         try:
             self.config = parser.parse_args(args)
         except argparse.ArgumentError as error:
@@ -318,6 +322,8 @@ class RecipeCLI(LightningCLI):
             ):
                 continue
             callbacks.append(callback)
+        if not any(isinstance(c, RunRecorder) for c in callbacks):
+            callbacks.append(RunRecorder())  # the curves of the run's page (run_record.json)
         if trainer_config.get("strategy") == "fsdp2":
             kwargs["strategy"] = fsdp2_strategy(trainer_config)
         return super().instantiate_trainer(logger=logger, callbacks=callbacks, **kwargs)
@@ -348,9 +354,29 @@ class RecipeCLI(LightningCLI):
                     self.test_results, f"Test results ({examples} examples, {source})"
                 )
             )
+            locations += self._write_page(examples, source)
             print("\n".join(locations))
         finish_wandb_runs(trainer)
         return self.test_results
+
+    def _write_page(self, examples: int, source: str) -> list[str]:
+        """Write ``run_record.json`` and ``run.html`` into the run folder; the lines naming them."""
+        record = build_run_record(
+            self.trainer,
+            recipe=self.recipe_name,
+            args=self.run_args,
+            settings=run_settings(self.config),
+            test_results=self.test_results,
+            tested_examples=examples,
+            test_source=source,
+        )
+        folder = run_folder(self.trainer)
+        write_run_record(folder, record)
+        page = write_run_page(folder)
+        return [
+            f"Run page: {page.resolve().as_uri()}",
+            f"  draw again: {regenerate_command(folder)}",
+        ]
 
 
 _NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -442,6 +468,24 @@ def _init_defaults(cls: type) -> dict[str, Any]:
         for name, p in inspect.signature(cls.__init__).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
+
+
+def run_settings(config: Any) -> dict[str, Any]:
+    """The settings a run's page shows first: optimizer, schedule, precision, length, batch."""
+    optimization = config.model.optimization
+    trainer = config.trainer
+    settings = {
+        key: optimization.get(key)
+        for key in ("optimizer", "scheduler", "lr", "weight_decay", "warmup", "layer_decay")
+    }
+    for key in ("precision", "max_epochs", "max_steps", "devices", "strategy"):
+        value = trainer.get(key)
+        settings[key] = value if isinstance(value, (str, int, float)) else None
+    data = config.get("data")
+    for key in ("batch_size", "model_name_or_path", "dataset"):
+        value = data.get(key) if data is not None else None
+        settings[key] = value if isinstance(value, (str, int, float)) else None
+    return settings
 
 
 def format_test_table(results: Mapping[str, float], title: str) -> str:
