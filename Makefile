@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench data clean
+.PHONY: setup run test lint bench data browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,17 @@ data:
 		|| echo "note: could not install dataset-fashion-mnist; vision recipes need --data.root"; \
 	fi
 
+# Debian's Chromium for the page tests (tests/recipes/test_pages_in_browser.py), where apt works.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+		|| echo "note: could not install chromium; the browser tests will be skipped"; \
+	fi
+
 run: setup
 	$(PY) -m recipes.bert_finetune --optimizer adamw
 
-test: setup
+test: setup browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

@@ -125,11 +125,11 @@ def render_heatmap(
         _column_edges(steps), range(len(layers) + 1), masked, cmap=cmap, norm=norm, shading="flat"
     )
     axis.invert_yaxis()  # the first layer (embeddings) on top
-    label_every = max(1, math.ceil(len(layers) / 48))
+    label_every = max(1, math.ceil(len(layers) / 80))
     axis.set_yticks([i + 0.5 for i in range(0, len(layers), label_every)])
     axis.set_yticklabels(layers[::label_every], fontsize=6 if len(layers) > 24 else 8)
     axis.set_xlabel("optimizer step")
-    axis.set_title(title or statistic, fontsize=10, pad=14)
+    axis.set_title(title or statistic, fontsize=10, pad=16)
     colorbar = figure.colorbar(mesh, ax=axis, pad=0.01)
     colorbar.set_label(f"{statistic} ({'log' if log else 'linear'} scale)", fontsize=8)
     handles = _draw_events(axis, history.events)
@@ -161,14 +161,17 @@ def _draw_events(axis: Any, events: Sequence[MomentEvent]) -> list[Any]:
     if switches:
         label = "; ".join(f"{e.label} at step {e.step}" for e in switches)
         handles.append(Line2D([], [], color="black", linestyle="--", label=label))
-    transform = axis.get_xaxis_transform()  # x in steps, y in axis fractions
+    from matplotlib.transforms import offset_copy
+
+    # x in steps; y just above the top row, a fixed 7 points whatever the picture's height
+    transform = offset_copy(axis.get_xaxis_transform(), fig=axis.figure, y=7, units="points")
     for kind, (marker, colour, text) in _EVENT_STYLE.items():
         steps = [e.step for e in events if e.kind == kind]
         if not steps:
             continue
         axis.scatter(
             steps,
-            [1.02] * len(steps),
+            [1.0] * len(steps),
             marker=marker,
             color=colour,
             s=28,

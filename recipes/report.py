@@ -5,6 +5,8 @@
 Reads what :mod:`recipes.compare` left in the folder (``sweep.json``; per run ``run.json`` and
 the recorder's ``result.json``, or ``failure.json``) and writes
 
+- ``report.html``: the same report as a page for any browser, plots embedded, with a link to
+  each run's own page (:mod:`recipes.pages.sweep_page`);
 - ``report.md``: which optimizer won and how, one row per optimizer (mean ± sample standard
   deviation over seeds), one row per run, the LR search if there was one, the plots
   (:mod:`recipes.sweep.markdown`);
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from recipes.pages.sweep_page import write_sweep_page
 from recipes.sweep.files import read_json, write_json, write_text
 from recipes.sweep.markdown import markdown_report, optimizer_table, verdict
 from recipes.sweep.plots import draw_figures
@@ -30,7 +33,8 @@ __all__ = ["main", "write_report"]
 
 
 def write_report(folder: str | Path, *, print_table: bool = True) -> str:
-    """Write ``report.md``, ``results.json`` and the PNGs into ``folder``; the report's text."""
+    """Write ``report.md``, ``report.html``, ``results.json`` and the PNGs into ``folder``; the
+    report's text."""
     folder = Path(folder)
     sweep = read_json(folder / "sweep.json")
     if sweep is None:
@@ -73,6 +77,8 @@ def write_report(folder: str | Path, *, print_table: bool = True) -> str:
         sweep, summaries, runs, search_runs, target, target_note, figures, folder, machines
     )
     write_text(folder / "report.md", text)
+    run_folders = {run["key"]: (result or {}).get("run_folder") for run, result, _ in loaded}
+    page = write_sweep_page(folder, text, run_folders)
     write_json(
         folder / "results.json",
         {
@@ -88,6 +94,7 @@ def write_report(folder: str | Path, *, print_table: bool = True) -> str:
         print(verdict(summaries, target))
         print(optimizer_table(summaries, target, memory_kind))
         print(f"Report: {folder / 'report.md'}")
+        print(f"Report page: {page.resolve().as_uri()}")
     return text
 
 

@@ -91,6 +91,21 @@ class WandbRunReader:
         """The run's history rows, in logging order."""
         return [r["history"]["item"] for r in self.records(path) if r.get("type") == "history"]
 
+    @staticmethod
+    def metric_keys(rows: list[dict[str, Any]]) -> set[str]:
+        """The metrics of history rows: a histogram or image (logged as ``<key>._type``,
+        ``<key>.width``, ...) counts once as ``<key>``; W&B's own ``_step`` and the like and
+        ``trainer/global_step`` are left out."""
+        keys = {k for row in rows for k in row}
+        media = {k.removesuffix("._type") for k in keys if k.endswith("._type")}
+        return {
+            k
+            for k in keys
+            if not k.startswith("_")
+            and k != "trainer/global_step"
+            and not any(k.startswith(f"{m}.") for m in media)
+        } | media
+
     def summary_record(self, path: Path) -> dict[str, Any]:
         """The run's summary record: ``summary``, ``config``, ``state``, ``project``, ..."""
         return json.loads(self._inspect(self.run_file(path), "--summary"))

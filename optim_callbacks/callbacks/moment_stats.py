@@ -48,7 +48,12 @@ from torch.optim import Optimizer
 
 from optim_callbacks._compat import batches_that_stepped
 from optim_callbacks.callbacks._strategy import check_supported_strategy, is_fsdp2
-from optim_callbacks.heatmaps import HEATMAP_ORDER, matplotlib_available, render_heatmaps
+from optim_callbacks.heatmaps import (
+    HEATMAP_ORDER,
+    heatmap_statistics,
+    matplotlib_available,
+    render_heatmaps,
+)
 from optim_callbacks.moment_history import MomentHistory
 from optim_callbacks.moment_math import (
     STATISTICS,
@@ -189,6 +194,7 @@ class MomentStatistics(Callback):
         self._optimizer_names: list[str] = []
         self._draw = True
         self._restoring_fit = False
+        self._summary_hidden: set[str] = set()  # W&B keys the run table should not show
         self._layer_of: dict[int, str] = {}  # id(parameter) -> layer name
         self._layers: list[str] = []  # layers logged one by one
         self._specs: dict[int, tuple[Optimizer, OptimizerSpec | None]] = {}  # id(optimizer) -> spec
@@ -294,7 +300,12 @@ class MomentStatistics(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self._draw and len(self.history):
-            self.draw_heatmaps(trainer, None, self.history.steps[-1])
+            step = self.history.steps[-1]
+            drawn = HEADLINE_HEATMAPS if self._last_heatmap_step == step else ()
+            rest = [stat for stat in heatmap_statistics(self.history) if stat not in drawn]
+            self.draw_heatmaps(trainer, rest, step)  # every statistic, each drawn once per step
+        if trainer.is_global_zero:
+            _drop_from_wandb_summaries(trainer, self._summary_hidden)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pending.clear()
@@ -444,6 +455,7 @@ class MomentStatistics(Callback):
             section, _, name = key.partition("/")
             if section != self.prefix or name.endswith("log10_step_size"):
                 summary = "none"
+                self._summary_hidden.add(key)
             else:
                 summary = _WANDB_SUMMARY.get(name, "last")
             define(key, step_metric="trainer/global_step", summary=summary)
@@ -510,6 +522,17 @@ def moment_key(statistic: str, layer: str | None = None, prefix: str = "moments"
     ``<prefix>.<statistic>/<layer>`` for one layer (so a dashboard's section holds one
     statistic's layers)."""
     return f"{prefix}/{statistic}" if layer is None else f"{prefix}.{statistic}/{layer}"
+
+
+def _drop_from_wandb_summaries(trainer: pl.Trainer, keys: set[str]) -> None:
+    """Remove ``keys`` from each W&B run's summary. ``define_metric(summary="none")`` declares
+    them, but wandb (0.31, offline) still puts their last values in the summary."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and keys:
+            summary = logger.experiment.summary
+            present = set(summary.keys())
+            for key in sorted(keys & present):
+                del summary[key]
 
 
 def _log_images(trainer: pl.Trainer, files: dict[str, Path], step: int, define: Any) -> None:

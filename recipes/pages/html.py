@@ -7,7 +7,16 @@ from collections.abc import Iterable, Sequence
 from html import escape
 from pathlib import Path
 
-__all__ = ["escape", "image", "page", "table"]
+__all__ = ["Markup", "escape", "image", "link", "page", "table"]
+
+
+class Markup(str):
+    """Text that is HTML already: :func:`table` puts it in a cell as it is."""
+
+
+def link(href: str, text: str) -> Markup:
+    return Markup(f'<a href="{escape(href)}">{escape(text)}</a>')
+
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; padding: 0 1rem;
@@ -49,7 +58,9 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     for row in rows:
         cells = []
         for value in row:
-            if isinstance(value, float):
+            if isinstance(value, Markup):
+                cells.append(f"<td>{value}</td>")
+            elif isinstance(value, float):
                 cells.append(f'<td class="number">{value:.4g}</td>')
             elif isinstance(value, int) and not isinstance(value, bool):
                 cells.append(f'<td class="number">{value}</td>')

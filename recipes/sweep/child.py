@@ -68,6 +68,7 @@ def run_recipe(recipe: str, args: Sequence[str]) -> dict[str, Any]:
     """Run ``recipes.<recipe>`` with ``args`` and the recorder; the run's results."""
     from lightning.pytorch.loggers import WandbLogger
 
+    from optim_callbacks import run_folder
     from recipes.sweep.recorder import RunRecorder
 
     started = time.perf_counter()
@@ -96,6 +97,7 @@ def run_recipe(recipe: str, args: Sequence[str]) -> dict[str, Any]:
         "run_seconds": time.perf_counter() - started,
         "peak_process_memory_bytes": peak_process_memory_bytes(),
         "wandb_run_dir": wandb_dir,
+        "run_folder": str(run_folder(trainer)),
         "machine": machine_description(),
         "is_global_zero": trainer.is_global_zero,
     }

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from recipes import compare
 from recipes.sweep.lr_presets import LearningRate, choose_lr, lr_grid, preset_lrs
 from recipes.sweep.processes import FolderLock
 from tests.conftest import subprocess_env
+from tests.recipes.browser import assert_rendered_pictures, render
 
 LRS = "adamw=3e-3,sgd=0.3"
 KEYS = {"adamw": "adamw-lr0.003-seed42", "sgd": "sgd-lr0.3-seed42"}
@@ -164,6 +166,29 @@ def test_report_shows_the_winner_the_table_and_the_plots(sweep):
         assert f"![{name[:-4]}]({name})" in report
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(data) < 300_000
+
+
+def test_report_page_has_the_report_the_plots_and_each_runs_page(sweep):
+    out, results = sweep["out"], sweep["results"]
+    page = (out / "report.html").read_text()
+    assert "Report page: file://" in sweep["second"]
+    assert "<script" not in page and "https://" not in page and "http://" not in page
+    assert page.count('<img src="data:image/png;base64,') == 3  # curves, LR, moments
+    for row in results["optimizers"]:
+        assert (
+            f"<td>{row['optimizer']}</td>" in page or f"<strong>{row['optimizer']}</strong>" in page
+        )
+    links = re.findall(r'<a href="([^"]+/run\.html)">', page)
+    assert len(links) == 2  # one per run, relative, to the page each run wrote
+    for link in links:
+        assert not Path(link).is_absolute() and (out / link).is_file()
+
+
+def test_report_and_run_pages_render_in_a_real_browser(sweep, tmp_path):
+    out = sweep["out"]
+    rendered = render(out / "report.html", tmp_path / "report.png")
+    assert_rendered_pictures(rendered, minimum_images=3)
+    assert "Optimizer comparison" in rendered.text
 
 
 def test_rerun_keeps_finished_runs_and_restarts_unfinished_ones(sweep):
