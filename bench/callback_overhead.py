@@ -32,6 +32,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from typing import Any
 
 import lightning as L
 import torch
@@ -122,6 +123,23 @@ def build_module(model: str) -> L.LightningModule:
     return ClassificationModule(stand_in_bert(model), num_classes=2, optimization=PRESET)
 
 
+def quiet_trainer(root: str, steps: int, callbacks: list[Callback], **options: Any) -> L.Trainer:
+    """A CPU Trainer of ``steps`` steps logging to CSV under ``root``, without checkpoints,
+    progress bar or model summary."""
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=CSVLogger(root),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=BLOCK,
+        default_root_dir=root,
+        **options,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=3, help="cycles of 6 blocks of 50 steps")
@@ -155,18 +173,12 @@ def main(argv: list[str] | None = None) -> None:
     moments = MomentStatistics(every_n_steps=EVERY["off"])
     schedule = BlockSchedule(moments, blocks)
     with tempfile.TemporaryDirectory() as root:
-        trainer = L.Trainer(
-            accelerator="cpu",
+        trainer = quiet_trainer(
+            root,
+            steps + 1,
+            [schedule, moments],
             devices=2 if args.fsdp2 else 1,
             strategy=FSDP2Strategy(data_parallel_size=2) if args.fsdp2 else "auto",
-            max_steps=steps + 1,
-            logger=CSVLogger(root),
-            callbacks=[schedule, moments],
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            log_every_n_steps=BLOCK,
-            default_root_dir=root,
         )
         trainer.fit(module, train_dataloaders=data)
     if not trainer.is_global_zero:

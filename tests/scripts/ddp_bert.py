@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from torch.distributed.tensor import DTensor
 
 from recipes.bert_finetune import run
@@ -36,8 +37,11 @@ def main() -> None:
         "parameters": torch.cat([p.flatten() for p in parameters]).tolist(),
         "strategy": type(trainer.strategy).__name__,
         # rank zero holds the wandb run; other ranks get Lightning's no-op stand-in
-        "logger_is_wandb_run": trainer.logger is not None
-        and type(trainer.logger.experiment).__module__.startswith("wandb"),
+        "logger_is_wandb_run": any(
+            isinstance(logger, WandbLogger)
+            and type(logger.experiment).__module__.startswith("wandb")
+            for logger in trainer.loggers
+        ),
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
