@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from callback_overhead import RandomTokens, build_module
+from callback_overhead import RandomTokens, build_module, quiet_trainer
 
 from optim_callbacks import MomentHistory, MomentStatistics
 from optim_callbacks.callbacks.moment_stats import HEADLINE_HEATMAPS
