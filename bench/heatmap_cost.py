@@ -1,6 +1,6 @@
 """What the heatmaps of ``MomentStatistics`` cost: training steps, and drawing at the end of fit.
 
-Run: ``python bench/heatmap_cost.py [--cycles C] [--threads T] [--run-folder DIR]``
+Run: ``python bench/heatmap_cost.py [--cycles C] [--threads T] [--run-folder DIR] [--drawing-only]``
 
 1. **Training steps**, side by side in one fit: the BERT recipe's module around the small random
    BERT of ``bench/callback_overhead.py`` (5.5M parameters, batch 16 x 128 tokens, AdamW), with
@@ -132,12 +132,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cycles", type=int, default=3, help="cycles of 4 blocks of 50 steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--run-folder", default=None, help="a finished recipe run's folder")
+    parser.add_argument("--drawing-only", action="store_true", help="skip part 1 (training)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    training_steps(args.cycles)
+    if not args.drawing_only:
+        training_steps(args.cycles)
     drawing(args.run_folder)
 
 
