@@ -13,7 +13,6 @@ here, when a picture is drawn; it draws with the Agg backend, never a window.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 import os
@@ -56,7 +55,12 @@ _EVENT_STYLE = {  # kind -> (marker, colour, legend text, points above the top r
 
 
 def matplotlib_available() -> bool:
-    return importlib.util.find_spec("matplotlib") is not None
+    """Whether matplotlib can be imported (it is imported here, once, if so)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def heatmap_statistics(history: MomentHistory) -> list[str]:

@@ -5,6 +5,7 @@ their events; real Trainer fits of the tiny MLP."""
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,18 @@ def test_a_resumed_run_draws_the_whole_runs_heatmaps(tmp_path):
     assert resumed.events == full.events
     for stat in full.statistics:
         assert torch.allclose(resumed.matrix(stat), full.matrix(stat), equal_nan=True)
+
+
+def test_without_matplotlib_one_warning_says_what_to_install_and_scalars_still_log(
+    tmp_path, monkeypatch
+):
+    from tests.lib.tiny import RecordingLogger
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what a missing package looks like
+    logger = RecordingLogger()
+    moments = MomentStatistics(every_n_steps=2, heatmap_dir=str(tmp_path / "heatmaps"))
+    trainer = tiny_trainer(tmp_path, max_steps=4, logger=logger, callbacks=[moments])
+    with pytest.warns(UserWarning, match=r"heatmaps need matplotlib.*optim-callbacks\[plots\]"):
+        trainer.fit(BrokenRegressor())
+    assert any("moments/update_to_weight" in metrics for _, metrics in logger.rows)
+    assert not (tmp_path / "heatmaps").exists()
