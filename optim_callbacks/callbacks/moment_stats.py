@@ -73,8 +73,8 @@ GLOBAL = "global"
 HEATMAP_PREFIX = "heatmaps"
 # Drawn into W&B and TensorBoard during training (all statistics are drawn at the end of fit).
 HEADLINE_HEATMAPS = HEATMAP_ORDER[:4]
-# How W&B summarizes each statistic in the run table (the last value unless a peak matters).
 _CLIPPING_COUNTERS = ("finite_steps", "clipped_steps", "nonfinite_steps")  # GradientClipping's
+# How W&B summarizes each statistic in the run table (the last value unless a peak matters).
 _WANDB_SUMMARY = {"second_moment_underflow": "max,last", "update_to_weight": "max,last"}
 
 
