@@ -11,7 +11,8 @@ the recorder's ``result.json``, or ``failure.json``) and writes
   deviation over seeds), one row per run, the LR search if there was one, the plots
   (:mod:`recipes.sweep.markdown`);
 - ``results.json``: the same numbers, unrounded (:mod:`recipes.sweep.summary`);
-- ``curves.png``, ``lr_schedule.png`` and ``moments.png`` (:mod:`recipes.sweep.plots`).
+- ``curves.png``, ``runs.png``, ``lr_schedule.png`` and ``moments.png``
+  (:mod:`recipes.sweep.plots`).
 
 Every file is written through a temporary name, so a reader never sees half of one.
 """
@@ -71,7 +72,12 @@ def write_report(folder: str | Path, *, print_table: bool = True) -> str:
         for s in summaries
         if s.optimizer in results_by_optimizer
     }
-    figures = draw_figures(best_first, folder)
+    each_run = {
+        run["key"]: (run["optimizer"], result)
+        for run, result, _ in loaded
+        if result is not None and run["optimizer"] in best_first
+    }
+    figures = draw_figures(best_first, folder, each_run)
     machines = sorted({result.get("machine", "") for result in finished} - {""})
     text = markdown_report(
         sweep, summaries, runs, search_runs, target, target_note, figures, folder, machines

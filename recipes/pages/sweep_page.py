@@ -1,8 +1,8 @@
 """The page of a comparison sweep: ``report.html`` beside ``report.md``, with the same text and
 tables, the plots embedded, and a link to each run's own page.
 
-The Markdown report is turned into HTML by Python-Markdown (its ``tables`` extension), so the
-two never disagree; pictures the report names are embedded as data.
+The Markdown report is turned into HTML by Python-Markdown (its ``tables`` extension, raw HTML
+shown as text), so the two never disagree; pictures the report names are embedded as data.
 """
 
 from __future__ import annotations
@@ -30,7 +30,11 @@ def write_sweep_page(
     """Write ``<folder>/report.html`` from the Markdown ``report``; ``run_folders`` maps run
     keys to their run folders, whose pages the page links to."""
     folder = Path(folder)
-    body = markdown.markdown(report, extensions=["tables"], output_format="html")
+    converter = markdown.Markdown(extensions=["tables"], output_format="html")
+    # The report quotes run errors and names; any HTML in them is shown as text, not parsed.
+    converter.preprocessors.deregister("html_block")
+    converter.inlinePatterns.deregister("html")
+    body = converter.convert(report)
 
     def embed(match: re.Match[str]) -> str:
         path = folder / match.group(2)

@@ -1,6 +1,7 @@
 """The sweep report's PNG plots (matplotlib without pyplot: no global state).
 
 - ``curves.png``: training loss, validation accuracy and loss per optimizer step;
+- ``runs.png``: training loss and validation accuracy of every run, one line each;
 - ``lr_schedule.png``: the LR each step used;
 - ``moments.png``: global moment statistics logged by ``MomentStatistics`` (update/weight ratio,
   ``||m_hat||``, 95th percentile of ``sqrt(v_hat)``, cosine between first moment and gradient).
@@ -18,7 +19,14 @@ from typing import Any
 from optim_callbacks import OPTIMIZERS
 from recipes.sweep.summary import metric_series
 
-__all__ = ["MOMENT_PANELS", "draw_figures", "plot_curves", "plot_lr_schedule", "plot_moments"]
+__all__ = [
+    "MOMENT_PANELS",
+    "draw_figures",
+    "plot_curves",
+    "plot_each_run",
+    "plot_lr_schedule",
+    "plot_moments",
+]
 
 MOMENT_PANELS = (  # (key under moments/, title, log scale)
     ("update_to_weight", "update / weight  ||Δθ|| / ||θ||", True),
@@ -112,6 +120,39 @@ def plot_curves(
     figure.savefig(path, dpi=90)
 
 
+def plot_each_run(
+    runs: Mapping[str, tuple[str, dict]], colors: Mapping[str, Any], path: Path
+) -> None:
+    """``runs`` maps run keys to ``(optimizer, result)``: one line per run, coloured by its
+    optimizer, the seeds of one optimizer told apart by line style."""
+    figure, axes = _new_figure(2)
+    styles = ("-", "--", ":", "-.")
+    seen: dict[str, int] = {}
+    for key, (optimizer, result) in runs.items():
+        style = styles[seen.get(optimizer, 0) % len(styles)]
+        seen[optimizer] = seen.get(optimizer, 0) + 1
+        for axis, (metric, marker) in zip(
+            axes, (("train_loss", ""), ("val_acc", "o")), strict=True
+        ):
+            series = metric_series(result, metric)
+            if series:
+                axis.plot(
+                    *zip(*series, strict=True),
+                    linestyle=style,
+                    marker=marker,
+                    color=colors[optimizer],
+                    label=key,
+                )
+    for axis, title in zip(
+        axes, ("training loss, each run", "validation accuracy, each run"), strict=True
+    ):
+        axis.set_title(title)
+        axis.set_xlabel("optimizer step")
+        axis.grid(alpha=0.3)
+    _legend(figure, axes)
+    figure.savefig(path, dpi=90)
+
+
 def plot_lr_schedule(
     results_by_optimizer: Mapping[str, list[dict]], colors: Mapping[str, Any], path: Path
 ) -> None:
@@ -159,14 +200,23 @@ def plot_moments(
     return drawn_any
 
 
-def draw_figures(results_by_optimizer: Mapping[str, list[dict]], folder: Path) -> list[str]:
-    """Draw every plot of the runs (best optimizer first) into ``folder``; the file names."""
+def draw_figures(
+    results_by_optimizer: Mapping[str, list[dict]],
+    folder: Path,
+    each_run: Mapping[str, tuple[str, dict]] | None = None,
+) -> list[str]:
+    """Draw every plot of the runs (best optimizer first) into ``folder``; the file names.
+    ``each_run`` (run key -> ``(optimizer, result)``) adds ``runs.png``."""
     if not results_by_optimizer:
         return []
     colors = _colors(list(results_by_optimizer))
     plot_curves(results_by_optimizer, colors, folder / "curves.png")
+    figures = ["curves.png"]
+    if each_run:
+        plot_each_run(each_run, colors, folder / "runs.png")
+        figures.append("runs.png")
     plot_lr_schedule(results_by_optimizer, colors, folder / "lr_schedule.png")
-    figures = ["curves.png", "lr_schedule.png"]
+    figures.append("lr_schedule.png")
     if plot_moments(results_by_optimizer, colors, folder / "moments.png"):
         figures.append("moments.png")
     return figures

@@ -162,7 +162,7 @@ def test_report_shows_the_winner_the_table_and_the_plots(sweep):
         assert cells[1].strip("*") == row["optimizer"]
         assert cells[4] == f"{row['mean']['final_val_acc']:.4f}"
         assert cells[5] == f"{row['mean']['test_acc']:.4f}"
-    for name in ("curves.png", "lr_schedule.png", "moments.png"):
+    for name in ("curves.png", "runs.png", "lr_schedule.png", "moments.png"):
         assert f"![{name[:-4]}]({name})" in report
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(data) < 300_000
@@ -173,7 +173,7 @@ def test_report_page_has_the_report_the_plots_and_each_runs_page(sweep):
     page = (out / "report.html").read_text()
     assert "Report page: file://" in sweep["second"]
     assert "<script" not in page and "https://" not in page and "http://" not in page
-    assert page.count('<img src="data:image/png;base64,') == 3  # curves, LR, moments
+    assert page.count('<img src="data:image/png;base64,') == 4  # curves, each run, LR, moments
     for row in results["optimizers"]:
         assert (
             f"<td>{row['optimizer']}</td>" in page or f"<strong>{row['optimizer']}</strong>" in page
@@ -187,7 +187,7 @@ def test_report_page_has_the_report_the_plots_and_each_runs_page(sweep):
 def test_report_and_run_pages_render_in_a_real_browser(sweep, tmp_path):
     out = sweep["out"]
     rendered = render(out / "report.html", tmp_path / "report.png")
-    assert_rendered_pictures(rendered, minimum_images=3)
+    assert_rendered_pictures(rendered, minimum_images=4)
     assert "Optimizer comparison" in rendered.text
 
 

@@ -36,3 +36,13 @@ def test_no_validation_means_no_nan_label():
     ]
     assert "steps to target (no validation ran)" in texts[0]
     assert all("nan" not in text.lower() for text in texts), texts
+
+
+def test_the_report_page_shows_html_in_the_report_as_text(tmp_path):
+    from recipes.pages.sweep_page import write_sweep_page
+
+    report = "# Optimizer comparison: x\n\nerror: got <script>alert(1)</script> and <b>bold</b>\n"
+    page = write_sweep_page(tmp_path, report).read_text()
+    assert "<script" not in page and "<b>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;b&gt;bold&lt;/b&gt;" in page
+    assert "<title>Optimizer comparison: x</title>" in page
