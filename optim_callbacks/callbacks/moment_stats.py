@@ -38,16 +38,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
 from optim_callbacks._compat import batches_that_stepped
 from optim_callbacks.callbacks._strategy import check_supported_strategy, is_fsdp2
+from optim_callbacks.callbacks.fit_state import FitStateCallback
 from optim_callbacks.heatmaps import (
     HEATMAP_ORDER,
     heatmap_statistics,
@@ -89,7 +88,7 @@ class _Snapshot:
     step: int  # the step Lightning's loggers get for this batch
 
 
-class MomentStatistics(Callback):
+class MomentStatistics(FitStateCallback):
     r"""Log optimizer moment statistics per layer every ``every_n_steps`` optimizer steps.
 
     Args:
@@ -193,7 +192,6 @@ class MomentStatistics(Callback):
         self._clipping_counts = (0, 0, 0)  # GradientClipping's finite, clipped, non-finite steps
         self._optimizer_names: list[str] = []
         self._draw = True
-        self._restoring_fit = False
         self._summary_hidden: set[str] = set()  # W&B keys the run table should not show
         self._layer_of: dict[int, str] = {}  # id(parameter) -> layer name
         self._layers: list[str] = []  # layers logged one by one
@@ -328,16 +326,8 @@ class MomentStatistics(Callback):
             "last_heatmap_step": self._last_heatmap_step,
         }
 
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # test(ckpt_path="best") restores callbacks too: that must not roll the history back
-        self._restoring_fit = trainer.state.fn == TrainerFn.FITTING
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not self._restoring_fit:
-            return
-        self._restoring_fit = False
+    def load_fit_state(self, state_dict: dict[str, Any]) -> None:
+        """Only when a fit resumes: ``test(ckpt_path="best")`` keeps the whole run's history."""
         self.history.load_state_dict(state_dict["history"])
         self._clipping_counts = tuple(int(c) for c in state_dict["clipping_counts"])
         self._last_heatmap_step = state_dict["last_heatmap_step"]

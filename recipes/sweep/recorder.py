@@ -25,10 +25,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from optim_callbacks import FitStateCallback
 
 __all__ = ["MetricsHistory", "RunRecorder", "optimizer_state_bytes"]
 
@@ -97,7 +97,7 @@ def _global_statistics_only(key: str) -> bool:
     return not key.partition("/")[0].startswith("moments.")
 
 
-class RunRecorder(Callback):
+class RunRecorder(FitStateCallback):
     """Records a run's metrics, learning rates, step times, optimizer-state size and fit time.
 
     Args:
@@ -118,7 +118,6 @@ class RunRecorder(Callback):
         self.peak_device_memory_bytes: int | None = None
         self._last_batch_start: float | None = None
         self._fit_started: float | None = None
-        self._restoring_fit = False
 
     @property
     def state_key(self) -> str:
@@ -205,17 +204,8 @@ class RunRecorder(Callback):
             fit_seconds += time.perf_counter() - self._fit_started
         return {**self.summary(), "fit_seconds": fit_seconds}
 
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # Lightning restores callbacks for test() too (ckpt_path="best"): that must not roll the
-        # history back to the best checkpoint's step.
-        self._restoring_fit = trainer.state.fn == TrainerFn.FITTING
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not self._restoring_fit:
-            return
-        self._restoring_fit = False
+    def load_fit_state(self, state_dict: dict[str, Any]) -> None:
+        """Only when a fit resumes: test(ckpt_path="best") keeps the history to the last step."""
         self.history.history = {k: [list(p) for p in v] for k, v in state_dict["history"].items()}
         self.lr_schedule = [list(p) for p in state_dict["lr_schedule"]]
         self.step_seconds = list(state_dict["step_seconds"])
