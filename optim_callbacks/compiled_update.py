@@ -136,10 +136,12 @@ class CompiledUpdate:
         A row is ``[param, grad, *state]``: every tensor but the gradient is written. Tensors
         of at least :data:`PACK_BELOW` elements get one call each; smaller ones sharing a
         coefficient vector and dtypes are concatenated into one call and copied back, so a
-        model's hundreds of biases and norms cost a few calls, not hundreds.
+        model's hundreds of biases and norms cost a few calls, not hundreds. Every written
+        tensor's autograd version counter is bumped once, as by an in-place torch op.
         """
         failure: str | None = None
         packs: dict[tuple[Any, ...], tuple[torch.Tensor, list[Sequence[torch.Tensor]]]] = {}
+        written: list[torch.Tensor] = []
         for row, c in zip(rows, coefficients, strict=True):
             numel = row[0].numel()
             if numel == 0:
@@ -155,6 +157,7 @@ class CompiledUpdate:
                 self.update(*row, c)
             else:
                 failure = self._call(flat, c, failure)
+                written.extend(t for j, t in enumerate(row) if j != 1)
         for c, small in packs.values():
             columns = [list(column) for column in zip(*small, strict=True)]
             flats = [torch.cat([t.reshape(-1) for t in column]) for column in columns]
@@ -166,6 +169,11 @@ class CompiledUpdate:
                     torch._foreach_copy_(
                         column, [piece.view_as(t) for piece, t in zip(pieces, column, strict=True)]
                     )
+        # The writes through set_ aliases bypass autograd's version counters; bump them as an
+        # in-place op would, so a backward through a graph that saved a tensor from before the
+        # step raises torch's "modified by an inplace operation" (packed rows were written with
+        # _foreach_copy_, which already did). One call for all tensors.
+        torch.autograd.graph.increment_version(written)
         return failure
 
     def _call(self, flat: list[torch.Tensor], c: torch.Tensor, failure: str | None) -> str | None:

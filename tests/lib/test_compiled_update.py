@@ -14,6 +14,7 @@ from torch import nn
 
 from optim_callbacks import AdaBelief, Adadelta, RMSprop, _compat, build_optimizer, compiled_update
 from optim_callbacks.compiled_update import PACK_BELOW
+from optim_callbacks.optimizers import OPTIMIZERS, SCHEDULE_FREE
 
 # A silent fallback would make every comparison below compare foreach with itself.
 pytestmark = pytest.mark.filterwarnings(r"error:.*compiling the update failed")
@@ -241,3 +242,63 @@ def test_fused_refuses_what_torch_fused_refuses():
         RMSprop(params, fused=True, foreach=True)
     with pytest.raises(ValueError, match=r"^fused: cannot be True together with differentiable"):
         Adadelta(params, fused=True, differentiable=True)
+
+
+def compiled_by_default() -> list[str]:
+    """The registry's entries whose default implementation on CPU is our compiled update."""
+    names = []
+    for name, _ in OPTIMIZERS.items():
+        optimizer = build_optimizer(name, [nn.Parameter(torch.zeros(2, 2))])
+        module = type(optimizer).__module__
+        if module.startswith("optim_callbacks.") and optimizer.defaults.get("fused") is True:
+            names.append(name)
+    return names
+
+
+COMPILED_BY_DEFAULT = compiled_by_default()
+
+
+def test_the_version_test_covers_the_compiled_entries():
+    expected = {"adadelta", "rmsprop", "adabelief", "lion", "lamb", "adopt", "adafactor"}
+    assert expected | set(SCHEDULE_FREE) <= set(COMPILED_BY_DEFAULT)
+
+
+def _step_then_backward(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> list[str]:
+    """Save ``param`` and each state tensor in a graph, step, backward through each graph;
+    return the names of the tensors whose backward did not raise torch's in-place error."""
+    if hasattr(optimizer, "train"):  # schedule-free: steps only in train mode
+        optimizer.train()
+    param.grad = torch.randn_like(param)
+    optimizer.step()  # creates the state
+    param.grad = torch.randn_like(param)
+    state = {k: v for k, v in optimizer.state[param].items() if torch.is_tensor(v)}
+    graphs = {"param": (param * param).sum()}
+    # mul(a, s) with a requiring grad saves s: a graph that reads the state tensor.
+    graphs.update({key: (param.sum() * value).sum() for key, value in state.items()})
+    optimizer.step()
+    silent = []
+    for key, loss in graphs.items():
+        try:
+            loss.backward()
+        except RuntimeError as error:
+            assert "modified by an inplace operation" in str(error)
+        else:
+            silent.append(key)
+    return silent
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (192, 192)], ids=["packed", "own-call"])
+@pytest.mark.parametrize("name", COMPILED_BY_DEFAULT)
+def test_a_backward_after_the_step_raises_like_torch(name, shape):
+    """The compiled step writes the parameter and its state in place (through ``set_``
+    aliases for tensors of PACK_BELOW elements or more): a backward through a graph saved
+    before the step raises torch's in-place error, as after torch's foreach AdamW, whatever
+    the tensor's size. Every state tensor written by the step counts too."""
+    assert (math.prod(shape) < PACK_BELOW) == (shape == (8, 8))
+    torch.manual_seed(0)
+    reference = nn.Parameter(torch.randn(shape))
+    assert _step_then_backward(torch.optim.AdamW([reference], foreach=True), reference) == []
+    param = nn.Parameter(torch.randn(shape))
+    optimizer = build_optimizer(name, [param])
+    assert optimizer.defaults["fused"] is True
+    assert _step_then_backward(optimizer, param) == []
