@@ -1,40 +1,33 @@
 # One command to set up and run the main job, one to set up and run the tests.
 # Both are idempotent: `setup` only reinstalls when pyproject.toml changed.
+# Neither needs root or apt: `make data` and `make browser` add Debian's Fashion-MNIST and
+# Chromium where apt-get runs as root (the tests that need them are skipped without them).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Which torch build: auto (CUDA where nvidia-smi lists a GPU, else CPU), cpu, cuda, or keep.
+TORCH_BUILD ?= auto
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+EXTRAS ?= recipes,plots,sweep,dev
 
-.PHONY: setup run test lint bench data browser clean
+.PHONY: setup run test lint docs bench data browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# The CPU wheel of torch first, so the ranges below keep it (a bare `torch` would pull CUDA).
-	$(PY) -m pip install --quiet "torch==2.13.0" || $(PY) -m pip install --quiet "torch>=2.4,<3"
-	$(PY) -m pip install --quiet -e ".[recipes,dev]"
+	$(PY) tools/install_torch.py --build $(TORCH_BUILD) --version $(TORCH_VERSION) --cpu-index $(TORCH_CPU_INDEX)
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@$(PY) -c "import torch; print('installed: torch', torch.__version__, '(CUDA', (torch.version.cuda or 'none') + ')')"
 	touch $(STAMP)
 
-setup: $(STAMP) data
-
-# Fashion-MNIST for the vision recipes ships as a Debian package; install it where apt works.
-data:
-	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
-		|| echo "note: could not install dataset-fashion-mnist; vision recipes need --data.root"; \
-	fi
-
-# Debian's Chromium for the page tests (tests/recipes/test_pages_in_browser.py), where apt works.
-browser:
-	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
-		|| echo "note: could not install chromium; the browser tests will be skipped"; \
-	fi
+setup: $(STAMP)
 
 run: setup
 	$(PY) -m recipes.bert_finetune --optimizer adamw
 
-test: setup browser
+test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
@@ -42,8 +35,34 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# The documentation site (mkdocs.yml, docs/) into site/; --strict fails on any warning
+# (a broken link, a missing reference).
+docs: setup
+	$(PY) -m mkdocs build --strict --site-dir site
+
 bench: setup
 	$(PY) bench/optimizer_step.py
 
+# Fashion-MNIST for the vision recipes and their tests ships as a Debian package: installed here
+# where apt-get runs as root; elsewhere the line below says how to get it.
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+		|| echo "note: could not install dataset-fashion-mnist; the vision recipes need --data.root"; \
+	else \
+		echo "note: Fashion-MNIST: sudo apt-get install dataset-fashion-mnist, or pass a folder with its four idx files as --data.root"; \
+	fi
+
+# Debian's Chromium for the page tests (tests/recipes/browser.py), where apt-get runs as root.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+		|| echo "note: could not install chromium; the browser tests will be skipped"; \
+	else \
+		echo "note: the browser tests need Chromium: sudo apt-get install chromium"; \
+	fi
+
 clean:
-	rm -rf $(VENV) wandb lightning_logs .pytest_cache .ruff_cache
+	rm -rf $(VENV) site wandb lightning_logs .pytest_cache .ruff_cache
