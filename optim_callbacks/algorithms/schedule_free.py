@@ -112,21 +112,33 @@ class _ScheduleFree(ElementwiseOptimizer):
             group["train_mode"] = to_train
 
     def step(self, closure: Any = None) -> float | None:  # type: ignore[override]
-        """Perform one optimization step (train mode only)."""
+        """Perform one optimization step (train mode only).
+
+        The closure runs first: Lightning's precision plugins call ``step(closure=...)`` with
+        forward and backward inside it, so which groups hold gradients is known only after it.
+        A group steps (``k``, ``lr_max``, ``weight_sum`` and ``c`` advance, then every
+        parameter with a gradient) when one of its parameters has a gradient; a group without
+        any (every gradient dropped, as ``GradientClipping`` does for a non-finite step) is left
+        exactly as it was, as if the batch had never been seen. (``schedulefree`` advances
+        every group at every step; the two agree whenever each group has a gradient.)
+        """
         if not self.param_groups[0]["train_mode"]:
             raise RuntimeError(
                 f"{type(self).__name__}.step: the optimizer is in eval mode; call "
                 "optimizer.train() before training steps and optimizer.eval() before evaluating "
                 "or saving (in Lightning, the ScheduleFreeModes callback does both)"
             )
-        for group in self.param_groups:
-            if any(p.grad is not None for p in group["params"]):
-                self._advance_weights(group)
-        result = super().step(closure)
-        for group in self.param_groups:
-            if any(p.grad is not None for p in group["params"]):
-                group["k"] += 1
-        return result
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        stepping = [g for g in self.param_groups if any(p.grad is not None for p in g["params"])]
+        for group in stepping:
+            self._advance_weights(group)
+        super().step()
+        for group in stepping:
+            group["k"] += 1
+        return loss
 
     def _advance_weights(self, group: dict[str, Any]) -> None:
         """The group's ``lr_t``, ``lr_max``, averaging weight and ``c`` for its step ``k``."""
