@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -67,7 +68,13 @@ from optim_callbacks.validation import (
     check_positive,
 )
 
-__all__ = ["GradientClipping", "percentile"]
+__all__ = [
+    "GradientClipping",
+    "drop_gradients",
+    "percentile",
+    "pre_clip_norm",
+    "stop_with_checkpoint",
+]
 
 MODES = ("norm", "value", "agc", "auto")
 
@@ -91,6 +98,67 @@ def percentile(values: Sequence[float], q: float) -> float:
     low = math.floor(rank)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+# This step's pre-clip global norm per optimizer: (trainer id, global step, norm type, norm).
+_STEP_NORMS: weakref.WeakKeyDictionary[Optimizer, tuple[int, int, float, torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def pre_clip_norm(
+    trainer: pl.Trainer, optimizer: Optimizer, grads: Sequence[torch.Tensor], norm_type: float
+) -> torch.Tensor:
+    """This step's global ``norm_type``-norm of ``grads`` (a float32 device scalar, equal on
+    every rank), computed once per optimizer step and shared by the callbacks that read it
+    (``GradientClipping``, ``SpikeSkip``): whichever asks first computes it from the gradients
+    as they are then, before any of them clipped or dropped them; the others get the same
+    tensor, in any callback order. Call after :func:`~optim_callbacks.callbacks._amp.
+    unscale_gradients`."""
+    key = (id(trainer), trainer.global_step, norm_type)
+    cached = _STEP_NORMS.get(optimizer)
+    if cached is not None and cached[:3] == key:
+        return cached[3]
+    norm = global_norm(grads, norm_type)
+    _STEP_NORMS[optimizer] = (*key, norm)
+    return norm
+
+
+def drop_gradients(params: Sequence[torch.Tensor]) -> None:
+    """Skip this step's update of ``params``: their gradients become ``None``, so torch
+    optimizers (and every registry entry) leave those parameters and all of their state
+    untouched, step counts included. Zero gradients would not do: momentum, weight decay and
+    Adam's bias-correction count would still move. Under a ``GradScaler`` the scaler still
+    steps (it saw the gradients when it unscaled them) and updates its scale."""
+    for p in params:
+        p.grad = None
+
+
+def stop_with_checkpoint(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, filename: str, save: bool
+) -> tuple[str | None, str]:
+    """Stop training at the end of this batch, first saving a checkpoint ``filename`` in the
+    ``ModelCheckpoint`` directory (else ``<default_root_dir>/checkpoints``) when ``save``.
+    Returns the checkpoint's path (``None`` without one) and a sentence naming it (saying so
+    when its weights are already non-finite). Every rank calls it (saving is a collective)."""
+    path, where = None, ""
+    if save:
+        checkpoint_callback = trainer.checkpoint_callback
+        directory = getattr(checkpoint_callback, "dirpath", None) or os.path.join(
+            trainer.default_root_dir, "checkpoints"
+        )
+        path = os.path.join(directory, filename)
+        trainer.save_checkpoint(path)
+        finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
+        if trainer.strategy.reduce_boolean_decision(finite, all=True):
+            where = f" Checkpoint of the last finite state: {path}."
+        else:  # e.g. lr=inf: finite gradients, then a step that made the weights inf/NaN
+            where = (
+                f" Checkpoint saved ({path}), but its weights are already non-finite (a step "
+                "with finite gradients made them so): resume from an earlier checkpoint instead."
+            )
+    trainer.should_stop = True
+    return path, where
 
 
 def _check_norm_type(value: Any) -> float:
@@ -302,7 +370,7 @@ class GradientClipping(Callback):
         if self._check_sharding:
             check_data_parallel(grads)
             self._check_sharding = False
-        norm = float(global_norm(grads, self.norm_type))
+        norm = float(pre_clip_norm(trainer, optimizer, grads, self.norm_type))
         self.last_pre_clip_norm = norm  # read by MomentStatistics (no second computation)
         if not math.isfinite(norm):
             self._skip_nonfinite(trainer, params, norm, scaler is not None)
@@ -439,33 +507,18 @@ class GradientClipping(Callback):
         if not self._stop_requested:
             return
         self._stop_requested = False
-        where = ""
-        if self.save_checkpoint_on_stop:
-            self.stop_checkpoint_path = self._stop_checkpoint_path(trainer)
-            trainer.save_checkpoint(self.stop_checkpoint_path)
-            finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
-            if trainer.strategy.reduce_boolean_decision(finite, all=True):
-                where = f" Checkpoint of the last finite state: {self.stop_checkpoint_path}."
-            else:  # e.g. lr=inf: finite gradients, then a step that made the weights inf/NaN
-                where = (
-                    f" Checkpoint saved ({self.stop_checkpoint_path}), but its weights are "
-                    "already non-finite (a step with finite gradients made them so): resume "
-                    "from an earlier checkpoint instead."
-                )
-        trainer.should_stop = True
+        filename = f"nonfinite-stop-step={trainer.global_step}.ckpt"
+        path, where = stop_with_checkpoint(
+            trainer, pl_module, filename, self.save_checkpoint_on_stop
+        )
+        if path is not None:
+            self.stop_checkpoint_path = path
         rank_zero_warn(
             f"GradientClipping: {self.consecutive_nonfinite} steps in a row had non-finite "
             f"gradients (last at global step {trainer.global_step}); stopping training.{where} "
             "Lower the learning rate, check the data and the loss for inf/NaN, or raise "
             "max_consecutive_nonfinite, then resume with Trainer.fit(..., ckpt_path=...)."
         )
-
-    def _stop_checkpoint_path(self, trainer: pl.Trainer) -> str:
-        checkpoint_callback = trainer.checkpoint_callback
-        directory = getattr(checkpoint_callback, "dirpath", None) or os.path.join(
-            trainer.default_root_dir, "checkpoints"
-        )
-        return os.path.join(directory, f"nonfinite-stop-step={trainer.global_step}.ckpt")
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
