@@ -8,11 +8,14 @@ one line instead::
     --clipping.max_norm: got -1.0; allowed: a finite number > 0
     --lr: expected one value (a negative number is written --lr=-1e-4)
     unrecognized arguments: --optimiser adamw (closest: --optimizer)
+    --adam_to_sgd.to: unknown option of AdamToSGD; allowed: at_step, ..., min_steps; closest: --adam_to_sgd.nesterov
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import inspect
 import re
 from collections.abc import Iterable
 
@@ -25,6 +28,10 @@ _SUBTYPES = re.compile(r"Subtypes: \[(.*)\]$", re.MULTILINE)
 # The callbacks' and registry's own messages: "max_norm: got -1.0; allowed: a number > 0".
 _OWN_REASON = re.compile(r"^\s*-?\s*(\w+): got (.+?); allowed: (.+)$", re.MULTILINE)
 _CLASS = re.compile(r"<class '([\w.]+)'>")
+# A nested flag of a class-typed option that the class does not take (--adam_to_sgd.to).
+_NOT_ACCEPTED = re.compile(
+    r"Problem with given class_path '([\w.]+)':\s*Option '([^']+)' is not accepted"
+)
 _TYPE_WORDS = {
     "float": "a number",
     "int": "an integer",
@@ -72,6 +79,29 @@ def _closest_flag(message: str, flags: Iterable[str]) -> str:
     return message
 
 
+def _init_options(class_path: str) -> list[str]:
+    """The keyword arguments ``class_path``'s ``__init__`` takes (none if it does not import)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        parameters = inspect.signature(cls.__init__).parameters.values()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in kinds and p.name != "self"]
+
+
+def _unknown_nested_option(key: str, class_path: str, option: str) -> str:
+    options = _init_options(class_path)
+    line = f"--{key}.{option}: unknown option of {class_path.rsplit('.', 1)[-1]}"
+    if options:
+        line += f"; allowed: {', '.join(options)}"
+        match = difflib.get_close_matches(option, options, n=1, cutoff=0.4)
+        if match:
+            line += f"; closest: --{key}.{match[0]}"
+    return line
+
+
 def one_line_parse_error(message: str, flags: Iterable[str] = ()) -> str:
     """One line for a jsonargparse/argparse error ``message``; ``flags`` are the parser's
     option strings, for the closest name to an unrecognized one."""
@@ -86,6 +116,9 @@ def one_line_parse_error(message: str, flags: Iterable[str] = ()) -> str:
     if not match:
         return message.splitlines()[0] if message else "invalid arguments"
     key, detail = match.group(1), match.group(2)
+    not_accepted = _NOT_ACCEPTED.search(detail)
+    if not_accepted:  # before the callback's reasons: jsonargparse tried no value yet
+        return _unknown_nested_option(key, not_accepted.group(1), not_accepted.group(2))
     own = _OWN_REASON.search(detail)
     if own:  # a callback's or the registry's own check said why
         return f"--{key}.{own.group(1)}: got {own.group(2)}; allowed: {own.group(3)}"

@@ -41,6 +41,8 @@ def _one_line(capsys, args: list[str]) -> str:
         (["--trainer.precision", "17"], "--trainer.precision: got 17; allowed: 64, 32, 16, .*'bf16-mixed'.*, or null"),
         (["--data.batch_size", "x"], "--data.batch_size: got x; allowed: an integer"),
         (["--optimiser", "adamw"], "unrecognized arguments: --optimiser adamw (closest: --optimizer)"),
+        (["--adam_to_sgd.to", "nesterov"], "--adam_to_sgd.to: unknown option of AdamToSGD; allowed: at_step, at_epoch, at_fraction, lr, nesterov, momentum, weight_decay, momentum_init, epsilon, min_steps; closest: --adam_to_sgd.nesterov"),
+        (["--clipping.max_nrom", "1"], "--clipping.max_nrom: unknown option of GradientClipping; allowed: mode, max_norm, .*; closest: --clipping.max_norm"),
         (["--model.optimization.layer_decay", "2"], "--model.optimization.layer_decay: got 2.0; allowed: a number in (0.0, 1.0]"),
         (["--clipping.max_norm", "-1"], "--clipping.max_norm: got -1.0; allowed: a finite number > 0"),
         (["--adam_to_sgd.at_fraction", "2"], "--adam_to_sgd.at_fraction: got 2.0; allowed: a number in (0.0, 1.0)"),
