@@ -45,6 +45,10 @@ statistics) is checkpointed. Lightning restores callbacks, then calls
 callback rebuilds SGD in ``on_fit_start`` (as ``BaseFinetuning`` does) so the checkpointed
 momentum buffers and scheduler land in the right structure.
 
+From a schedule-free optimizer (``schedule_free_adamw``, ``schedule_free_sgd``), SGD starts from
+the average ``x`` the schedule-free run evaluates, not from its training point ``y``: the switch
+puts the source in eval mode first.
+
 DDP: the SWATS dot products are all-reduced (mean) before the decision, so every rank switches
 at the same step with the same learning rates.
 """
@@ -81,6 +85,7 @@ from optim_callbacks.callbacks.switch_target import (
     switch_units,
 )
 from optim_callbacks.optimizers import OptimizerSpec, spec_for
+from optim_callbacks.schedules import is_schedule_free
 
 __all__ = ["AdamToSGD", "OptimizerSwitch"]
 
@@ -134,12 +139,26 @@ class OptimizerSwitch(Callback):
         beta2: float | None = None,
         estimated_lr_scale: float = 1.0,
     ) -> None:
+        self.momentum = check_switch_arguments(  # momentum None: to's default
+            to=to,
+            at_step=at_step,
+            at_epoch=at_epoch,
+            at_fraction=at_fraction,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            momentum_init=momentum_init,
+            granularity=granularity,
+            epsilon=epsilon,
+            min_steps=min_steps,
+            beta2=beta2,
+            estimated_lr_scale=estimated_lr_scale,
+        )
         self.to = to
         self.at_step = at_step
         self.at_epoch = at_epoch
         self.at_fraction = at_fraction
         self.lr = lr
-        self.momentum = momentum  # None: to's default, resolved by the check below
         self.weight_decay = weight_decay
         self.momentum_init = momentum_init
         self.granularity = granularity
@@ -147,7 +166,6 @@ class OptimizerSwitch(Callback):
         self.min_steps = min_steps
         self.beta2 = beta2
         self.estimated_lr_scale = estimated_lr_scale
-        self.momentum = check_switch_arguments(self)
         self.nesterov = to == "nesterov"
 
         # checkpointed state
@@ -354,6 +372,12 @@ class OptimizerSwitch(Callback):
         *,
         carry_momentum: bool,
     ) -> Optimizer:
+        if is_schedule_free(source):
+            # The parameters hold x, the schedule-free average (the result a schedule-free run
+            # evaluates and saves), before SGD takes them over: continue from x, not from the
+            # training point y. Once SGD is the trainer's optimizer, ScheduleFreeModes (which
+            # switches the trainer's optimizers only) leaves the parameters alone.
+            source.eval()
         layout = self._sgd_layout(source)
         sgd = build_sgd(
             source,

@@ -9,7 +9,7 @@ raises one ``ValueError`` that names the parameter, what it got and what is allo
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
 from torch.optim import Optimizer
@@ -23,9 +23,6 @@ from optim_callbacks.validation import (
     check_non_negative,
     check_positive,
 )
-
-if TYPE_CHECKING:
-    from optim_callbacks.callbacks.optimizer_switch import OptimizerSwitch
 
 __all__ = [
     "GRANULARITIES",
@@ -45,11 +42,24 @@ GRANULARITIES = ("group", "layer")
 MOMENTUM_INITS = ("zero", "adam")
 
 
-def check_switch_arguments(switch: OptimizerSwitch) -> float:
-    """Check the arguments an ``OptimizerSwitch`` was built with (its attributes of the same
-    names); return the momentum (``to``'s default when it is ``None``)."""
-    to, momentum, momentum_init = switch.to, switch.momentum, switch.momentum_init
-    at_step, at_epoch, at_fraction = switch.at_step, switch.at_epoch, switch.at_fraction
+def check_switch_arguments(
+    *,
+    to: str,
+    at_step: int | None,
+    at_epoch: int | None,
+    at_fraction: float | None,
+    lr: float | None,
+    momentum: float | None,
+    weight_decay: float | None,
+    momentum_init: str,
+    granularity: str,
+    epsilon: float,
+    min_steps: int,
+    beta2: float | None,
+    estimated_lr_scale: float,
+) -> float:
+    """Check the arguments of ``OptimizerSwitch(...)`` (the same names); return the momentum
+    (``to``'s default when it is ``None``)."""
     check_choice("to", to, TARGET_MOMENTUM)
     given = {
         k: v
@@ -68,27 +78,27 @@ def check_switch_arguments(switch: OptimizerSwitch) -> float:
         check_at_least("at_epoch", at_epoch, 1)
     if at_fraction is not None:
         check_in_range("at_fraction", at_fraction, 0.0, 1.0, low_inclusive=False)
-    if switch.lr is not None:
-        check_positive("lr", switch.lr)
+    if lr is not None:
+        check_positive("lr", lr)
     momentum = TARGET_MOMENTUM[to] if momentum is None else momentum
     check_in_range("momentum", momentum, 0.0, 1.0)
     if to == "nesterov" and momentum == 0:
         raise ValueError(
             "momentum: got 0 with to='nesterov'; allowed: a number in (0, 1) for Nesterov momentum"
         )
-    if switch.weight_decay is not None:
-        check_non_negative("weight_decay", switch.weight_decay)
+    if weight_decay is not None:
+        check_non_negative("weight_decay", weight_decay)
     check_choice("momentum_init", momentum_init, MOMENTUM_INITS)
     if momentum_init == "adam" and momentum == 0:
         raise ValueError(
             "momentum_init: got 'adam' with momentum=0; allowed: 'zero' (plain SGD keeps no buffer)"
         )
-    check_choice("granularity", switch.granularity, GRANULARITIES)
-    check_positive("epsilon", switch.epsilon)
-    check_at_least("min_steps", switch.min_steps, 1)
-    if switch.beta2 is not None:
-        check_in_range("beta2", switch.beta2, 0.0, 1.0)
-    check_positive("estimated_lr_scale", switch.estimated_lr_scale)
+    check_choice("granularity", granularity, GRANULARITIES)
+    check_positive("epsilon", epsilon)
+    check_at_least("min_steps", min_steps, 1)
+    if beta2 is not None:
+        check_in_range("beta2", beta2, 0.0, 1.0)
+    check_positive("estimated_lr_scale", estimated_lr_scale)
     return float(momentum)
 
 

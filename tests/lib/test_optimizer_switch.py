@@ -706,3 +706,75 @@ def test_a_scheduled_switch_works_from_any_entry(tmp_path, name):
     assert switch.switched and switch.switch_step == 3 and trainer.global_step == 6
     assert isinstance(trainer.optimizers[0], torch.optim.SGD)
     assert all(math.isfinite(loss) for loss in module.losses)
+
+
+class ScheduleFreeAtSwitch(Callback):
+    """Listed before the OptimizerSwitch: at the end of step ``at`` (before the switch) the
+    schedule-free optimizer's ``y`` (the parameters, train mode), ``z`` and beta, in float64;
+    at every step the optimizer class, the parameters and the gradients it steps with, and the
+    parameters after it."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.y: list[torch.Tensor] = []
+        self.z: list[torch.Tensor] = []
+        self.beta = math.nan
+        self.before: list[tuple[str, list[torch.Tensor], list[torch.Tensor]]] = []
+        self.after: list[list[torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        params = list(pl_module.parameters())
+        self.before.append(
+            (
+                type(optimizer).__name__,
+                [p.detach().clone() for p in params],
+                [p.grad.detach().clone() for p in params],
+            )
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        params = list(pl_module.parameters())
+        self.after.append([p.detach().clone() for p in params])
+        if trainer.global_step != self.at:
+            return
+        optimizer = trainer.optimizers[0]
+        assert optimizer.training  # the parameters hold y
+        self.y = [p.detach().double() for p in params]
+        self.z = [optimizer.state[p]["z"].double() for p in params]
+        group = optimizer.param_groups[0]
+        self.beta = float(group["betas"][0] if "betas" in group else group["momentum"])
+
+
+@pytest.mark.parametrize(
+    ("name", "lr"), [("schedule_free_adamw", 1e-2), ("schedule_free_sgd", 0.1)]
+)
+def test_a_switch_from_schedule_free_continues_from_the_average_x(tmp_path, name, lr):
+    """SGD takes over the schedule-free average x = y + (1 - 1/beta)(z - y), computed here from
+    the optimizer's y and z, not the training point y; its first step is x - lr * g with g taken
+    at x, and after the switch nothing toggles the parameters any more (the end of fit leaves
+    them where SGD's last step put them)."""
+    from optim_callbacks import ScheduleFreeModes
+
+    at = 3
+    watch = ScheduleFreeAtSwitch(at)
+    switch = OptimizerSwitch(at_step=at, lr=0.05, momentum=0.9)
+    trainer = tiny_trainer(tmp_path, max_steps=6, callbacks=[watch, switch, ScheduleFreeModes()])
+    module = TinyRegressor(optimizer=name, lr=lr, scheduler="constant", samples=96)
+    trainer.fit(module)
+    assert switch.switch_step == at and trainer.global_step == 6
+    source_class = type(build_optimizer(name, nn.Linear(1, 1))).__name__
+    assert [c for c, _, _ in watch.before] == [source_class] * at + ["SGD"] * 3
+    x = [y + (1.0 - 1.0 / watch.beta) * (z - y) for y, z in zip(watch.y, watch.z, strict=True)]
+    assert max((a - b).abs().max().item() for a, b in zip(x, watch.y, strict=True)) > 1e-4
+    _, at_switch, grads = watch.before[at]
+    for param, expected in zip(at_switch, x, strict=True):
+        torch.testing.assert_close(param.double(), expected, rtol=1e-6, atol=1e-7)
+    sgd = trainer.optimizers[0]
+    assert isinstance(sgd, torch.optim.SGD) and not hasattr(sgd, "eval")
+    sgd_lr = sgd.param_groups[0]["lr"]
+    assert sgd_lr == pytest.approx(0.05)
+    for before, grad, after in zip(at_switch, grads, watch.after[at], strict=True):
+        # SGD's first heavy-ball step (buffer = g; no weight decay: the source had none)
+        torch.testing.assert_close(after, before - sgd_lr * grad, rtol=1e-6, atol=1e-7)
+    for final, last in zip(module.parameters(), watch.after[-1], strict=True):
+        assert torch.equal(final, last)
