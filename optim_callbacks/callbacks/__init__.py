@@ -6,6 +6,7 @@ from optim_callbacks.callbacks.fit_state import FitStateCallback
 from optim_callbacks.callbacks.moment_stats import MomentStatistics
 from optim_callbacks.callbacks.optimizer_switch import AdamToSGD, OptimizerSwitch
 from optim_callbacks.callbacks.schedule_free import ScheduleFreeModes
+from optim_callbacks.callbacks.spike_skip import SpikeSkip
 
 __all__: list[str] = [
     "AdamToSGD",
@@ -15,4 +16,5 @@ __all__: list[str] = [
     "MomentStatistics",
     "OptimizerSwitch",
     "ScheduleFreeModes",
+    "SpikeSkip",
 ]
