@@ -376,3 +376,7 @@ def test_ddp_ranks_compute_the_same_norm_and_take_the_same_decisions(tmp_path, t
     assert sum(observed["clipped"]) >= 2
     assert all(math.isfinite(n) for n in observed["norms"])
     assert observed["eps"] == [1e-4, 1e-4]
+    # SpikeSkip in the same job: rank 0's loss spike at step 5 is skipped on both ranks (the
+    # non-finite step 2 is left to GradientClipping, neither judged nor kept).
+    assert observed["spike_events"] == [[5, 0, ["loss", "grad_norm"]]]
+    assert observed["spike_judged"] == 5

@@ -2,7 +2,8 @@
 
 Run as ``python tests/scripts/ddp_clipping.py OUT_DIR``. Precision ``16-true`` with AdamW on the
 foreach path (float16 state, so AmpEpsilon acts); rank 0's loss is NaN at global step 2, which the
-gradient all-reduce hands to both ranks. Each rank writes what it observed to
+gradient all-reduce hands to both ranks. SpikeSkip (placed last, so the observer still sees the
+step) must skip global step 5, where only rank 0's loss is scaled x100. Each rank writes what it observed to
 ``OUT_DIR/rank<r>.json``; the test compares the two files.
 """
 
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch
 from lightning.pytorch import Callback
 
-from optim_callbacks import AmpEpsilon, GradientClipping
+from optim_callbacks import AmpEpsilon, GradientClipping, SpikeSkip
 from tests.lib.tiny import TinyRegressor, tiny_trainer
 
 
@@ -26,6 +27,8 @@ class RankZeroNaN(TinyRegressor):
         loss = super().training_step(batch, batch_idx)
         if self.global_rank == 0 and self.trainer.global_step == 2:
             loss = loss * float("nan")
+        if self.global_rank == 0 and self.trainer.global_step == 5:
+            loss = loss * 100  # a spike on one rank only
         return loss
 
 
@@ -48,6 +51,7 @@ def main(out_dir: str) -> None:
     torch.manual_seed(0)
     clipping = GradientClipping(mode="auto", percentile=50)
     observer = Observer()
+    spike_skip = SpikeSkip(window=8, warmup=4, max_skip_fraction=0.5)
     module = RankZeroNaN(
         optimizer="adamw",
         lr=1e-2,
@@ -60,7 +64,7 @@ def main(out_dir: str) -> None:
         devices=2,
         strategy="ddp",
         precision="16-true",
-        callbacks=[AmpEpsilon(), clipping, observer],
+        callbacks=[AmpEpsilon(), clipping, observer, spike_skip],
     )
     trainer.fit(module)
     observed = {
@@ -73,6 +77,8 @@ def main(out_dir: str) -> None:
         "nonfinite_steps": clipping.nonfinite_steps,
         "eps": [group["eps"] for group in trainer.optimizers[0].param_groups],
         "parameters": [p.float().sum().item() for p in module.parameters()],
+        "spike_events": [[e["step"], e["rank"], e["spiked"]] for e in spike_skip.events],
+        "spike_judged": spike_skip.judged_steps,
     }
     Path(out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(observed))
 
