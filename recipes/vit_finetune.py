@@ -2,7 +2,7 @@
 
     python -m recipes.vit_finetune --optimizer adamw
     python -m recipes.vit_finetune --config configs/vit_finetune.yaml
-    python -m recipes.vit_finetune --model.checkpoint google/vit-base-patch16-224 --model.layer_decay 0.75
+    python -m recipes.vit_finetune --model.checkpoint google/vit-base-patch16-224 --model.optimization.layer_decay 0.75
     python -m recipes.vit_finetune --help
 
 No Python package ships pretrained ViT weights, so the default run trains a small ViT from
@@ -14,7 +14,7 @@ at 1.0, horizontal flips, logged to W&B (offline without credentials).
 
 With ``--model.checkpoint`` (a hub id, or a folder written by ``save_pretrained``) the recipe
 fine-tunes that model instead: a new head for the data's classes, images resized and
-channel-matched to what the checkpoint expects, its normalization; ``--model.layer_decay``
+channel-matched to what the checkpoint expects, its normalization; ``--model.optimization.layer_decay``
 gives encoder layer ``i`` of ``L`` the learning rate ``lr * layer_decay ** (L + 1 - i)``. The
 story, top to bottom:
 
