@@ -18,11 +18,13 @@ Norms of a layer (or of all parameters) are ``sqrt(sum of squared tensor norms)`
 cosines are taken between those sums.
 
 How it stays cheap: tensor norms come from one ``torch._foreach_norm`` call and are summed per
-layer by one matrix product with a 0/1 membership matrix. Percentiles come from one
-``torch.nanquantile`` pass over a NaN-padded ``[layers, samples]`` matrix, gathered with one
-index from the concatenated second moments: a layer of at most ``max_samples`` elements is used
-whole (exact percentiles), a larger one is sampled uniformly, with replacement, ``max_samples``
-times. Every result leaves the device in one transfer.
+layer by one matrix product with a 0/1 membership matrix. Percentiles count every element of
+every layer and of the model, with no sampling: one pass over the second moments bins
+``log10(sqrt(v_hat))`` and ``log10(step size)`` into fixed log-spaced bins (200 per decade,
+``torch.histc``), and the percentiles are read from the counts on the device, each within one
+bin (1.16%) of the exact order statistic; the model's counts are the sum of the layers'. Every
+result leaves the device in one transfer; under FSDP2 the ranks first sum their counts and norms
+in one ``all_reduce``, so a sharded run logs what an unsharded one does.
 """
 
 from __future__ import annotations
@@ -253,246 +255,162 @@ def _bias_corrections(
     return 1 - beta1**steps, 1 - beta2**steps
 
 
-@dataclass
-class _SecondMoments:
-    """The second moments of all adaptive parameters, concatenated group by group, so each
-    layer is a contiguous range of positions; position ``total`` stands for "no element".
-
-    Element-wise second moments are stored in ``flat`` (NaN at its end); factored ones
-    (:attr:`ParamMoments.factors`) occupy positions but no storage: :meth:`gather` computes
-    their elements from the factors.
-    """
-
-    flat: Tensor
-    order: list[int]  # indices into ``moments``, in concatenation order
-    sizes: list[int]
-    starts: list[int]  # per group: first position
-    counts: list[int]  # per group: number of elements
-    stored: Tensor  # per order entry: its start in ``flat``, or -1 when factored
-    factored: _Factors | None = None
-
-    @property
-    def total(self) -> int:
-        return sum(self.sizes)
-
-    def gather(self, index: Tensor) -> Tensor:
-        """The second-moment values at positions ``index`` (NaN at position ``total``)."""
-        device = index.device
-        sizes = torch.tensor(self.sizes, device=device)
-        ends = sizes.cumsum(0)
-        owner = torch.searchsorted(ends, index, right=True).clamp_max(len(self.sizes) - 1)
-        local = index - (ends[owner] - sizes[owner])
-        start = self.stored.to(device)[owner]
-        values = self.flat[(start + local).clamp(0, self.flat.numel() - 1)]
-        if self.factored is not None:
-            values = torch.where(start < 0, self.factored.values(owner, local), values)
-        return torch.where(index >= self.total, math.nan, values)
+# Percentiles: log10 of sqrt(v_hat) and of the step size, every element counted in fixed bins of
+# 1/LOG_BINS decade from 1e{LOG_LOW} to 1e{LOG_HIGH}, plus one bin below (zeros included) and
+# one above. A bin is 10^(1/200) - 1 = 1.16% wide: an order statistic read from the counts
+# (interpolated within its bin) is within 1.16% of the exact one.
+LOG_LOW, LOG_HIGH, LOG_BINS = -24.0, 12.0, 200
+LOG_COLUMNS = int((LOG_HIGH - LOG_LOW) * LOG_BINS) + 2
+# Elements binned per call: bounds the temporary buffers (16 MB each) and keeps every float32
+# count of one call exact (below 2^24).
+CHUNK = 1 << 22
 
 
-@dataclass
-class _Factors:
-    """The factored second moments' normalized rows and columns, concatenated, with where each
-    parameter's start and its ``R`` and ``C`` (per order entry; zeros for stored ones)."""
-
-    rows: Tensor  # row / mean(row) per leading index, flattened
-    cols: Tensor
-    row_start: Tensor
-    col_start: Tensor
-    n_rows: Tensor
-    n_cols: Tensor
-
-    def values(self, owner: Tensor, local: Tensor) -> Tensor:
-        """``v`` at element ``local`` (row-major in ``(..., R, C)``) of parameter ``owner``."""
-        n_rows = self.n_rows[owner].clamp_min(1)
-        n_cols = self.n_cols[owner].clamp_min(1)
-        batch, rest = local // (n_rows * n_cols), local % (n_rows * n_cols)
-        row = (self.row_start[owner] + batch * n_rows + rest // n_cols).clamp(
-            0, self.rows.numel() - 1
-        )
-        col = (self.col_start[owner] + batch * n_cols + rest % n_cols).clamp(
-            0, self.cols.numel() - 1
-        )
-        return self.rows[row] * self.cols[col]
+def _counts_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _factors(
-    moments: Sequence[ParamMoments], order: list[int], device: torch.device
-) -> _Factors | None:
-    factored = [k for k, i in enumerate(order) if moments[i].factors is not None]
-    if not factored:
-        return None
-    zeros = [0] * len(order)
-    row_start, col_start, n_rows, n_cols = list(zeros), list(zeros), list(zeros), list(zeros)
-    rows, cols, r_pos, c_pos = [], [], 0, 0
-    for k in factored:
-        row, col = moments[order[k]].factors
-        row32 = row.detach().to(torch.float32)
-        rows.append((row32 / row32.mean(dim=-2, keepdim=True)).reshape(-1))
-        cols.append(_fp32(col))
-        row_start[k], col_start[k] = r_pos, c_pos
-        n_rows[k], n_cols[k] = row.shape[-2], col.shape[-1]
-        r_pos += row.numel()
-        c_pos += col.numel()
+def _second_moment(m: ParamMoments) -> Tensor:
+    """The parameter's second moment as a flat tensor; a factored one (Adafactor) materialized:
+    ``v[..., i, j] = row[..., i] * col[..., j] / mean(row[..., :])``."""
+    if m.factors is None:
+        return m.second_moment.detach().reshape(-1)
+    row, col = (f.detach().to(torch.float32) for f in m.factors)
+    return (row / row.mean(dim=-2, keepdim=True) * col).reshape(-1)
 
-    def as_tensor(values: list[int]) -> Tensor:
-        return torch.tensor(values, device=device)
 
-    return _Factors(
-        torch.cat(rows),
-        torch.cat(cols),
-        as_tensor(row_start),
-        as_tensor(col_start),
-        as_tensor(n_rows),
-        as_tensor(n_cols),
+def _bin(values: Tensor) -> Tensor:
+    """Counts of ``values`` (log10, float32) in the :data:`LOG_COLUMNS` bins; NaN is dropped,
+    -inf (a zero) lands in the bin below, +inf in the bin above."""
+    half = 0.5 / LOG_BINS
+    values.clamp_(LOG_LOW - half, LOG_HIGH + half)
+    return torch.histc(
+        values, LOG_COLUMNS, min=LOG_LOW - 1.0 / LOG_BINS, max=LOG_HIGH + 1.0 / LOG_BINS
     )
 
 
-def _size(m: ParamMoments) -> int:
+def _log_counts(
+    moments: Sequence[ParamMoments],
+    groups: Sequence[Sequence[int]],
+    weights: Sequence[float],
+    wanted: set[str],
+    counting: bool,
+    sums: _Sums,
+    device: torch.device,
+) -> Tensor | None:
+    """One pass over every second-moment element: ``[2, groups, LOG_COLUMNS]`` counts of
+    ``log10(sqrt(v_hat))`` (``[0]``) and ``log10(lr / (sqrt(v_hat) + eps))`` (``[1]``,
+    Adam-like parameters only), or ``None`` without ``counting``; also adds the underflow
+    counts (``v < eps^2``, in fp32) to ``sums``. Parameters of weight 0 (replicated ones on a
+    rank other than zero) are left to rank zero. The last group (all parameters) is the sum of
+    the layers' rows and of the parameters in no layer."""
+    # Decided alike on every rank (each issues the same collective with the same columns).
+    adaptive = [
+        i for i, m in enumerate(moments) if m.second_moment is not None or m.factors is not None
+    ]
+    underflow = "second_moment_underflow" in wanted
+    if not adaptive or not (counting or underflow):
+        return None
+    rest = len(groups) - 1
+    row_of = {i: g for g, members in enumerate(groups[:-1]) for i in members}
+    dtype = _counts_dtype(device)
+    counts = torch.zeros(2, len(groups), LOG_COLUMNS, dtype=dtype, device=device)
+    adam = [i for i in adaptive if moments[i].adam_like and weights[i] > 0]
+    corrections = {}
+    if adam:
+        _, bias2 = _bias_corrections([moments[i] for i in adam], device)
+        corrections = dict(zip(adam, bias2.to(torch.float32).unbind(), strict=True))
+    below: list[Tensor] = []
+    counted: list[int] = []
+    for i in adaptive:
+        m = moments[i]
+        row = row_of.get(i, rest)
+        eps2 = m.eps**2 if underflow and m.eps is not None and m.factors is None else None
+        below_here = torch.zeros((), dtype=torch.int64, device=device)
+        if weights[i] == 0:  # rank zero counts this replicated parameter
+            if eps2 is not None:
+                below.append(below_here)
+                counted.append(i)
+            continue
+        log_lr = torch.tensor(
+            math.log10(m.lr) if m.adam_like and m.lr > 0 else -math.inf, device=device
+        )
+        for chunk in _second_moment(m).split(CHUNK):
+            x = chunk if chunk.dtype == torch.float32 else chunk.to(torch.float32)
+            if eps2 is not None:
+                below_here += torch.count_nonzero(x < eps2)
+            if not counting:
+                continue
+            x = x / corrections[i] if i in corrections else x.clone()
+            x.sqrt_()  # sqrt(v_hat)
+            logs = torch.log10(x)
+            counts[0, row] += _bin(logs)
+            if i in corrections:
+                torch.log10(x.add_(m.eps), out=logs)
+                counts[1, row] += _bin(torch.sub(log_lr, logs, out=logs))
+        if eps2 is not None:
+            below.append(below_here)
+            counted.append(i)
+    if counted:
+        sums.add("underflow", counted, torch.stack(below))
+        sizes = [float(_second_moment_size(moments[i])) for i in counted]
+        sums.add("numel", counted, torch.tensor(sizes, device=device))
+    if not counting:
+        return None
+    counts[:, -1] += counts[:, :-1].sum(dim=1)  # all parameters: every layer and the rest
+    return counts
+
+
+def _second_moment_size(m: ParamMoments) -> int:
     if m.second_moment is not None:
         return m.second_moment.numel()
     row, col = m.factors
     return row.numel() * col.shape[-1]  # (..., R, 1) x (..., 1, C) elements
 
 
-def _concatenate(
-    moments: Sequence[ParamMoments], groups: Sequence[Sequence[int]], device: torch.device
-) -> _SecondMoments | None:
-    layer_of = {i: g for g, members in enumerate(groups[:-1]) for i in members}
-    adaptive = [
-        i for i, m in enumerate(moments) if m.second_moment is not None or m.factors is not None
-    ]
-    if not adaptive:
-        return None
-    order = sorted(adaptive, key=lambda i: layer_of.get(i, len(groups)))
-    sizes = [_size(moments[i]) for i in order]
-    nan = torch.full((1,), math.nan, device=device)
-    stored_parts = [_fp32(moments[i].second_moment) for i in order if moments[i].factors is None]
-    flat = torch.cat([*(p.flatten() for p in stored_parts), nan])
-    stored, position = [], 0
-    for i in order:
-        if moments[i].factors is None:
-            stored.append(position)
-            position += moments[i].second_moment.numel()
-        else:
-            stored.append(-1)
-    starts, counts, position = [], [], 0
-    sizes_by_group = [0] * len(groups)
-    for i, size in zip(order, sizes, strict=True):
-        if i in layer_of:
-            sizes_by_group[layer_of[i]] += size
-    for g in range(len(groups) - 1):
-        starts.append(position)
-        counts.append(sizes_by_group[g])
-        position += sizes_by_group[g]
-    starts.append(0)  # all parameters
-    counts.append(sum(sizes))
-    return _SecondMoments(
-        flat,
-        order,
-        sizes,
-        starts,
-        counts,
-        torch.tensor(stored, device=device),
-        _factors(moments, order, device),
-    )
+def _order_statistics(counts: Tensor, cumulative: Tensor, ranks: Tensor) -> Tensor:
+    """The values at 0-based ``ranks [..., K]`` of the elements counted in ``counts [..., C]``
+    (``cumulative`` its cumsum): within its bin, the ``j``-th of ``n`` elements is read at
+    ``(j + 0.5) / n`` of the bin's width in log10; the bin below is 0, the bin above its edge."""
+    index = torch.searchsorted(cumulative, ranks, right=True).clamp_max(LOG_COLUMNS - 1)
+    in_bin = counts.gather(-1, index)
+    before = cumulative.gather(-1, index) - in_bin
+    share = ((ranks - before + 0.5) / in_bin.clamp_min(1)).clamp(0, 1)
+    values = 10.0 ** (LOG_LOW + (index - 1 + share) / LOG_BINS)
+    values = torch.where(index == 0, 0.0, values)
+    return torch.where(index == LOG_COLUMNS - 1, 10.0**LOG_HIGH, values)
 
 
-def _underflow_sums(moments: Sequence[ParamMoments], second: _SecondMoments, sums: _Sums) -> None:
-    """Count ``v < eps^2`` per parameter with a stored second moment and an eps, in fp32 (in
-    fp16, eps^2 itself would round to 0)."""
-    stored = [k for k, i in enumerate(second.order) if moments[i].factors is None]
-    with_eps = [k for k in stored if moments[second.order[k]].eps is not None]
-    if not with_eps:
-        return
-    values = second.flat[:-1]
-    stored_sizes = [second.sizes[k] for k in stored]
-    eps = {moments[second.order[k]].eps for k in stored}
-    if len(eps) == 1:
-        below = values < (next(iter(eps)) or 0.0) ** 2
-    else:
-        eps2 = torch.tensor(
-            [(moments[second.order[k]].eps or 0.0) ** 2 for k in stored], device=values.device
-        )
-        below = values < eps2.repeat_interleave(torch.tensor(stored_sizes, device=values.device))
-    counts = torch.stack([torch.count_nonzero(part) for part in below.split(stored_sizes)])
-    picked = torch.tensor([stored.index(k) for k in with_eps], device=values.device)
-    sums.add("underflow", [second.order[k] for k in with_eps], counts[picked])
-    sizes = torch.tensor([float(second.sizes[k]) for k in with_eps], device=values.device)
-    sums.add("numel", [second.order[k] for k in with_eps], sizes)
+def _percentiles(counts: Tensor, percentiles: Sequence[float]) -> Tensor:
+    """``numpy.percentile``'s linear interpolation of every row of ``counts [..., C]``: between
+    the order statistics at ranks ``floor(r)`` and ``floor(r) + 1``, ``r = q / 100 (n - 1)``.
+    Returns ``[..., len(percentiles)]`` (NaN-free garbage where a row is empty)."""
+    cumulative = counts.cumsum(-1)
+    total = cumulative[..., -1:]
+    q = torch.tensor([p / 100 for p in percentiles], dtype=counts.dtype, device=counts.device)
+    rank = q * (total - 1).clamp_min(0)
+    low = rank.floor()
+    high = torch.minimum(low + 1, (total - 1).clamp_min(0))
+    both = _order_statistics(counts, cumulative, torch.cat([low, high], dim=-1))
+    below, above = both.split(len(percentiles), dim=-1)
+    return below + (above - below) * (rank - low)
 
 
-def _sampled_rows(
-    moments: Sequence[ParamMoments],
-    second: _SecondMoments,
-    max_samples: int,
-    generator: torch.Generator,
-) -> tuple[Tensor, Tensor]:
-    """``sqrt(v_hat)`` and step size of up to ``max_samples`` elements per group, NaN-padded:
-    two ``[groups, width]`` matrices (step size NaN where the optimizer is not Adam-like)."""
-    device = second.flat.device
-    total = second.total
-    starts = torch.tensor(second.starts, device=device)
-    counts = torch.tensor(second.counts, device=device)
-    width = max(1, min(max_samples, max(second.counts)))
-    column = torch.arange(width, device=device)[None, :]
-    exact = (counts <= max_samples)[:, None]
-    uniform = torch.rand(
-        len(second.counts), width, generator=generator, device=generator.device
-    ).to(device)
-    offset = torch.where(
-        exact, column, (uniform * counts[:, None]).long().clamp_max(counts[:, None] - 1)
-    )
-    valid = torch.where(exact, column < counts[:, None], counts[:, None] > 0)
-    index = torch.where(valid, starts[:, None] + offset, total)
-    values = second.gather(index)
-
-    # Which parameter each sampled element belongs to, for its bias correction, lr and eps.
-    ends = torch.tensor(second.sizes, device=device).cumsum(0)
-    owner = torch.searchsorted(ends, index, right=True).clamp_max(len(second.order) - 1)
-    return _roots_and_steps([moments[i] for i in second.order], values, owner)
-
-
-def _roots_and_steps(
-    params: Sequence[ParamMoments], values: Tensor, owner: Tensor
-) -> tuple[Tensor, Tensor]:
-    """``sqrt(v_hat)`` and the step size ``lr / (sqrt(v_hat) + eps)`` of second-moment
-    ``values``, element ``k`` belonging to ``params[owner[k]]`` (step size NaN where that
-    parameter is not Adam-like; ``v_hat = v`` without bias correction)."""
-    device = values.device
-    adam = [m.adam_like for m in params]
-    bias2 = torch.ones(
-        len(params), dtype=torch.float64 if device.type != "mps" else torch.float32, device=device
-    )
-    if any(adam):
-        picked = torch.tensor([k for k, a in enumerate(adam) if a], device=device)
-        _, corrections = _bias_corrections(
-            [m for m, a in zip(params, adam, strict=True) if a], device
-        )
-        bias2 = bias2.index_copy(0, picked, corrections.to(bias2.dtype))
-    roots = (values / bias2.to(torch.float32)[owner]).sqrt()
-    lr = torch.tensor(
-        [m.lr if a else math.nan for m, a in zip(params, adam, strict=True)], device=device
-    )
-    eps = torch.tensor(
-        [m.eps if a else math.nan for m, a in zip(params, adam, strict=True)], device=device
-    )
-    steps = lr[owner] / (roots + eps[owner])
-    return roots, steps
-
-
-def _row_histograms(rows: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row histograms of a NaN-padded matrix without a host sync: ``counts [R, bins]``,
-    ``low [R]``, ``high [R]`` (each row binned between its own min and max)."""
-    valid = ~torch.isnan(rows)
-    low = torch.where(valid, rows, math.inf).amin(dim=1)
-    high = torch.where(valid, rows, -math.inf).amax(dim=1)
-    width = (high - low).clamp_min(1e-12)
-    position = ((rows - low[:, None]) / width[:, None] * bins).floor().clamp(0, bins - 1)
-    position = torch.where(valid, position, 0).to(torch.long)
-    counts = torch.zeros(rows.shape[0], bins, device=rows.device).scatter_add_(
-        1, position, valid.float()
-    )
-    return counts, low, high
+def _coarse_histograms(counts: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row's occupied fine bins (from its first to its last non-empty one) merged into
+    ``bins`` equal bins: ``counts [R, bins]``, ``low [R]``, ``high [R]`` (log10 edges)."""
+    occupied = counts > 0
+    index = torch.arange(LOG_COLUMNS, device=counts.device)
+    first = torch.where(occupied, index, LOG_COLUMNS).amin(dim=-1).clamp_max(LOG_COLUMNS - 1)
+    last = torch.where(occupied, index, -1).amax(dim=-1).clamp_min(first)
+    share = (index - first[:, None]) / (last - first + 1)[:, None]
+    coarse = (share * bins).floor().clamp(0, bins - 1).long()
+    inside = (index >= first[:, None]) & (index <= last[:, None])
+    merged = torch.zeros(counts.shape[0], bins, dtype=counts.dtype, device=counts.device)
+    merged.scatter_add_(1, coarse, torch.where(inside, counts, 0))
+    low = LOG_LOW + (first - 1) / LOG_BINS
+    high = LOG_LOW + last / LOG_BINS
+    return merged, low.to(counts.dtype), high.to(counts.dtype)
 
 
 @torch.no_grad()
@@ -502,9 +420,7 @@ def moment_statistics(
     *,
     statistics: Sequence[str] = STATISTICS,
     percentiles: Sequence[float] = (5.0, 50.0, 95.0),
-    max_samples: int = 1024,
     histogram_bins: int = 0,
-    generator: torch.Generator | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> tuple[list[dict[str, float]], list[GroupHistogram | None]]:
     """Statistics of each layer and of all parameters.
@@ -515,19 +431,19 @@ def moment_statistics(
     ``sqrt_second_moment_<pXX>``, ``step_size_<pXX>``, ``update_to_weight``,
     ``second_moment_underflow``, ``grad_cosine`` (formulas in the module docstring). With
     ``histogram_bins > 0``, also a histogram of ``log10(step_size)`` per group (``None`` where
-    no member is Adam-like). Sampling uses ``generator`` (default: a fresh one seeded with 0, so
-    the global random state that training relies on is never consumed).
+    no member is Adam-like).
+
+    Percentiles count every element: ``log10`` of each one's ``sqrt(v_hat)`` and step size
+    lands in a fixed bin of :data:`LOG_BINS` per decade (:func:`_log_counts`, one pass over the
+    second moments, a few elementwise kernels and one ``histc`` per :data:`CHUNK`), and each
+    percentile is read from the counts on the device, as ``numpy.percentile`` interpolates
+    between order statistics, each within 1.16% (a bin) of the exact one.
 
     Sharded state (FSDP2): ``moments`` hold this rank's shards (``ParamMoments.sharded``) and
-    ``group`` is the process group they are split over. Every rank then contributes its
-    partial sums and counts in fixed log-spaced bins (:data:`LOG_BINS` per decade from
-    1e:data:`LOG_LOW` to 1e:data:`LOG_HIGH`) of every element of a layer of at most
-    ``max_samples`` elements, or of its shard's share of ``max_samples`` uniform draws; the ranks
-    exchange all of it as one packed buffer, one ``all_reduce`` (SUM). Percentiles are read from
-    the summed counts, linearly interpolated as ``numpy.percentile`` does: for whole layers each
-    order statistic is within half a bin (1.2% relative) of the exact one; sampled layers add
-    the sampling error the unsharded path has too. Replicated parameters count once (rank
-    zero's). Every rank gets the same results.
+    ``group`` is the process group they are split over. Every rank counts its shards (a
+    replicated parameter counts once, on rank zero) and contributes its partial sums; the ranks
+    exchange all of it as one packed buffer, one ``all_reduce`` (SUM), so every rank gets the
+    same results, and the same as one process holding the whole tensors.
     """
     seen: set[int] = set()
     for j, members in enumerate(layers):
@@ -539,211 +455,72 @@ def moment_statistics(
         return [{} for _ in groups], [None for _ in groups]
     wanted = set(statistics)
     device = moments[0].param.device
-    if generator is None:
-        generator = torch.Generator(device=device).manual_seed(0)
-
-    sums = _norm_sums(moments, wanted, device)
-    second = _concatenate(moments, groups, device)
-    if second is not None and "second_moment_underflow" in wanted:
-        _underflow_sums(moments, second, sums)
     rank = dist.get_rank(group) if group is not None else 0
     weights = [1.0 if m.sharded or rank == 0 else 0.0 for m in moments]
+    has_adam = [any(moments[i].adam_like for i in members) for members in groups]
+    want_percentiles = bool(percentiles) and bool({"sqrt_second_moment", "step_size"} & wanted)
+    histogram_bins = histogram_bins if any(has_adam) else 0
+
+    sums = _norm_sums(moments, wanted, device)
+    counts = _log_counts(
+        moments,
+        groups,
+        weights,
+        wanted,
+        want_percentiles or histogram_bins > 0,
+        sums,
+        device,
+    )
     reduced, contributors = sums.reduce(groups, len(moments), device, weights)
-    width = len(groups)
     buffer = _HostBuffer()
     buffer.pack("sums", reduced)  # [columns, groups]
-
-    want_percentiles = bool(percentiles) and bool({"sqrt_second_moment", "step_size"} & wanted)
-    has_adam = [any(moments[i].adam_like for i in members) for members in groups]
-    if group is not None:
-        if second is not None and (want_percentiles or histogram_bins > 0):
-            log_counts = _log_histograms(moments, second, groups, weights, max_samples, generator)
-            buffer.pack("log_counts", log_counts)
-        buffer.transfer(group)  # the one collective, and the one device-to-host copy
-        return _sharded_results(
-            buffer, sums, contributors, wanted, percentiles, histogram_bins, has_adam, second
-        )
-    if second is not None and (want_percentiles or histogram_bins > 0):
-        roots, steps = _sampled_rows(moments, second, max_samples, generator)
+    if counts is not None:
+        if group is not None:  # the one collective: sums and counts in one buffer
+            shared = torch.cat([reduced.reshape(-1).to(counts.dtype), counts.reshape(-1)])
+            dist.all_reduce(shared, op=dist.ReduceOp.SUM, group=group)
+            buffer = _HostBuffer()
+            buffer.pack("sums", shared[: reduced.numel()].reshape(reduced.shape))
+            counts = shared[reduced.numel() :].reshape(counts.shape)
+            group = None
+        buffer.pack("totals", counts.sum(dim=-1))  # [2, groups]
         if want_percentiles:
-            q = torch.tensor([p / 100 for p in percentiles], dtype=roots.dtype, device=device)
-            quantiles = torch.nanquantile(torch.cat([roots, steps]), q, dim=1)  # [Q, 2 * groups]
-            buffer.pack("sqrt_second_moment_quantiles", quantiles[:, :width])  # [Q, groups]
-            buffer.pack("step_size_quantiles", quantiles[:, width:])
-        if histogram_bins > 0 and any(has_adam):
-            counts, low, high = _row_histograms(steps.log10(), histogram_bins)
-            buffer.pack("histogram_counts", counts)  # [groups, bins]
+            buffer.pack(
+                "quantiles", _percentiles(counts, percentiles).reshape(-1, len(percentiles))
+            )
+        if histogram_bins > 0:
+            coarse, low, high = _coarse_histograms(counts[1], histogram_bins)
+            buffer.pack("histogram_counts", coarse)  # [groups, bins]
             buffer.pack("histogram_low", low)  # [groups]
             buffer.pack("histogram_high", high)
-    buffer.transfer()  # the one device-to-host copy
+    buffer.transfer(group)  # (with a group: the one collective) and the one device-to-host copy
 
     # --- decode on the host ---------------------------------------------------------------
+    width = len(groups)
     sums_host = buffer["sums"]
     table = {name: (sums_host[c], contributors[c]) for c, name in enumerate(sums.columns)}
     results: list[dict[str, float]] = []
     for g in range(width):
         values = {name: column[g] for name, (column, present) in table.items() if present[g] > 0}
         results.append(_scalars(values, wanted))
-    if "sqrt_second_moment_quantiles" in buffer:
-        roots_q = buffer["sqrt_second_moment_quantiles"]
-        steps_q = buffer["step_size_quantiles"]
+    histograms: list[GroupHistogram | None] = [None] * width
+    if "totals" not in buffer:
+        return results, histograms
+    roots_total, steps_total = buffer["totals"]
+    if "quantiles" in buffer:
+        quantiles = buffer["quantiles"]  # rows: roots of each group, then steps of each group
         for g in range(width):
             for k, p in enumerate(percentiles):
                 label = percentile_label(p)
-                if "sqrt_second_moment" in wanted and second.counts[g] > 0:
-                    results[g][f"sqrt_second_moment_{label}"] = roots_q[k][g]
-                if "step_size" in wanted and has_adam[g]:
-                    results[g][f"step_size_{label}"] = steps_q[k][g]
-    histograms: list[GroupHistogram | None] = [None] * width
+                if "sqrt_second_moment" in wanted and roots_total[g] > 0:
+                    results[g][f"sqrt_second_moment_{label}"] = quantiles[g][k]
+                if "step_size" in wanted and has_adam[g] and steps_total[g] > 0:
+                    results[g][f"step_size_{label}"] = quantiles[width + g][k]
     if "histogram_counts" in buffer:
-        counts_host, lows, highs = (
-            buffer["histogram_counts"],
-            buffer["histogram_low"],
-            buffer["histogram_high"],
-        )
+        counts_host = buffer["histogram_counts"]
+        lows, highs = buffer["histogram_low"], buffer["histogram_high"]
         for g in range(width):
-            if has_adam[g]:
+            if has_adam[g] and steps_total[g] > 0:
                 histograms[g] = GroupHistogram(counts_host[g], lows[g], highs[g])
-    return results, histograms
-
-
-# Sharded percentiles: log10 of sqrt(v_hat) and of the step size binned in fixed bins, plus one
-# bin below (zeros included) and one above.
-LOG_LOW, LOG_HIGH, LOG_BINS = -16.0, 6.0, 100  # bins per decade: 2.3% wide
-
-
-def _log_histograms(
-    moments: Sequence[ParamMoments],
-    second: _SecondMoments,
-    groups: Sequence[Sequence[int]],
-    weights: Sequence[float],
-    max_samples: int,
-    generator: torch.Generator,
-) -> Tensor:
-    """``[2 * groups, bins + 2]`` weighted counts: rows ``g`` sqrt(v_hat), rows ``groups + g``
-    the step size (Adam-like parameters only). A layer of at most ``max_samples`` elements (in
-    all shards) counts every element, as the unsharded path does; a larger one is sampled:
-    each rank draws, with replacement, its shard's share of ``max_samples`` from each of its
-    parameters, each draw weighted by the elements it stands for. The last row of each half
-    (all parameters) is the sum of the layers' rows and of the parameters in no layer."""
-    device = second.flat.device
-    params = [moments[i] for i in second.order]
-    layer_of = {i: g for g, members in enumerate(groups[:-1]) for i in members}
-    rest = len(groups) - 1  # the row of parameters in no layer, summed into "all" below
-    row_of = [layer_of.get(i, rest) for i in second.order]
-    whole = [m.global_numel if m.global_numel is not None else m.param.numel() for m in params]
-    in_group = [0] * len(groups)
-    for row, size in zip(row_of, whole, strict=True):
-        in_group[row] += size
-    picks, owners, draw_weights = [], [], []
-    start = 0
-    for k, size in enumerate(second.sizes):
-        if size:
-            if in_group[row_of[k]] <= max_samples:
-                index = torch.arange(start, start + size, device=device)
-                weight = 1.0
-            else:
-                draws = max(1, math.ceil(max_samples * size / in_group[row_of[k]]))
-                uniform = torch.rand(draws, generator=generator, device=generator.device)
-                index = start + (uniform.to(device) * size).long().clamp_max(size - 1)
-                weight = size / draws
-            picks.append(index)
-            owners.append(torch.full_like(index, k))
-            draw_weights.append(torch.full((index.numel(),), weight * weights[second.order[k]]))
-        start += size
-    columns = int((LOG_HIGH - LOG_LOW) * LOG_BINS) + 2
-    counts = torch.zeros(2 * len(groups) * columns, device=device)
-    if not picks:
-        return counts.reshape(2 * len(groups), columns)
-    index, owner = torch.cat(picks), torch.cat(owners)
-    weight = torch.cat(draw_weights).to(device)
-    roots, steps = _roots_and_steps(params, second.gather(index), owner)
-    rows = torch.tensor(row_of, device=device)[owner]
-    for offset, series in ((0, roots), (len(groups), steps)):
-        valid = ~torch.isnan(series)
-        position = ((series.log10() - LOG_LOW) * LOG_BINS).floor() + 1
-        position = position.nan_to_num(0.0, posinf=columns - 1, neginf=0.0)
-        position = position.clamp(0, columns - 1).long()
-        flat = (offset + rows) * columns + position
-        counts.index_add_(0, flat[valid], weight[valid])
-    counts = counts.reshape(2, len(groups), columns)
-    counts[:, -1] += counts[:, :-1].sum(dim=1)  # all parameters: every layer and the rest
-    return counts.reshape(2 * len(groups), columns)
-
-
-def _bin_value(index: int) -> float:
-    """The value a log bin stands for: its geometric center (0 below, the top edge above)."""
-    bins = int((LOG_HIGH - LOG_LOW) * LOG_BINS)
-    if index == 0:
-        return 0.0
-    if index > bins:
-        return 10.0**LOG_HIGH
-    return 10.0 ** (LOG_LOW + (index - 0.5) / LOG_BINS)
-
-
-def _histogram_percentile(counts: Sequence[float], q: float) -> float:
-    """``numpy.percentile``'s linear interpolation between the order statistics at ranks
-    ``floor(r)`` and ``floor(r) + 1``, ``r = q / 100 * (n - 1)``, each read as its bin's value."""
-    total = round(sum(counts))
-    rank = q / 100.0 * (total - 1)
-    low = math.floor(rank)
-    wanted = (low, min(low + 1, total - 1))
-    found: list[float] = []
-    cumulative = 0.0
-    for index, count in enumerate(counts):
-        cumulative += count
-        while len(found) < 2 and cumulative > wanted[len(found)]:
-            found.append(_bin_value(index))
-        if len(found) == 2:
-            break
-    return found[0] + (found[1] - found[0]) * (rank - low)
-
-
-def _coarse_histogram(counts: Sequence[float], bins: int) -> GroupHistogram:
-    """The fine log bins that hold elements, merged into ``bins`` equal bins (for W&B)."""
-    nonzero = [i for i, c in enumerate(counts) if c > 0]
-    first, last = nonzero[0], nonzero[-1]
-    low = LOG_LOW + (first - 1) / LOG_BINS
-    high = LOG_LOW + last / LOG_BINS
-    coarse = [0.0] * bins
-    for index in nonzero:
-        share = (index - first) / max(1, last - first + 1)
-        coarse[min(bins - 1, int(share * bins))] += counts[index]
-    return GroupHistogram(coarse, low, high)
-
-
-def _sharded_results(
-    buffer: _HostBuffer,
-    sums: _Sums,
-    contributors: list[list[int]],
-    wanted: set[str],
-    percentiles: Sequence[float],
-    histogram_bins: int,
-    has_adam: list[bool],
-    second: _SecondMoments | None,
-) -> tuple[list[dict[str, float]], list[GroupHistogram | None]]:
-    """Decode the summed buffer of the sharded path (see :func:`moment_statistics`)."""
-    sums_host = buffer["sums"]
-    width = len(has_adam)
-    table = {name: (sums_host[c], contributors[c]) for c, name in enumerate(sums.columns)}
-    results: list[dict[str, float]] = []
-    for g in range(width):
-        values = {name: column[g] for name, (column, present) in table.items() if present[g] > 0}
-        results.append(_scalars(values, wanted))
-    histograms: list[GroupHistogram | None] = [None] * width
-    if "log_counts" not in buffer:
-        return results, histograms
-    rows = buffer["log_counts"]
-    for g in range(width):
-        roots, steps = rows[g], rows[width + g]
-        for p in percentiles:
-            label = percentile_label(p)
-            if "sqrt_second_moment" in wanted and sum(roots) > 0:
-                results[g][f"sqrt_second_moment_{label}"] = _histogram_percentile(roots, p)
-            if "step_size" in wanted and has_adam[g] and sum(steps) > 0:
-                results[g][f"step_size_{label}"] = _histogram_percentile(steps, p)
-        if histogram_bins > 0 and has_adam[g] and sum(steps) > 0:
-            histograms[g] = _coarse_histogram(steps, histogram_bins)
     return results, histograms
 
 

@@ -140,6 +140,12 @@ class _ScheduleFree(ElementwiseOptimizer):
             group["k"] += 1
         return loss
 
+    def applied_lr(self, group: dict[str, Any]) -> float:
+        """The learning rate the group's last step applied, ``lr_t = lr * min(1, k /
+        warmup_steps)`` after its ``k``-th step (``MomentStatistics`` reads its step sizes
+        ``lr_t / (sqrt(v_hat) + eps)`` with it; ``0.0`` before the first step)."""
+        return float(group["scheduled_lr"])
+
     def _advance_weights(self, group: dict[str, Any]) -> None:
         """The group's ``lr_t``, ``lr_max``, averaging weight and ``c`` for its step ``k``."""
         k = group["k"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,8 @@ class _Snapshot:
     optimizer: Optimizer
     params: list[Tensor]
     before: list[Tensor] | None
-    hyperparameters: list[dict[str, Any]]  # per parameter: lr, eps, betas, amsgrad of its group
+    # per parameter: lr, eps, betas, amsgrad of its group, and the group
+    hyperparameters: list[dict[str, Any]]
     step: int  # the step Lightning's loggers get for this batch
 
 
@@ -101,14 +103,18 @@ class MomentStatistics(FitStateCallback):
             layer. The global statistics always cover every parameter.
         max_layers: log at most this many layers (the first ones in module order);
             ``None`` for all.
-        percentiles: percentiles (0-100) of ``sqrt(v_hat)`` and of the step size.
-        max_samples: percentiles of a layer larger than this are computed on a uniform sample of
-            this many elements (smaller layers are exact).
+        percentiles: percentiles (0-100) of ``sqrt(v_hat)`` and of the step size, over every
+            element of the layer (of the model for the global ones), each within 1.16% of the
+            exact order statistic (read from log-spaced bins, 200 per decade; see
+            :mod:`optim_callbacks.moment_math`), under every strategy.
+        max_samples: no effect (percentiles count every element since 0.2, none are sampled);
+            accepted so that configurations that set it still load. A value other than the
+            default warns.
         histograms: with a ``WandbLogger``, also log histograms of ``log10(step size)``
             (per layer too when ``per_layer_scalars``).
         histogram_bins: bins per histogram.
         prefix: first component of every key.
-        seed: seeds the sampling (the step is added, so a resumed run samples identically).
+        seed: no effect (nothing is sampled any more), accepted like ``max_samples``.
         per_layer_scalars: log each layer's statistics as scalars. ``False`` keeps a big
             model's dashboard to the global statistics; the heatmaps still show every layer.
         heatmaps: keep the per-layer values and draw layers x steps heatmaps (needs
@@ -167,12 +173,19 @@ class MomentStatistics(FitStateCallback):
             for i, p in enumerate(percentiles)
         )
         self.max_samples = check_at_least("max_samples", max_samples, 2)
+        self.seed = check_at_least("seed", seed, 0)
+        if max_samples != 1024 or seed != 0:
+            warnings.warn(
+                f"MomentStatistics: max_samples={max_samples}, seed={seed} have no effect: "
+                "percentiles count every element (nothing is sampled); drop both options",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         self.histograms = bool(histograms)
         self.histogram_bins = check_at_least("histogram_bins", histogram_bins, 1)
         if not isinstance(prefix, str) or not prefix or "/" in prefix:
             raise ValueError(f"prefix: got {prefix!r}; allowed: a non-empty string without '/'")
         self.prefix = prefix
-        self.seed = check_at_least("seed", seed, 0)
         self.per_layer_scalars = bool(per_layer_scalars)
         self.heatmaps = bool(heatmaps)
         self.heatmap_every_n_steps = (
@@ -257,6 +270,7 @@ class MomentStatistics(FitStateCallback):
         params, hyperparameters = [], []
         for group in optimizer.param_groups:
             settings = {
+                "group": group,
                 "lr": _as_float(group.get("lr")),
                 "eps": _as_float(group.get("eps")),
                 "betas": tuple(_as_float(b) for b in group["betas"]) if "betas" in group else None,
@@ -342,11 +356,16 @@ class MomentStatistics(FitStateCallback):
         layer_members: dict[str, list[int]] = {name: [] for name in self._layers}
         for snapshot in snapshots:
             spec = self._spec(snapshot.optimizer)
+            applied_lr = getattr(snapshot.optimizer, "applied_lr", None)
             for k, p in enumerate(snapshot.params):
                 before = snapshot.before[k] if snapshot.before is not None else None
-                read = _read_moments(
-                    snapshot.optimizer, spec, p, before, snapshot.hyperparameters[k]
-                )
+                hyperparameters = snapshot.hyperparameters[k]
+                if applied_lr is not None:  # the optimizer says which LR its step applied
+                    hyperparameters = {
+                        **hyperparameters,
+                        "lr": _as_float(applied_lr(hyperparameters["group"])),
+                    }
+                read = _read_moments(snapshot.optimizer, spec, p, before, hyperparameters)
                 moments.append(_local(read) if self._sharded else read)
                 layer = self._layer_of.get(id(p))
                 if layer in layer_members:
@@ -354,16 +373,12 @@ class MomentStatistics(FitStateCallback):
         names = [name for name, members in layer_members.items() if members]
         layers = [layer_members[name] for name in names]
         names.append(GLOBAL)
-        device = moments[0].param.device if moments else torch.device("cpu")
-        generator = torch.Generator(device=device).manual_seed(self.seed + step)
         results, histograms = moment_statistics(
             moments,
             layers,
             statistics=self.statistics,
             percentiles=self.percentiles,
-            max_samples=self.max_samples,
             histogram_bins=self.histogram_bins if self.histograms else 0,
-            generator=generator,
             group=shard_group(snapshots[0].params) if self._sharded else None,
         )
         return (
