@@ -5,10 +5,12 @@
 The sweep (:mod:`recipes.compare`) starts one of these per optimizer and seed, so every run
 starts from a fresh process: the peak memory is the run's own, a crash ends one run only, and
 DDP (``--trainer.strategy ddp``) can relaunch the command. The recipe's ``run`` function gets the
-options plus the recorder (appended to ``--trainer.callbacks``); when fit and test are done,
+options plus the recorder (appended to ``--trainer.callbacks``), and for an LR-search trial the
+pruning callback (:class:`recipes.sweep.pruning.TrialPruning`, when the sweep set
+``OPTIM_SWEEP_TRIAL_ID``); when fit and test are done,
 global rank zero writes ``RESULT_FILE`` (JSON, written to a temporary name first, so the file
 exists only for a finished run): the recorder's summary, the test metrics, the step count, the
-run's wall time and its process's peak resident memory.
+run's wall time, its process's peak resident memory and the step a pruner stopped it at.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ __all__ = [
 ]
 
 RECORDER_CLASS = "recipes.sweep.recorder.RunRecorder"
+PRUNING_CLASS = "recipes.sweep.pruning.TrialPruning"
+TRIAL_ENV = "OPTIM_SWEEP_TRIAL_ID"  # recipes.sweep.pruning.TRIAL_ENV, without importing optuna
 
 
 def peak_process_memory_bytes() -> int:
@@ -73,9 +77,13 @@ def run_recipe(recipe: str, args: Sequence[str]) -> dict[str, Any]:
 
     started = time.perf_counter()
     module = importlib.import_module(f"recipes.{recipe}")
-    cli = module.run([*args, f"--trainer.callbacks+={RECORDER_CLASS}"])
+    callbacks = [f"--trainer.callbacks+={RECORDER_CLASS}"]
+    if os.environ.get(TRIAL_ENV):
+        callbacks.append(f"--trainer.callbacks+={PRUNING_CLASS}")
+    cli = module.run([*args, *callbacks])
     trainer = cli.trainer
     (recorder,) = [c for c in trainer.callbacks if isinstance(c, RunRecorder)]
+    pruned_at = [c.pruned_at_step for c in trainer.callbacks if type(c).__name__ == "TrialPruning"]
     wandb_dir = None
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
@@ -99,6 +107,7 @@ def run_recipe(recipe: str, args: Sequence[str]) -> dict[str, Any]:
         "wandb_run_dir": wandb_dir,
         "run_folder": str(run_folder(trainer)),
         "machine": machine_description(),
+        "pruned_at_step": pruned_at[0] if pruned_at else None,
         "is_global_zero": trainer.is_global_zero,
     }
 

@@ -1,4 +1,4 @@
-"""The learning rate each optimizer gets in a comparison sweep, and the small LR grid search.
+"""The learning rate each optimizer gets in a comparison sweep, and the LRs its search tries.
 
 A recipe's learning rate is tuned for its own optimizer (the BERT recipe: AdamW at 1e-4), and
 other optimizers need other rates: moving from Adam to SGD with momentum the LR must grow
@@ -9,15 +9,24 @@ has a *scale*, its typical peak LR relative to Adam's on the same task, and its 
     lr(optimizer) = lr(recipe) * scale(optimizer) / scale(recipe's optimizer)
 
 Adadelta has no global LR (its updates are unit-corrected), and optimizers without a scale
-(user-registered ones) keep their registry default. ``--lrs name=value`` overrides a preset;
-``--lr-search`` tries ``preset * factor`` for each factor of the grid and keeps the LR with the
-best final validation accuracy (lower validation loss breaks ties; test metrics are never used
-to choose).
+(user-registered ones) keep their registry default. ``--lrs name=value`` overrides a preset.
+
+The LR search of an optimizer (``--lr-search``, ``--lr-trials K``) tries the preset and ``K - 1``
+learning rates drawn log-uniformly from ``[preset / R, preset * R]`` (``--lr-range R``, default
+10) by Optuna's ``RandomSampler`` seeded with ``--sampler-seed`` and the optimizer's name, so the
+same command gives the same trials whatever else the sweep holds, and ``K + 2`` trials extend
+the ``K`` of an earlier run. With fewer than ten trials Optuna's default TPE sampler would draw
+at random too (its ``n_startup_trials`` is 10), so nothing adaptive is lost; drawing up front
+makes the trials independent of how many workers run them and in which order. ``--lr-grid``
+tries ``preset * factor`` for given factors instead. The LR with the best final validation
+accuracy wins (lower validation loss breaks ties; test metrics are never used to choose).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,13 +34,16 @@ from optim_callbacks import OPTIMIZERS
 from optim_callbacks.validation import check_choice, check_positive
 
 __all__ = [
-    "DEFAULT_LR_GRID",
+    "DEFAULT_LR_RANGE",
+    "DEFAULT_LR_TRIALS",
     "LR_SCALE",
     "LearningRate",
     "choose_lr",
+    "lr_bounds",
     "lr_grid",
     "parse_lr_overrides",
     "preset_lrs",
+    "sampled_lrs",
 ]
 
 # Typical peak LR relative to Adam's on the same task; None: the optimizer's own default LR.
@@ -62,7 +74,8 @@ LR_SCALE: Mapping[str, float | None] = {
     "schedule_free_sgd": None,
 }
 
-DEFAULT_LR_GRID: tuple[float, ...] = (0.3, 1.0, 3.0)
+DEFAULT_LR_TRIALS = 4
+DEFAULT_LR_RANGE = 10.0
 
 
 @dataclass(frozen=True)
@@ -130,9 +143,39 @@ def _round_lr(lr: float) -> float:
     return float(f"{lr:.4g}")
 
 
-def lr_grid(preset: float, factors: Sequence[float] = DEFAULT_LR_GRID) -> list[float]:
+def lr_grid(preset: float, factors: Sequence[float]) -> list[float]:
     """``preset * factor`` for each factor, smallest first, duplicates removed."""
     return sorted({_round_lr(preset * factor) for factor in factors})
+
+
+def sampled_lrs(
+    optimizer: str, preset: float, trials: int, lr_range: float, seed: int
+) -> list[float]:
+    """The preset, then ``trials - 1`` learning rates drawn log-uniformly from
+    ``[preset / lr_range, preset * lr_range]`` by Optuna's ``RandomSampler`` (seeded with
+    ``seed`` and the optimizer's name), rounded to 4 significant digits, in drawing order,
+    duplicates dropped."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.RandomSampler(seed=zlib.crc32(f"{seed}:{optimizer}".encode()))
+    study = optuna.create_study(sampler=sampler)  # in memory: only the sampler's draws
+    space = {"lr": optuna.distributions.FloatDistribution(*lr_bounds(preset, lr_range), log=True)}
+    lrs = [_round_lr(preset)]
+    while len(lrs) < trials:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trial = study.ask(space)
+        study.tell(trial, 0.0)
+        lr = _round_lr(trial.params["lr"])
+        if lr not in lrs:
+            lrs.append(lr)
+    return lrs
+
+
+def lr_bounds(preset: float, lr_range: float) -> tuple[float, float]:
+    """The searched interval ``[preset / lr_range, preset * lr_range]``."""
+    return preset / lr_range, preset * lr_range
 
 
 def choose_lr(candidates: Mapping[float, tuple[float, float]]) -> float | None:

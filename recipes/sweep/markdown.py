@@ -145,46 +145,74 @@ def claims_table(summaries: Sequence[OptimizerSummary], target: float) -> str:
 
 def run_table(runs: Sequence[RunSummary], folder: Path) -> str:
     lines = [
-        "| run | seed | lr | val acc (best) | test acc | steps | fit time | W&B run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | trial | seed | lr | val acc (best) | test acc | steps | fit time | W&B run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         wandb = "—"
         if r.wandb_run_dir:
             path = Path(r.wandb_run_dir)
             wandb = f"`{path.relative_to(folder) if path.is_relative_to(folder) else path.name}`"
+        trial = "—" if r.trial is None else str(r.trial)
+        if r.resumed_from_step is not None:
+            trial += f" (taken over at step {r.resumed_from_step})"
         if r.status != "finished":
             error = r.error.replace("|", "\\|")
-            lines.append(f"| {r.key} | {r.seed} | {r.lr:.3g} | failed: {error} | — | — | — | — |")
+            lines.append(
+                f"| {r.key} | {trial} | {r.seed} | {r.lr:.3g} | failed: {error} | — | — | — | — |"
+            )
             continue
         lines.append(
-            f"| {r.key} | {r.seed} | {r.lr:.3g} | {_number(r.final_val_acc)} ({_number(r.best_val_acc)}) "
+            f"| {r.key} | {trial} | {r.seed} | {r.lr:.3g} | {_number(r.final_val_acc)} ({_number(r.best_val_acc)}) "
             f"| {_number(r.test_acc)} | {r.steps} | {_seconds(r.fit_seconds)} | {wandb} |"
         )
     return "\n".join(lines)
 
 
-def lr_search_table(search: Mapping[str, Any], runs: Mapping[str, RunSummary]) -> str:
+def lr_search_table(
+    search: Mapping[str, Any],
+    runs: Sequence[RunSummary],
+    chosen: Mapping[str, float | None],
+) -> str:
+    """Each optimizer's search: every LR tried, how its run ended, the one chosen; and which
+    optimizers' best LR lies at the edge of what was tried."""
     lines = [
-        "| optimizer | lr | final val acc | final val loss | chosen |",
-        "|---|---|---|---|---|",
+        "| optimizer | lr | final val acc | final val loss | run | chosen |",
+        "|---|---|---|---|---|---|",
     ]
-    notes = []
+    ranges, edges = [], []
     for optimizer, entry in search.items():
-        grid = entry["grid"]
-        for lr, key in zip(grid, entry["runs"], strict=True):
-            run = runs.get(key)
-            acc = _number(run.final_val_acc) if run else "—"
-            loss = _number(run.final_val_loss) if run else "—"
-            chosen = "**yes**" if lr == entry.get("chosen") else ""
-            lines.append(f"| {optimizer} | {lr:.3g} | {acc} | {loss} | {chosen} |")
-        if entry.get("chosen") in (grid[0], grid[-1]) and len(grid) > 1:
-            notes.append(optimizer)
+        members = sorted((r for r in runs if r.optimizer == optimizer), key=lambda r: r.lr)
+        best = chosen.get(optimizer)
+        for run in members:
+            if run.status == "pruned":
+                state = f"pruned at step {run.pruned_at_step}"
+            elif run.status == "failed":
+                state = "failed: " + run.error.replace("|", "\\|")
+            else:
+                state = "finished"
+            mark = "**yes**" if best is not None and run.lr == best else ""
+            lines.append(
+                f"| {optimizer} | {run.lr:.3g} | {_number(run.final_val_acc)} "
+                f"| {_number(run.final_val_loss)} | {state} | {mark} |"
+            )
+        kind = "log-uniform in" if entry["kind"] == "log-uniform" else "a grid over"
+        ranges.append(
+            f"{optimizer}: {len(entry['lrs'])} trials, {kind} [{entry['low']:.3g}, {entry['high']:.3g}]"
+        )
+        tried = [r.lr for r in members]
+        if best is not None and len(tried) > 1 and best in (min(tried), max(tried)):
+            edges.append(optimizer)
     text = "\n".join(lines)
-    if notes:
+    text += (
+        "\n\nSearched: " + "; ".join(ranges) + ". The first seed's runs, chosen by final "
+        "validation accuracy (then validation loss); pruned runs were stopped early by the "
+        "pruner and are never chosen; test metrics are never read to choose."
+    )
+    if edges:
         text += (
-            f"\n\nThe best LR of {', '.join(notes)} is at the edge of the grid: a wider "
-            "`--lr-grid` may find a better one."
+            f"\n\nThe best LR of {', '.join(edges)} is at the edge of what was tried: a wider "
+            "`--lr-range` (or `--lr-grid`) may find a better one."
         )
     return text
 
@@ -193,12 +221,14 @@ def markdown_report(
     sweep: Mapping[str, Any],
     summaries: Sequence[OptimizerSummary],
     runs: Sequence[RunSummary],
-    search_runs: Mapping[str, RunSummary],
+    search_runs: Sequence[RunSummary],
     target: float,
     target_note: str,
     figures: Sequence[str],
     folder: Path,
     machines: Sequence[str] = (),
+    chosen: Mapping[str, float | None] | None = None,
+    storage_line: str = "",
 ) -> str:
     memory_kind = next((r.memory_kind for r in runs if r.memory_kind), "RSS")
     seeds = ", ".join(str(s) for s in sweep["seeds"])
@@ -223,9 +253,16 @@ def markdown_report(
         f"Command: `{sweep['command']}`",
         f"Machine: {'; '.join(machines) or 'unknown'}. W&B group: `{sweep['group']}`.",
     ]
-    parts += [f"![{Path(name).stem}]({name})" for name in figures]
+    if storage_line:
+        parts.append(storage_line)
+    parts += [f"![{Path(name).stem}]({name})" for name in figures if name != "lr_search.png"]
     parts += ["## Claims and this task", claims_table(summaries, target)]
-    if sweep.get("lr_search"):
-        parts += ["## Learning-rate search", lr_search_table(sweep["lr_search"], search_runs)]
+    if sweep.get("search"):
+        parts += [
+            "## Learning-rate search",
+            lr_search_table(sweep["search"], search_runs, chosen or {}),
+        ]
+        if "lr_search.png" in figures:
+            parts.append("![lr_search](lr_search.png)")
     parts += ["## Runs", run_table(runs, folder)]
     return "\n\n".join(parts) + "\n"

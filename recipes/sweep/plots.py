@@ -4,7 +4,9 @@
 - ``runs.png``: training loss and validation accuracy of every run, one line each;
 - ``lr_schedule.png``: the LR each step used;
 - ``moments.png``: global moment statistics logged by ``MomentStatistics`` (update/weight ratio,
-  ``||m_hat||``, 95th percentile of ``sqrt(v_hat)``, cosine between first moment and gradient).
+  ``||m_hat||``, 95th percentile of ``sqrt(v_hat)``, cosine between first moment and gradient);
+- ``lr_search.png``: each optimizer's LR search, final validation accuracy against the LR, pruned
+  runs as crosses (at their last validation), the chosen LR circled.
 
 Several seeds of one optimizer draw their mean, with the band from their minimum to maximum.
 """
@@ -25,6 +27,7 @@ __all__ = [
     "plot_curves",
     "plot_each_run",
     "plot_lr_schedule",
+    "plot_lr_search",
     "plot_moments",
 ]
 
@@ -200,16 +203,75 @@ def plot_moments(
     return drawn_any
 
 
+def plot_lr_search(
+    runs: Sequence[Any],
+    chosen: Mapping[str, float | None],
+    colors: Mapping[str, Any],
+    path: Path,
+) -> bool:
+    """``runs``: the search runs (:class:`~recipes.sweep.summary.RunSummary`); ``False`` (no
+    file) when none has a validation accuracy."""
+    import math
+
+    figure, (axis,) = _new_figure(1)
+    figure.set_size_inches(6.4, 3.8)
+    drawn = False
+    for name in dict.fromkeys(r.optimizer for r in runs):
+        members = sorted(
+            (r for r in runs if r.optimizer == name and math.isfinite(r.final_val_acc)),
+            key=lambda r: r.lr,
+        )
+        if not members:
+            continue
+        color = colors.get(name, "black")
+        finished = [r for r in members if r.status == "finished"]
+        pruned = [r for r in members if r.status == "pruned"]
+        axis.plot(
+            [r.lr for r in finished],
+            [r.final_val_acc for r in finished],
+            marker="o",
+            color=color,
+            label=name,
+        )
+        if pruned:
+            axis.scatter(
+                [r.lr for r in pruned],
+                [r.final_val_acc for r in pruned],
+                marker="x",
+                s=60,
+                color=color,
+                label=f"{name}, pruned",
+            )
+        best = [r for r in finished if r.lr == chosen.get(name)]
+        if best:
+            axis.scatter(
+                [best[0].lr], [best[0].final_val_acc], s=220, facecolors="none", edgecolors=color
+            )
+        drawn = True
+    if not drawn:
+        return False
+    axis.set_xscale("log")
+    axis.set_title("LR search: final validation accuracy (x: pruned, circle: chosen)")
+    axis.set_xlabel("learning rate")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize="small")
+    figure.savefig(path, dpi=90)
+    return True
+
+
 def draw_figures(
     results_by_optimizer: Mapping[str, list[dict]],
     folder: Path,
     each_run: Mapping[str, tuple[str, dict]] | None = None,
+    search_runs: Sequence[Any] = (),
+    chosen: Mapping[str, float | None] | None = None,
 ) -> list[str]:
     """Draw every plot of the runs (best optimizer first) into ``folder``; the file names.
-    ``each_run`` (run key -> ``(optimizer, result)``) adds ``runs.png``."""
+    ``each_run`` (run key -> ``(optimizer, result)``) adds ``runs.png``, ``search_runs``
+    (with the ``chosen`` LR of each optimizer) ``lr_search.png``."""
     if not results_by_optimizer:
         return []
-    colors = _colors(list(results_by_optimizer))
+    colors = _colors([*results_by_optimizer, *(r.optimizer for r in search_runs)])
     plot_curves(results_by_optimizer, colors, folder / "curves.png")
     figures = ["curves.png"]
     if each_run:
@@ -219,4 +281,6 @@ def draw_figures(
     figures.append("lr_schedule.png")
     if plot_moments(results_by_optimizer, colors, folder / "moments.png"):
         figures.append("moments.png")
+    if search_runs and plot_lr_search(search_runs, chosen or {}, colors, folder / "lr_search.png"):
+        figures.append("lr_search.png")
     return figures

@@ -42,7 +42,7 @@ class RunSummary:
     lr: float
     lr_source: str
     seed: int
-    status: str  # "finished" or "failed"
+    status: str  # "finished", "pruned" or "failed"
     final_val_acc: float = math.nan
     best_val_acc: float = math.nan
     final_val_loss: float = math.nan
@@ -57,6 +57,9 @@ class RunSummary:
     optimizer_state_bytes: float = math.nan
     wandb_run_dir: str | None = None
     error: str = ""
+    pruned_at_step: int | None = None
+    trial: int | None = None  # the Optuna trial's number (its newest attempt)
+    resumed_from_step: int | None = None  # taken over from a dead attempt's last.ckpt
 
 
 def metric_series(result: Mapping[str, Any], key: str) -> list[tuple[int, float]]:
@@ -78,7 +81,10 @@ def summarize_run(
         lr=run["lr"],
         lr_source=run["lr_source"],
         seed=run["seed"],
-        status="finished" if result is not None else "failed",
+        status=run.get("status", "finished") if result is not None else "failed",
+        pruned_at_step=run.get("pruned_at_step"),
+        trial=run.get("trial"),
+        resumed_from_step=run.get("resumed_from_step"),
     )
     if result is None:
         return summary
@@ -183,21 +189,34 @@ def summarize_optimizers(runs: Sequence[RunSummary]) -> list[OptimizerSummary]:
     return sorted(summaries, key=rank)
 
 
-# --- reading a sweep folder ------------------------------------------------------------------------
+# --- reading a sweep ---------------------------------------------------------------------------
 def load_runs(
-    folder: Path, keys: Sequence[str]
+    folder: Path, entries: Sequence[Any], lr_sources: Mapping[str, str] | None = None
 ) -> list[tuple[dict[str, Any], dict | None, dict | None]]:
-    """``(run.json, result.json or None, failure.json or None)`` of each run in ``keys`` that
-    has started."""
+    """``(run, result.json or None, failure or None)`` of each started trial in ``entries``
+    (:class:`recipes.sweep.study.SweepTrial`): ``run`` describes the trial, ``result.json`` is
+    what its run recorded in ``<folder>/runs/<key>/``."""
     loaded = []
-    for key in keys:
-        run_dir = folder / "runs" / key
-        run = read_json(run_dir / "run.json")
-        if run is None:
+    for entry in entries:
+        if entry.status in ("waiting", "running"):
             continue
-        loaded.append(
-            (run, read_json(run_dir / "result.json"), read_json(run_dir / "failure.json"))
-        )
+        attrs = entry.trial.user_attrs
+        run = {
+            "key": entry.key,
+            "optimizer": entry.optimizer,
+            "lr": entry.lr if entry.lr is not None else math.nan,
+            "lr_source": (lr_sources or {}).get(entry.optimizer, ""),
+            "seed": entry.seed,
+            "status": entry.status,
+            "pruned_at_step": attrs.get("pruned_at_step"),
+            "trial": entry.trial.number,
+            "resumed_from_step": attrs.get("resumed_from_step"),
+        }
+        result = None
+        if entry.status in ("finished", "pruned"):
+            result = read_json(folder / "runs" / entry.key / "result.json")
+        failure = {"error": attrs.get("error", "")} if entry.status == "failed" else None
+        loaded.append((run, result, failure))
     return loaded
 
 
