@@ -14,6 +14,7 @@ from optim_callbacks.algorithms import (
 )
 from optim_callbacks.callbacks import *  # noqa: F403
 from optim_callbacks.callbacks import __all__ as _callbacks_all
+from optim_callbacks.health import Finding, TrainingFindings, diagnose
 from optim_callbacks.moment_history import MomentHistory
 from optim_callbacks.optimizers import (
     OPTIMIZERS,
@@ -44,6 +45,7 @@ from optim_callbacks.strategies import FSDP2Strategy
 __version__ = "0.1.0"
 
 __all__ = [
+    "Finding",
     "FSDP2Strategy",
     "MomentHistory",
     "OPTIMIZERS",
@@ -73,5 +75,7 @@ __all__ = [
     "scale_lr",
     "schedule_multiplier",
     "spec_for",
+    "TrainingFindings",
+    "diagnose",
     *_callbacks_all,
 ]
