@@ -100,16 +100,37 @@ class _ScheduleFree(ElementwiseOptimizer):
         self._switch(to_train=True)
 
     def _switch(self, *, to_train: bool) -> None:
+        """Interpolate every parameter toward ``z``; back in train mode, a ``y`` that
+        :meth:`keep_train_point` kept replaces the interpolated one (``x`` and ``y`` are
+        rounded in different places, so ``y -> x -> y`` is not exact in floating point)."""
         for group in self.param_groups:
             if bool(group["train_mode"]) == to_train:
                 continue
             beta = self._beta(group)
             weight = 1.0 - beta if to_train else 1.0 - 1.0 / beta
             for p in group["params"]:
-                z = self.state[p].get("z") if p in self.state else None
+                state = self.state.get(p, {})
+                z = state.get("z")
                 if z is not None:
                     local_part(p).lerp_(local_part(z).to(p.device), weight)
+                kept = state.pop("y", None) if to_train else None
+                if kept is not None:
+                    local_part(p).copy_(local_part(kept))
             group["train_mode"] = to_train
+
+    @torch.no_grad()
+    def keep_train_point(self) -> None:
+        """Keep a copy of ``y`` (state ``"y"``) so the next :meth:`train` restores it exactly.
+
+        A checkpoint written in train mode holds the eval weights ``x`` and, with this, ``y``
+        in the optimizer state: the uninterrupted run and a run resumed from the checkpoint
+        both continue from the same bits of ``y``."""
+        if not self.training:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.state and "z" in self.state[p]:
+                    self.state[p]["y"] = p.detach().clone()
 
     def step(self, closure: Any = None) -> float | None:  # type: ignore[override]
         """Perform one optimization step (train mode only).

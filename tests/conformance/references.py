@@ -77,9 +77,12 @@ def schedule_for(name: str) -> str:
     return "constant" if name in SCHEDULE_FREE else "cosine"
 
 
-def model(name: str = "adam", seed: int = 0, **kwargs: Any) -> TinyRegressor:
-    """The matrix's model training with entry ``name`` (its defaults, :data:`OPTIONS`, and its
-    schedule), with the given initial weights; ``kwargs`` override ``TinyRegressor``'s."""
+def model(
+    name: str = "adam", seed: int = 0, cls: type[TinyRegressor] = TinyRegressor, **kwargs: Any
+) -> TinyRegressor:
+    """The matrix's model (``cls``, a ``TinyRegressor``) training with entry ``name`` (its
+    defaults, :data:`OPTIONS`, and its schedule), with the given initial weights; ``kwargs``
+    override ``TinyRegressor``'s."""
     torch.manual_seed(seed)
     options: dict[str, Any] = dict(
         optimizer=name,
@@ -92,7 +95,7 @@ def model(name: str = "adam", seed: int = 0, **kwargs: Any) -> TinyRegressor:
         optimizer_options=OPTIONS.get(name),
     )
     options.update(kwargs)
-    return TinyRegressor(**options)
+    return cls(**options)
 
 
 def batches(samples: int = SAMPLES, batch: int = BATCH) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -121,35 +124,57 @@ class Together(Optimizer):
     """Several reference optimizers stepped as one (Muon's matrices plus AdamW's rest)."""
 
     def __init__(self, parts: list[Optimizer]) -> None:
+        params = [p for part in parts for g in part.param_groups for p in g["params"]]
+        super().__init__(params, {})
         self.parts = parts
         self.param_groups = [g for part in parts for g in part.param_groups]
-        self.defaults = {}
-        self.state = {}
 
     def step(self, closure=None):  # type: ignore[override]
         for part in self.parts:
             part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none)
+
+
+def reference_group(name: str, group: dict[str, Any]) -> tuple[type[Optimizer], dict[str, Any]]:
+    """The reference class for one of our groups, and that group in the reference's words."""
+    cls = _class_of(name, group)
+    accepted = _accepted(cls)
+    options = {_RENAMES.get(k, k): v for k, v in group.items() if k != "params"}
+    options = {k: v for k, v in options.items() if k in accepted}
+    for flag in ("foreach", "fused"):
+        if flag in accepted:
+            options[flag] = False if flag == "foreach" else None
+    options.update(_FIXED.get(name, {}))
+    return cls, {"params": list(group["params"]), **options}
 
 
 def reference_for(name: str, ours: Optimizer) -> Optimizer:
     """``name``'s reference implementation over the parameters and groups of ``ours``."""
     by_class: dict[type[Optimizer], list[dict[str, Any]]] = {}
     for group in ours.param_groups:
-        cls = _class_of(name, group)
-        accepted = _accepted(cls)
-        options = {_RENAMES.get(k, k): v for k, v in group.items() if k != "params"}
-        options = {k: v for k, v in options.items() if k in accepted}
-        for flag in ("foreach", "fused"):
-            if flag in accepted:
-                options[flag] = False if flag == "foreach" else None
-        options.update(_FIXED.get(name, {}))
-        by_class.setdefault(cls, []).append({"params": list(group["params"]), **options})
+        cls, translated = reference_group(name, group)
+        by_class.setdefault(cls, []).append(translated)
     parts = []
     for cls, groups in by_class.items():
         # options that some references keep per instance, not per group (AdaBelief's flags)
         constructor = {k: v for k, v in groups[0].items() if k not in ("params", "lr")}
         parts.append(cls(groups, **constructor))
     return parts[0] if len(parts) == 1 else Together(parts)
+
+
+def add_groups_like(name: str, reference: Optimizer, groups: list[dict[str, Any]]) -> None:
+    """Add our groups ``groups`` (added to our optimizer later) to ``reference``."""
+    for group in groups:
+        cls, translated = reference_group(name, group)
+        if isinstance(reference, Together):
+            part = next(p for p in reference.parts if type(p) is cls)
+            part.add_param_group(translated)
+            reference.param_groups.append(part.param_groups[-1])
+        else:
+            reference.add_param_group(translated)
 
 
 def loss_of(module: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.fsdp import fully_shard
+from torch.utils.data import DataLoader, DistributedSampler
 
 from optim_callbacks import SCHEDULE_FREE, FSDP2Strategy, ScheduleFreeModes
 from tests.conformance import references as ref
@@ -29,7 +30,16 @@ from tests.lib.tiny import TinyRegressor, tiny_trainer
 
 
 class Sharded(TinyRegressor):
-    """The matrix's model; under FSDP2 each Linear and the root are sharded."""
+    """The matrix's model; under FSDP2 each Linear and the root are sharded. Rank ``r`` reads
+    samples ``r, r + 2, ...`` in order (Lightning's own distributed sampler would shuffle), so
+    step ``t``'s global batch is the matrix's batch ``t``."""
+
+    def train_dataloader(self):
+        data = ref.regression_data(self.hparams.samples, self.hparams.features)
+        order = DistributedSampler(
+            data, num_replicas=self.trainer.world_size, rank=self.global_rank, shuffle=False
+        )
+        return DataLoader(data, batch_size=self.hparams.batch_size, sampler=order)
 
     def configure_model(self) -> None:
         if self.device_mesh is None:
@@ -42,8 +52,7 @@ class Sharded(TinyRegressor):
 
 
 def run(name: str, kind: str, out: Path) -> dict:
-    torch.manual_seed(0)
-    module = Sharded(**{**ref.model(name).hparams, "batch_size": ref.BATCH // 2})
+    module = ref.model(name, cls=Sharded, batch_size=ref.BATCH // 2)
     strategy = (
         DDPStrategy(process_group_backend="gloo")
         if kind == "ddp"
@@ -51,7 +60,12 @@ def run(name: str, kind: str, out: Path) -> dict:
     )
     callbacks = [ScheduleFreeModes()] if name in SCHEDULE_FREE else []
     trainer = tiny_trainer(
-        out / name / kind, devices=2, strategy=strategy, callbacks=callbacks, max_steps=ref.STEPS
+        out / name / kind,
+        devices=2,
+        strategy=strategy,
+        callbacks=callbacks,
+        max_steps=ref.STEPS,
+        use_distributed_sampler=False,
     )
     trainer.fit(module)
     return {"weights": ref.weights(module).tolist(), "steps": trainer.global_step}
