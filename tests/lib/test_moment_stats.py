@@ -678,6 +678,23 @@ def test_fsdp2_logs_the_statistics_of_ddp(fsdp_moments, optimizer):
 
 @pytest.mark.slow
 @pytest.mark.ddp
+@pytest.mark.parametrize("optimizer", ["adamw", "adabelief"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_logged_percentiles_are_those_of_every_element(fsdp_moments, optimizer, kind):
+    """At default settings, every logged percentile of sqrt(v_hat) and of the step size, per
+    layer (the first one 80x64) and global, within one bin (1.16%) of torch.quantile over all
+    elements of the full tensors, under DDP and under FSDP2."""
+    logged = _csv_moments(fsdp_moments[0][optimizer][kind]["csv"])
+    exact = fsdp_moments[0][optimizer][kind]["exact"]
+    assert sorted(int(step) for step in exact) == sorted(logged) == [1, 3, 5]
+    for step, values in exact.items():
+        assert len(values) == 2 * 3 * 4  # two statistics, three percentiles, three layers + global
+        for key, value in values.items():
+            assert logged[int(step)][key] == pytest.approx(value, rel=PERCENTILE_REL), key
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
 def test_fsdp2_exchanges_one_buffer_per_logging_step_and_nothing_otherwise(fsdp_moments):
     for rank in fsdp_moments:
         for optimizer in ("adamw", "adabelief", "momentum"):
@@ -695,7 +712,7 @@ def test_fsdp2_statistics_and_histograms_reach_an_offline_wandb_run(fsdp_moments
     assert rows[0]["moments/grad_norm"] == pytest.approx(csv_rows[1]["moments/grad_norm"])
     values = rows[0]["moments.log10_step_size/net.0.values"]
     assert rows[0]["moments.log10_step_size/net.0._type"] == "histogram"
-    assert sum(values) == 32 * 16 + 32  # every element of net.0, from both shards
+    assert sum(values) == 80 * 64 + 80  # every element of net.0, from both shards
 
 
 def test_grad_norm_before_clipping_is_the_clipping_callbacks_own(tmp_path):

@@ -28,7 +28,8 @@ def main(out_dir: Path) -> None:
         logger=logger,
         callbacks=[MomentStatistics(every_n_steps=3), recorder],
     )
-    trainer.fit(TinyRegressor(optimizer="adam"))
+    # A 64x96 first layer: larger than the 1024 elements the callback once sampled.
+    trainer.fit(TinyRegressor(optimizer="adam", features=64, hidden=96))
     rows = [
         {"step": step, "metrics": metrics}
         for step, metrics in logger.rows
