@@ -1,7 +1,7 @@
 """Training-step time of a BERT classifier with and without ``MomentStatistics``, in one run.
 
-Run: ``python bench/callback_overhead.py [--cycles C] [--model small|tiny|minilm] [--threads T]
-[--fsdp2]``
+Run: ``python bench/callback_overhead.py [--cycles C] [--model small|tiny|base100m|minilm]
+[--threads T] [--fsdp2] [--quick N]``
 
 ``--fsdp2``: two gloo processes under ``FSDP2Strategy``, each encoder layer and the root
 sharded (``ClassificationModule.configure_model``); the callback then exchanges one packed
@@ -11,8 +11,9 @@ The model is the BERT recipe's Lightning module (``recipes.core.classification.C
 AdamW + warmup + cosine, torchmetrics, ``self.log``, a ``CSVLogger``) around a BERT encoder: by
 default a small random one (4 layers, hidden 256, 4 heads, 8,192-token vocabulary: 5.5M
 parameters); ``--model tiny`` (2 layers, hidden 128, BERT's 30,522-token vocabulary: 4.4M,
-91% embeddings); ``--model minilm`` the recipe's real all-MiniLM-L6-v2 (22.7M parameters,
-``recipes.bert_finetune.BertClassifier``).
+91% embeddings); ``--model base100m`` a BERT-base-shaped stand-in for a 100M-parameter model
+(12 layers, hidden 768, 12 heads, 16,384-token vocabulary: 98.6M); ``--model minilm`` the
+recipe's real all-MiniLM-L6-v2 (22.7M parameters, ``recipes.bert_finetune.BertClassifier``).
 
 One fit runs blocks of 50 optimizer steps, each block in one configuration: the callback off
 (``every_n_steps`` beyond the run: one integer test per step, which is what a non-logging step
@@ -22,6 +23,11 @@ alike. Step time is the wall time between consecutive ``on_train_batch_start`` c
 backward, optimizer step, every callback and logger). Reported: per configuration the median
 over cycles of its mean ms/step, and the median over cycles of its ratio to the "off" blocks of
 the same cycle; and the median extra time of one logging step. The first block is a warm-up.
+
+``--quick N`` (for models whose steps take seconds): after two warm-up steps, ``N`` pairs of
+steps, one without logging and one logging (``every_n_steps`` set per step), alternating;
+reported: the median plain step, the median logging step, the extra time of a logging step and
+the overhead it implies with logging every 50 steps, ``extra / (50 * plain step)``.
 """
 
 from __future__ import annotations
@@ -69,14 +75,15 @@ class BlockSchedule(Callback):
     Placed first among the callbacks, so the change is made before the callback's own hooks.
     """
 
-    def __init__(self, moments: MomentStatistics, blocks: list[str]) -> None:
+    def __init__(self, moments: MomentStatistics, blocks: list[str], block: int = BLOCK) -> None:
         self.moments = moments
         self.blocks = blocks
+        self.block = block
         self.starts: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.starts.append(time.perf_counter())
-        block = trainer.global_step // BLOCK
+        block = trainer.global_step // self.block
         if block < len(self.blocks):
             self.moments.every_n_steps = EVERY[self.blocks[block]]
 
@@ -99,6 +106,12 @@ STAND_INS = {
         "num_hidden_layers": 2,
         "num_attention_heads": 2,
         "vocab_size": 30522,
+    },
+    "base100m": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "vocab_size": 16384,
     },
 }
 
@@ -150,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     parser.add_argument("--fsdp2", action="store_true", help="two processes, sharded (FSDP2)")
+    parser.add_argument(
+        "--quick", type=int, default=0, help="N alternating plain/logging step pairs instead"
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -157,21 +173,32 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
     module = build_module(args.model)
-    blocks = ["off", *(name for _ in range(args.cycles) for name in CYCLE)]  # warm-up block first
-    steps = BLOCK * len(blocks)
+    if args.quick:
+        # one step per block: two warm-up steps, then plain and logging steps alternating
+        blocks = ["off", "off", *(["off", "every_n_steps=1"] * args.quick)]
+        block = 1
+    else:
+        blocks = ["off", *(name for _ in range(args.cycles) for name in CYCLE)]  # warm-up first
+        block = BLOCK
+    steps = block * len(blocks)
     vocab = module.network.config.vocab_size
     data = DataLoader(
         RandomTokens((steps + 1) * args.batch_size, args.seq_len, vocab), batch_size=args.batch_size
     )
     parameters = sum(p.numel() for p in module.parameters())
     where = "FSDP2 over 2 gloo processes, batch per rank" if args.fsdp2 else "one process, batch"
+    plan = (
+        f"{args.quick} alternating plain/logging step pairs after 2 warm-up steps"
+        if args.quick
+        else f"{args.cycles} cycles of {len(CYCLE)} blocks of {BLOCK} steps (+1 warm-up block)"
+    )
     header = (
         f"model: {args.model} BERT ({parameters / 1e6:.1f}M parameters), {where} "
-        f"{args.batch_size} x {args.seq_len} tokens, AdamW; {args.cycles} cycles of {len(CYCLE)} "
-        f"blocks of {BLOCK} steps (+1 warm-up block), torch threads {torch.get_num_threads()}"
+        f"{args.batch_size} x {args.seq_len} tokens, AdamW; {plan}, "
+        f"torch threads {torch.get_num_threads()}"
     )
     moments = MomentStatistics(every_n_steps=EVERY["off"])
-    schedule = BlockSchedule(moments, blocks)
+    schedule = BlockSchedule(moments, blocks, block)
     with tempfile.TemporaryDirectory() as root:
         trainer = quiet_trainer(
             root,
@@ -185,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(header)
     times = schedule.step_times()
+    if args.quick:
+        report_quick(times[2:])
+        return
 
     names = list(EVERY)
     means: dict[str, list[float]] = {name: [] for name in names}
@@ -217,6 +247,18 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\none logging step takes {statistics.median(logging_step_extra):.1f} ms more than the "
         "median step of its block (median over blocks)"
+    )
+
+
+def report_quick(times: list[float]) -> None:
+    """Step times alternating plain, logging, plain, ...: medians and the implied overhead."""
+    plain = statistics.median(times[0::2])
+    logging_step = statistics.median(times[1::2])
+    extra = logging_step - plain
+    print(
+        f"plain step {1000 * plain:.1f} ms, logging step {1000 * logging_step:.1f} ms "
+        f"(medians of {len(times[0::2])} and {len(times[1::2])}): a logging step costs "
+        f"{1000 * extra:.1f} ms more; logging every 50 steps: {1 + extra / (50 * plain):.4f}x"
     )
 
 

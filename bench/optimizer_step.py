@@ -1,6 +1,8 @@
 """Time ``optimizer.step()`` on a ~20M-parameter stack of tensors, all optimizers side by side.
 
-Run: ``python bench/optimizer_step.py [--threads 1,2] [--steps N] [--layers L] [--width D]``
+Run: ``python bench/optimizer_step.py [--threads 1,2] [--steps N] [--layers L] [--width D]
+[--entries adadelta,lion]`` (``--entries``: only those registry entries' rows next to the
+reference, for a quick before/after of one change)
 
 For each thread count, every optimizer in the registry (built by ``build_optimizer`` with its
 defaults, i.e. ``impl="auto"``), torch's fused AdamW (the reference every ratio is taken
@@ -187,22 +189,38 @@ def first_step_costs(args: argparse.Namespace, threads: int) -> None:
         )
 
 
+Row = tuple[str, str | None, Callable[[], Optimizer]]
+
+
+def adabelief_rows(params: list[torch.nn.Parameter]) -> list[Row]:
+    """Our AdaBelief's for-loop and the authors' adabelief-pytorch 0.2.1 (if installed)."""
+    rows: list[Row] = [("AdaBelief (ours)", "for-loop", lambda: AdaBelief(params, foreach=False))]
+    try:
+        from adabelief_pytorch import AdaBelief as AuthorsAdaBelief
+    except ImportError:
+        print("(adabelief-pytorch not installed: its row is skipped)\n")
+        return rows
+
+    def build() -> Optimizer:
+        with contextlib.redirect_stdout(io.StringIO()):  # adabelief-pytorch prints banners
+            return AuthorsAdaBelief(
+                params, weight_decouple=True, rectify=False, print_change_log=False
+            )
+
+    rows.append(("adabelief-pytorch 0.2.1", "for-loop", build))
+    return rows
+
+
 def steady_state(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> None:
     n = sum(p.numel() for p in params)
 
-    def quiet(factory: Callable[[], Optimizer]) -> Callable[[], Optimizer]:
-        def build() -> Optimizer:
-            with contextlib.redirect_stdout(io.StringIO()):  # adabelief-pytorch prints banners
-                return factory()
-
-        return build
-
-    runs: list[tuple[str, str | None, Callable[[], Optimizer]]] = [
+    runs: list[Row] = [
         ("torch AdamW (reference)", "fused", lambda: torch.optim.AdamW(params, fused=True)),
     ]
-    for name, _ in OPTIMIZERS.items():
+    chosen = args.entries.split(",") if args.entries else OPTIMIZERS.names()
+    for name in chosen:
         runs.append((f"registry: `{name}`", None, lambda name=name: build_optimizer(name, params)))
-    for name in COMPILED_ENTRIES:
+    for name in (n for n in COMPILED_ENTRIES if n in chosen):
         runs.append(
             (
                 f"registry: `{name}`, impl=foreach",
@@ -210,23 +228,8 @@ def steady_state(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> 
                 lambda name=name: build_optimizer(name, params, impl="foreach"),
             )
         )
-    runs.append(("AdaBelief (ours)", "for-loop", lambda: AdaBelief(params, foreach=False)))
-    try:
-        from adabelief_pytorch import AdaBelief as AuthorsAdaBelief
-
-        runs.append(
-            (
-                "adabelief-pytorch 0.2.1",
-                "for-loop",
-                quiet(
-                    lambda: AuthorsAdaBelief(
-                        params, weight_decouple=True, rectify=False, print_change_log=False
-                    )
-                ),
-            )
-        )
-    except ImportError:
-        print("(adabelief-pytorch not installed: its row is skipped)\n")
+    if "adabelief" in chosen:
+        runs.extend(adabelief_rows(params))
 
     optimizers = [factory() for _, _, factory in runs]
     for optimizer in optimizers:
@@ -259,6 +262,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument(
         "--threads", default="1,2", help="torch thread counts to run, comma-separated"
+    )
+    parser.add_argument(
+        "--entries", help="only these registry entries, comma-separated (default: all)"
     )
     parser.add_argument("--first-step-of", help=argparse.SUPPRESS)  # the child process
     parser.add_argument(
