@@ -303,7 +303,8 @@ def adagrad_decay(inputs: HealthInputs) -> list[Finding]:
 def loss_does_not_move(inputs: HealthInputs) -> list[Finding]:
     """Over the first ``LOSS_STEPS`` (at least 20) training losses, the mean of the last 5 is
     not below the mean of the first 5 by more than 1% of it and by more than two standard errors
-    of that difference (batch-to-batch noise from successive differences, which a trend does
+    of that difference; a loss that rose by as much is reported as rising (batch-to-batch
+    noise from successive differences, which a trend does
     not inflate: ``sigma = std(diff) / sqrt(2)``, ``2 * sigma * sqrt(2 / 5)``): the first advice of
     every training guide (watch the first batches; Karpathy, "A Recipe for Training Neural
     Networks", 2019)."""
@@ -313,8 +314,18 @@ def loss_does_not_move(inputs: HealthInputs) -> list[Finding]:
     first, last = statistics.fmean(losses[:5]), statistics.fmean(losses[-5:])
     steps = [b - a for a, b in itertools.pairwise(losses)]
     noise = 2 * statistics.stdev(steps) / math.sqrt(2) * math.sqrt(2 / 5)
-    if first - last > max(LOSS_FLAT * abs(first), noise):
+    change = max(LOSS_FLAT * abs(first), noise)
+    if first - last > change:
         return []
+    if last - first > change:
+        return [
+            Finding(
+                "loss_rising",
+                f"the loss rose in the first {len(losses)} steps ({first:.4g} → {last:.4g})",
+                "the LR is too high (or an optimizer switch or schedule raised it)",
+                "lower the LR, lengthen the warmup",
+            )
+        ]
     return [
         Finding(
             "loss_flat",

@@ -51,6 +51,8 @@ from optim_callbacks import (
     FSDP2Strategy,
     GradientClipping,
     MomentStatistics,
+    SpikeSkip,
+    TrainingFindings,
     run_folder,
 )
 from optim_callbacks.validation import check_choice
@@ -83,6 +85,12 @@ class CallbackOption:
 
 
 STANDARD_CALLBACKS: tuple[CallbackOption, ...] = (
+    CallbackOption(  # before clipping, so clipping counts only the steps that are taken
+        "spike_skip",
+        SpikeSkip,
+        help="skip optimizer steps whose loss or gradient norm spikes (mean + 6 sigma over "
+        "128 steps), as if their batch was never seen",
+    ),
     CallbackOption(
         "clipping", GradientClipping, {"max_norm": 1.0}, help="global-norm gradient clipping"
     ),
@@ -102,6 +110,11 @@ STANDARD_CALLBACKS: tuple[CallbackOption, ...] = (
         AdamToSGD,
         None,
         help="switch from Adam to SGD, e.g. --adam_to_sgd.at_fraction 0.5",
+    ),
+    CallbackOption(
+        "findings",
+        TrainingFindings,
+        help="findings in words at the end of training (log, run page, W&B)",
     ),
     CallbackOption(
         "lr_monitor",

@@ -30,6 +30,7 @@ _EVENT_NAMES = {
     "switch": "optimizer switch",
     "nonfinite": "skipped non-finite steps",
     "clipping": "heavy clipping",
+    "spike": "skipped spike",
 }
 
 
@@ -52,6 +53,7 @@ def write_run_page(folder: str | Path, *, redraw_heatmaps: bool = False) -> Path
             render_heatmaps(MomentHistory.from_json(history), heatmap_folder)
     sections = [
         _header(record, folder),
+        _findings_section(record),
         _test_section(record),
         _curves_section(record),
         _events_section(record),
@@ -122,8 +124,19 @@ def _locations_section(record: Mapping[str, Any], folder: Path) -> str:
     return f"<h2>Where the run lives</h2>\n{table(('what', 'where'), rows)}"
 
 
+def _findings_section(record: Mapping[str, Any]) -> str:
+    """What the health rules (:mod:`optim_callbacks.health`) said, one row per finding."""
+    if "findings" not in record:
+        return ""
+    findings = record["findings"]
+    if not findings:
+        return "<h2>Findings</h2>\n<p>No health rule fired.</p>"
+    rows = [(f["seen"], f["cause"], f["try"]) for f in findings]
+    return f"<h2>Findings</h2>\n{table(('what is seen', 'likely cause', 'try'), rows)}"
+
+
 def _events_section(record: Mapping[str, Any]) -> str:
-    events = record.get("events") or []
+    events = [*(record.get("events") or []), *(record.get("spike_events") or [])]
     if not events:
         text = "No optimizer switch, skipped non-finite step or heavy clipping was recorded."
         return f"<h2>Events</h2>\n<p>{text}</p>"

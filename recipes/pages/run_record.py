@@ -20,7 +20,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
-from optim_callbacks import MomentStatistics, run_folder
+from optim_callbacks import MomentStatistics, SpikeSkip, TrainingFindings, run_folder
+from optim_callbacks.callbacks.spike_skip import describe_event
 from recipes.sweep.files import read_json, write_json
 from recipes.sweep.recorder import RunRecorder
 
@@ -99,6 +100,21 @@ def build_run_record(
         "loggers": _logger_locations(trainer),
         "heatmaps": heatmaps,
         "events": [asdict(e) for e in moments.history.events] if moments is not None else [],
+        **_health(trainer),
+    }
+
+
+def _health(trainer: L.Trainer) -> dict[str, Any]:
+    """The findings in words and SpikeSkip's skipped steps (also listed among the events)."""
+    findings = next((c for c in trainer.callbacks if isinstance(c, TrainingFindings)), None)
+    spikes = next((c for c in trainer.callbacks if isinstance(c, SpikeSkip)), None)
+    events = spikes.events if spikes is not None else []
+    return {
+        "findings": [f.as_dict() for f in findings.findings] if findings is not None else [],
+        "spikes": {"skipped": spikes.skipped_steps, "events": events} if spikes else None,
+        "spike_events": [
+            {"step": e["step"], "kind": "spike", "label": describe_event(e)} for e in events
+        ],
     }
 
 

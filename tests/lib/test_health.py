@@ -136,3 +136,11 @@ def test_skipped_spikes_are_named():
 def test_bad_arguments(loss_steps):
     with pytest.raises(ValueError, match=r"loss_steps: got .*; allowed: an integer >= 20"):
         TrainingFindings(loss_steps=loss_steps)
+
+
+def test_a_rising_loss_is_not_called_flat():
+    rising = [1.0 + 0.1 * i + 0.01 * (i % 2) for i in range(30)]
+    (finding,) = diagnose(HealthInputs(losses=rising))
+    assert finding.rule == "loss_rising" and "(1.204 → 3.706)" in finding.seen
+    falling = rising[::-1]
+    assert diagnose(HealthInputs(losses=falling)) == []

@@ -17,6 +17,7 @@ from optim_callbacks.moment_math import STATISTICS
 from recipes import run_page
 from recipes.bert_finetune import run
 from recipes.pages.run_page import PAGE_FILE
+from recipes.pages.run_record import read_run_record
 from tests.recipes.browser import assert_rendered_pictures, render
 from tests.recipes.tiny_text import tiny_args
 
@@ -113,7 +114,10 @@ def test_the_page_shows_what_the_run_did(page_run):
     folder, cli = page_run["folder"], page_run["cli"]
     text = (folder / PAGE_FILE).read_text()
     page = Page(text)
-    assert page.sections[:3] == ["Test results", "Curves", "Events"]
+    assert page.sections[:4] == ["Findings", "Test results", "Curves", "Events"]
+    record = read_run_record(folder)  # the findings in words, and SpikeSkip's count
+    assert record["spikes"]["skipped"] == 0 and record["spike_events"] == []
+    assert all(set(f) == {"rule", "seen", "cause", "try"} for f in record["findings"])
     assert {"Layers × steps", "Where the run lives", "Configuration (config.yaml)"} <= set(
         page.sections
     )
