@@ -38,7 +38,7 @@ lint: setup
 # The documentation site (mkdocs.yml, docs/) into site/; --strict fails on any warning
 # (a broken link, a missing reference).
 docs: setup
-	$(PY) -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 bench: setup
 	$(PY) bench/optimizer_step.py
