@@ -1,8 +1,9 @@
 """Opens a page from disk in a real headless Chromium (Debian's ``chromium``, driven by
 playwright with ``executable_path``: no browser download) and reports what it rendered.
 
-``make browser`` (part of ``make test``) installs Debian's package where apt runs as root;
-elsewhere the tests that need it are skipped with the reason.
+``make browser`` installs Debian's package where apt runs as root (CI runs it before
+``make test``, which never runs apt itself); without it the tests that need it are skipped
+with one line saying how to get it.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
         pytest.skip(
-            "Debian's chromium is not installed: `make browser` installs it where apt-get runs "
-            "as root (apt-get install chromium)"
+            "Chromium is not installed: `make browser` as root installs it "
+            "(apt-get install chromium)"
         )
     return path
 
