@@ -47,3 +47,12 @@ def test_every_public_name_is_in_the_api_reference():
 
 def _api_text() -> str:
     return "\n".join(page.read_text() for page in sorted(API.glob("*.md")))
+
+
+def test_the_registry_table_names_every_entry_once():
+    from optim_callbacks import OPTIMIZERS
+
+    page = (REPO_ROOT / "docs" / "optimizers.md").read_text()
+    table = page.split("| name | torch class |", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \|", table, re.MULTILINE)
+    assert sorted(rows) == sorted(OPTIMIZERS.names())
