@@ -482,8 +482,8 @@ def test_every_entry_meets_every_cell():
     assert table.splitlines()[0].count("|") == len(CELLS) + 2
 
 
-def test_documented_support_table_is_the_generated_one():
-    page = (REPO / "docs" / "conformance.md").read_text()
-    assert support_table() in page, (
-        "docs/conformance.md is stale: regenerate with python -m tests.conformance.cells"
+@pytest.mark.parametrize("document", ["README.md", "docs/conformance.md"])
+def test_documented_support_table_is_the_generated_one(document):
+    assert support_table() in (REPO / document).read_text(), (
+        f"{document} is stale: regenerate with python -m tests.conformance.cells"
     )
