@@ -10,6 +10,7 @@ docs/conformance.md must be the generated one.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -295,7 +296,8 @@ def test_step_bumps_parameter_versions_like_torch(name, impl):
     loss(torch.randn(4, 200)).backward()
     optimizer.step()  # ADOPT's first step only initializes its second moment
     loss(torch.randn(4, 200)).backward()
-    stale = loss(torch.randn(4, 200, requires_grad=True))  # saves both weights
+    # saves the large weight alone (the small ones, packed, would raise by themselves)
+    stale = module[0](torch.randn(4, 200, requires_grad=True)).sum()
     optimizer.step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         stale.backward()
@@ -324,6 +326,27 @@ def test_group_added_later_trains_like_the_reference(name, impl):
         ref.train(module, optimizer, data[late:])
         results.append(ref.weights(module))
     close(*results)
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+def test_weight_decay_options_reach_their_groups(name):
+    """``weight_decay`` (and Muon's ``adamw_weight_decay`` for its AdamW part) lands on every
+    group that decays; no-decay groups (biases, norms) stay at 0."""
+    layers = {"body": torch.nn.Linear(16, 8), "norm": torch.nn.LayerNorm(8)}
+    # a head: Muon's split trains it with AdamW, so AdamW has a group that decays
+    model = torch.nn.Sequential(OrderedDict(**layers, head=torch.nn.Linear(8, 2)))
+    options = dict(ref.OPTIONS.get(name, {}), weight_decay=0.05)
+    if name == "muon":
+        options["adamw_weight_decay"] = 0.0  # 0.0 is a value, not "unset"
+    optimizer = build_optimizer(name, model, **options)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        decays = any(names[id(p)].endswith("weight") and p.ndim > 1 for p in group["params"])
+        expected = 0.05 if group.get("use_muon", name != "muon") else 0.0
+        assert group["weight_decay"] == (expected if decays else 0.0), (
+            [names[id(p)] for p in group["params"]],
+            group["weight_decay"],
+        )
 
 
 @pytest.mark.parametrize("name", ENTRIES)
