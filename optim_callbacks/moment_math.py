@@ -21,7 +21,7 @@ How it stays cheap: tensor norms come from one ``torch._foreach_norm`` call and 
 layer by one matrix product with a 0/1 membership matrix. Percentiles count every element of
 every layer and of the model, with no sampling: one pass over the second moments bins
 ``log10(sqrt(v_hat))`` and ``log10(step size)`` into fixed log-spaced bins (200 per decade,
-``torch.histc``), and the percentiles are read from the counts on the device, each within one
+``torch.bincount``), and the percentiles are read from the counts on the device, each within one
 bin (1.16%) of the exact order statistic; the model's counts are the sum of the layers'. Every
 result leaves the device in one transfer; under FSDP2 the ranks first sum their counts and norms
 in one ``all_reduce``, so a sharded run logs what an unsharded one does.
@@ -83,7 +83,7 @@ class ParamMoments:
     eps: float | None = None
     # A factored second moment (Adafactor): row and column factors of shapes (..., R, 1) and
     # (..., 1, C); v[..., i, j] = row[..., i] * col[..., j] / mean(row[..., :]). Never
-    # materialized: sampled elements are computed from the factors.
+    # materialized for long: binned a parameter at a time (see _second_moment).
     factors: tuple[Tensor, Tensor] | None = None
     sharded: bool = False  # the tensors are this rank's shard of a DTensor (FSDP2)
     global_numel: int | None = None  # the whole parameter's size, when ``param`` is a shard
@@ -261,8 +261,9 @@ def _bias_corrections(
 # (interpolated within its bin) is within 1.16% of the exact one.
 LOG_LOW, LOG_HIGH, LOG_BINS = -24.0, 12.0, 200
 LOG_COLUMNS = int((LOG_HIGH - LOG_LOW) * LOG_BINS) + 2
-# Elements binned per call: bounds the temporary buffers (16 MB each) and keeps every float32
-# count of one call exact (below 2^24).
+# Elements binned per call: bounds the temporary buffers (16 MB each).
+
+
 CHUNK = 1 << 22
 
 
@@ -280,13 +281,13 @@ def _second_moment(m: ParamMoments) -> Tensor:
 
 
 def _bin(values: Tensor) -> Tensor:
-    """Counts of ``values`` (log10, float32) in the :data:`LOG_COLUMNS` bins; NaN is dropped,
-    -inf (a zero) lands in the bin below, +inf in the bin above."""
-    half = 0.5 / LOG_BINS
-    values.clamp_(LOG_LOW - half, LOG_HIGH + half)
-    return torch.histc(
-        values, LOG_COLUMNS, min=LOG_LOW - 1.0 / LOG_BINS, max=LOG_HIGH + 1.0 / LOG_BINS
-    )
+    """Counts of ``values`` (log10, float32; overwritten) in the :data:`LOG_COLUMNS` bins:
+    column ``floor((value - LOG_LOW) * LOG_BINS) + 1``, -inf (a zero) and anything below in
+    column 0, +inf and anything above in the last; NaN is dropped. (``bincount`` of the columns:
+    twice as fast as ``torch.histc`` on CPU.)"""
+    values.sub_(LOG_LOW - 1.0 / LOG_BINS).mul_(LOG_BINS).clamp_(0, LOG_COLUMNS - 1)
+    values.nan_to_num_(nan=LOG_COLUMNS)  # one column past the end, cut off below
+    return torch.bincount(values.to(torch.int32), minlength=LOG_COLUMNS + 1)[:LOG_COLUMNS]
 
 
 def _log_counts(
@@ -336,12 +337,13 @@ def _log_counts(
             math.log10(m.lr) if m.adam_like and m.lr > 0 else -math.inf, device=device
         )
         for chunk in _second_moment(m).split(CHUNK):
-            x = chunk if chunk.dtype == torch.float32 else chunk.to(torch.float32)
+            x = chunk.to(torch.float32, copy=True)
             if eps2 is not None:
                 below_here += torch.count_nonzero(x < eps2)
             if not counting:
                 continue
-            x = x / corrections[i] if i in corrections else x.clone()
+            if i in corrections:
+                x.div_(corrections[i])  # in place: 5x faster than x / 0-d tensor on CPU
             x.sqrt_()  # sqrt(v_hat)
             logs = torch.log10(x)
             counts[0, row] += _bin(logs)
@@ -435,7 +437,7 @@ def moment_statistics(
 
     Percentiles count every element: ``log10`` of each one's ``sqrt(v_hat)`` and step size
     lands in a fixed bin of :data:`LOG_BINS` per decade (:func:`_log_counts`, one pass over the
-    second moments, a few elementwise kernels and one ``histc`` per :data:`CHUNK`), and each
+    second moments, a few elementwise kernels and one ``bincount`` per :data:`CHUNK`), and each
     percentile is read from the counts on the device, as ``numpy.percentile`` interpolates
     between order statistics, each within 1.16% (a bin) of the exact one.
 
