@@ -262,8 +262,6 @@ def _bias_corrections(
 LOG_LOW, LOG_HIGH, LOG_BINS = -24.0, 12.0, 200
 LOG_COLUMNS = int((LOG_HIGH - LOG_LOW) * LOG_BINS) + 2
 # Elements binned per call: bounds the temporary buffers (16 MB each).
-
-
 CHUNK = 1 << 22
 
 
