@@ -9,7 +9,13 @@ mesh: ``.to_local()`` is this rank's rows (possibly none), and writing into it w
   (SUM), the root; ``p = inf``: local maxima, one ``all_reduce`` (MAX);
 - a whole-tensor quantity of a 1-D parameter (a bias, a norm weight), which is spread over the
   ranks: local sums, one ``all_reduce`` for all of them;
-- a decision (did any rank clip?): one ``all_reduce`` (MAX) of a flag.
+- a decision (did any rank clip?): one ``all_reduce`` (MAX) of a flag;
+- per-tensor reductions of an optimizer step (LAMB's trust ratio, Adafactor's column means and
+  RMS terms): every tensor's local partial sums packed into one buffer, one ``all_reduce`` for
+  all of them (:func:`all_reduce_packed_`), as OLMo's ``clip_grads_and_collect_metrics`` does
+  for its per-parameter norms; the state a rank keeps for its rows is a ``DTensor`` placed like
+  the parameter (:func:`sharded_like`), state every rank holds whole a replicated one
+  (:func:`replicated_like`).
 
 Replicated tensors (plain tensors, or ``DTensor``\ s placed ``Replicate``) hold the same values on
 every rank, so they are counted once, outside the reduction. The sum order differs from a
@@ -24,15 +30,19 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 __all__ = [
+    "all_reduce_packed_",
     "any_across",
     "check_data_parallel",
+    "common_shard_group",
     "global_norm",
     "is_sharded",
     "local_part",
+    "replicated_like",
     "shard_group",
+    "sharded_like",
     "sum_across",
 ]
 
@@ -68,6 +78,63 @@ def shard_group(tensors: Sequence[torch.Tensor]) -> dist.ProcessGroup | None:
         if is_sharded(tensor):
             return tensor.device_mesh.get_group()
     return None
+
+
+def common_shard_group(tensors: Sequence[torch.Tensor], owner: str) -> dist.ProcessGroup | None:
+    """Like :func:`shard_group`, and ``ValueError`` unless every sharded tensor among ``tensors``
+    is split over that one group (``owner`` names what needs it, e.g. ``"LAMB"``)."""
+    check_data_parallel(tensors)
+    groups = {id(t.device_mesh.get_group()): t for t in tensors if is_sharded(t)}
+    if len(groups) > 1:
+        raise ValueError(
+            f"{owner}: got parameters sharded over {len(groups)} different device meshes; "
+            "allowed: one data-parallel mesh for all parameters of one optimizer (build one "
+            "optimizer per mesh)"
+        )
+    return shard_group(tensors)
+
+
+def all_reduce_packed_(partials: Sequence[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    r"""Sum every tensor of ``partials`` over the ranks of ``group``, in place, with ONE
+    ``all_reduce`` for all of them (none for ``group=None`` or no tensors).
+
+    The tensors (any shapes, views included) are flattened into one buffer in the widest of
+    their dtypes, reduced, and copied back: :math:`x_i \leftarrow \sum_{ranks} x_i`. A rank that
+    holds no rows of a tensor passes zeros for it.
+    """
+    if group is None or not partials:
+        return
+    dtype = torch.promote_types(torch.float32, partials[0].dtype)
+    for t in partials[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    buffer = torch.cat([t.reshape(-1).to(dtype) for t in partials])
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    pieces = buffer.split([t.numel() for t in partials])
+    torch._foreach_copy_(
+        list(partials), [piece.view(t.shape) for piece, t in zip(pieces, partials, strict=True)]
+    )
+
+
+def sharded_like(param: DTensor, local: torch.Tensor, shape: Sequence[int]) -> DTensor:
+    """``local`` (this rank's rows of a tensor of global ``shape``, split on dim 0 as ``param``
+    is, possibly unevenly) as a ``DTensor`` placed like ``param``."""
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * max(int(shape[i + 1]), 1)
+    return DTensor.from_local(
+        local,
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=tuple(strides),
+    )
+
+
+def replicated_like(param: DTensor, local: torch.Tensor) -> DTensor:
+    """``local``, the same whole tensor on every rank, as a ``DTensor`` replicated over
+    ``param``'s mesh."""
+    return DTensor.from_local(local, param.device_mesh, [Replicate()], run_check=False)
 
 
 def sum_across(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:

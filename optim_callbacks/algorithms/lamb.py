@@ -18,16 +18,36 @@ The variant: the first moment is bias-corrected through the step size, the secon
 not (pytorch-optimizer's default); the trust ratio is taken on the uncorrected ``u`` and
 clamped at 10 on the weight norm; no gradient pre-normalization. The norms are per tensor, so the compiled
 update runs one call per tensor (no packing of small tensors).
+
+Under FSDP2 (parameters sharded on dim 0, possibly unevenly, a rank possibly holding no rows)
+both norms are of the whole tensor: each rank computes its local sums of squares
+``sum theta_local^2`` and ``sum u_local^2`` for every sharded tensor, all of them go into ONE
+``all_reduce`` per step (:func:`~optim_callbacks.sharded.all_reduce_packed_`), and the update
+runs after it. Every implementation does this: the compiled one computes the sums in one
+compiled pass and the update in a second (recomputing ``m``, ``v`` and ``u`` instead of
+keeping ``u``), foreach and the loop keep ``u`` until the sums are in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from optim_callbacks.algorithms._elementwise import ElementwiseOptimizer, Tensors
-from optim_callbacks.compiled_update import CompiledUpdate
+from optim_callbacks.compiled_update import (
+    CompiledUpdate,
+    coefficient_rows,
+    local_rows,
+    step_compiled,
+)
+from optim_callbacks.sharded import (
+    all_reduce_packed_,
+    common_shard_group,
+    is_sharded,
+    local_part,
+)
 from optim_callbacks.validation import check_betas, check_positive
 
 __all__ = ["LAMB"]
@@ -38,6 +58,44 @@ TRUST_CLAMP = 10.0
 _L2, _DECAY, _B1, _OMB1, _B2, _OMB2, _EPS, _NEG_LR, _SIGN = range(9)
 
 
+def _moments(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    c: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decayed parameter, both moments and the direction ``u``, in ``c.dtype``."""
+    g = grad.to(c.dtype) * c[_SIGN]
+    p = param.to(c.dtype) * c[_DECAY]
+    m = exp_avg.to(c.dtype) * c[_B1] + g * c[_OMB1]
+    v = exp_avg_sq.to(c.dtype) * c[_B2] + g * g * c[_OMB2]
+    u = m / (torch.sqrt(v) + c[_EPS]) + c[_L2] * p
+    return p, m, v, u
+
+
+def _trust(weight_norm: torch.Tensor, update_norm: torch.Tensor, eps: Any) -> torch.Tensor:
+    """``r = min(||theta||, 10) / (||u|| + eps)``, or 1 where either norm is 0."""
+    weight_norm = torch.clamp_max(weight_norm, TRUST_CLAMP)
+    return torch.where(
+        (weight_norm > 0) & (update_norm > 0), weight_norm / (update_norm + eps), 1.0
+    )
+
+
+def _write(
+    param: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    moments: tuple[torch.Tensor, ...],
+    trust: torch.Tensor,
+    c: torch.Tensor,
+) -> None:
+    p, m, v, u = moments
+    param.copy_(p + c[_NEG_LR] * trust * u)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
 def _lamb_update(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -46,19 +104,30 @@ def _lamb_update(
     c: torch.Tensor,
 ) -> None:
     """One LAMB step for one whole tensor in ``c.dtype`` (columns ``_L2`` ... ``_SIGN``)."""
-    g = grad.to(c.dtype) * c[_SIGN]
-    p = param.to(c.dtype) * c[_DECAY]
-    m = exp_avg.to(c.dtype) * c[_B1] + g * c[_OMB1]
-    v = exp_avg_sq.to(c.dtype) * c[_B2] + g * g * c[_OMB2]
-    u = m / (torch.sqrt(v) + c[_EPS]) + c[_L2] * p
-    weight_norm = torch.clamp_max(torch.linalg.vector_norm(p), TRUST_CLAMP)
-    update_norm = torch.linalg.vector_norm(u)
-    trust = torch.where(
-        (weight_norm > 0) & (update_norm > 0), weight_norm / (update_norm + c[_EPS]), 1.0
-    )
-    param.copy_(p + c[_NEG_LR] * trust * u)
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
+    moments = _moments(param, grad, exp_avg, exp_avg_sq, c)
+    p, _, _, u = moments
+    trust = _trust(torch.linalg.vector_norm(p), torch.linalg.vector_norm(u), c[_EPS])
+    _write(param, exp_avg, exp_avg_sq, moments, trust, c)
+
+
+def _lamb_partial_squares(param: torch.Tensor, grad: torch.Tensor, *rest: torch.Tensor) -> None:
+    """A shard's ``[sum theta^2, sum u^2]`` into ``squares`` (``rest`` is ``exp_avg,
+    exp_avg_sq, squares, c``; nothing else is written)."""
+    exp_avg, exp_avg_sq, squares, c = rest
+    p, _, _, u = _moments(param, grad, exp_avg, exp_avg_sq, c)
+    squares.copy_(torch.stack([(p * p).sum(), (u * u).sum()]))
+
+
+def _lamb_sharded_update(param: torch.Tensor, grad: torch.Tensor, *rest: torch.Tensor) -> None:
+    """The step of one shard from the whole tensor's ``squares`` (summed over the ranks)."""
+    exp_avg, exp_avg_sq, squares, c = rest
+    moments = _moments(param, grad, exp_avg, exp_avg_sq, c)
+    trust = _trust(torch.sqrt(squares[0]), torch.sqrt(squares[1]), c[_EPS])
+    _write(param, exp_avg, exp_avg_sq, moments, trust, c)
+
+
+_PARTIAL_SQUARES = CompiledUpdate(_lamb_partial_squares, per_tensor=True)
+_SHARDED_UPDATE = CompiledUpdate(_lamb_sharded_update, per_tensor=True)
 
 
 class LAMB(ElementwiseOptimizer):
@@ -156,15 +225,15 @@ class LAMB(ElementwiseOptimizer):
         step: float,
     ) -> None:
         updates = self._direction(group, params, grads, states)
-        weight_norms = torch.stack(torch._foreach_norm(params)).clamp_(max=TRUST_CLAMP)
+        weight_norms = torch.stack(torch._foreach_norm(params))
         update_norms = torch.stack(torch._foreach_norm(updates))
-        trust = torch.where(
-            (weight_norms != 0) & (update_norms != 0),
-            weight_norms / (update_norms + group["eps"]),
-            1.0,
-        )
-        torch._foreach_mul_(updates, list(trust.unbind()))
-        torch._foreach_add_(params, updates, alpha=-self._step_size(group, step))
+
+        def finish(weight_norms: torch.Tensor, update_norms: torch.Tensor) -> None:
+            trust = _trust(weight_norms, update_norms, group["eps"])
+            torch._foreach_mul_(updates, list(trust.unbind()))
+            torch._foreach_add_(params, updates, alpha=-self._step_size(group, step))
+
+        self._after_norms(weight_norms, update_norms, finish, self._sharded_bucket)
 
     @staticmethod
     def _step_size(group: dict[str, Any], step: float) -> float:
@@ -179,12 +248,120 @@ class LAMB(ElementwiseOptimizer):
         state: Tensors,
         step: float,
     ) -> None:
+        sharded = is_sharded(param)
+        param, grad, *state = (local_part(t) for t in (param, grad, *state))
         (update,) = self._direction(group, [param], [grad], [[state[0]], [state[1]]])
-        weight_norm = torch.linalg.vector_norm(param).clamp_(min=0, max=TRUST_CLAMP)
+        weight_norm = torch.linalg.vector_norm(param)
         update_norm = torch.linalg.vector_norm(update)
-        trust = (
-            1.0
-            if weight_norm == 0 or update_norm == 0
-            else weight_norm / (update_norm + group["eps"])
+
+        def finish(weight_norm: torch.Tensor, update_norm: torch.Tensor) -> None:
+            trust = _trust(weight_norm, update_norm, group["eps"])
+            param.add_(update, alpha=-self._step_size(group, step) * float(trust))
+
+        self._after_norms(weight_norm, update_norm, finish, sharded)
+
+    # --- FSDP2: the norms of sharded tensors, one all_reduce per step -------------------------
+    #: During :meth:`step`: ``(squares, finish)`` of sharded tensors waiting for their sums.
+    _deferred: list[tuple[Tensors, Callable[[], None]]] | None = None
+    #: Whether the frame's foreach step is running on shards (their norms are partial).
+    _sharded_bucket = False
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step; ``closure`` re-evaluates the loss (optional).
+
+        While the frame walks the groups, each sharded tensor leaves its local sums of squares
+        ``[sum theta^2, sum u^2]`` and what remains of its update; one packed ``all_reduce``
+        then completes every sum, and the updates run."""
+        shards = common_shard_group([p for g in self.param_groups for p in g["params"]], "LAMB")
+        self._deferred = []
+        try:
+            loss = super().step(closure)
+            deferred = self._deferred
+        finally:
+            self._deferred = None
+        all_reduce_packed_([t for squares, _ in deferred for t in squares], shards)
+        for _, finish in deferred:
+            finish()
+        return loss
+
+    def _after_norms(
+        self,
+        weight_norms: torch.Tensor,
+        update_norms: torch.Tensor,
+        finish: Callable[[torch.Tensor, torch.Tensor], None],
+        sharded: bool,
+    ) -> None:
+        """``finish(weight_norms, update_norms)`` now, or for shards (local norms) once the
+        squares are summed over the ranks."""
+        if not sharded:
+            finish(weight_norms, update_norms)
+            return
+        dtype = weight_norms.dtype
+        squares = torch.stack([weight_norms, update_norms], dim=-1).float().square()
+        self._defer(
+            [squares],
+            lambda: finish(squares[..., 0].sqrt().to(dtype), squares[..., 1].sqrt().to(dtype)),
         )
-        param.add_(update, alpha=-self._step_size(group, step) * float(trust))
+
+    def _defer(self, squares: Tensors, finish: Callable[[], None]) -> None:
+        if self._deferred is None:
+            raise RuntimeError("LAMB: sharded tensors are updated only through step()")
+        self._deferred.append((squares, finish))
+
+    def _foreach_step(
+        self,
+        group: dict[str, Any],
+        params: Tensors,
+        grads: Tensors,
+        states: list[Tensors],
+        steps: Tensors,
+    ) -> None:
+        """The frame's foreach step, whole tensors and shards apart."""
+        for sharded, part in enumerate(_by_sharding(params, grads, states, steps)):
+            if part[0]:
+                self._sharded_bucket = bool(sharded)
+                try:
+                    super()._foreach_step(group, *part)
+                finally:
+                    self._sharded_bucket = False
+
+    def _compiled_step(
+        self,
+        group: dict[str, Any],
+        params: Tensors,
+        grads: Tensors,
+        states: list[Tensors],
+        steps: Tensors,
+    ) -> None:
+        """Whole tensors: the one-pass compiled update. Shards: their partial sums of squares
+        now (compiled) and the compiled update once the sums are in."""
+        whole, shards = _by_sharding(params, grads, states, steps)
+        if whole[0]:
+            super()._compiled_step(group, *whole)
+        params, grads, states, steps = shards
+        if not params:
+            return
+        rows = local_rows(params, grads, *zip(*states, strict=True))
+        coefficients = coefficient_rows(rows, lambda step: self.coefficients(group, step), steps)
+        # A rank without rows of a tensor skips it (CompiledUpdate skips empty rows): zeros.
+        rows = [[*row, c.new_zeros(2)] for row, c in zip(rows, coefficients, strict=True)]
+        step_compiled(self, _PARTIAL_SQUARES, rows, coefficients)
+        self._defer(
+            [row[-1] for row in rows],
+            lambda: step_compiled(self, _SHARDED_UPDATE, rows, coefficients),
+        )
+
+
+def _by_sharding(
+    params: Tensors, grads: Tensors, states: list[Tensors], steps: Tensors
+) -> tuple[tuple[Tensors, Tensors, list[Tensors], Tensors], ...]:
+    """``(params, grads, states, steps)`` of the whole tensors, then of the sharded ones."""
+    flags = [is_sharded(p) for p in params]
+    return tuple(
+        tuple(
+            [x for x, flag in zip(column, flags, strict=True) if flag is sharded]
+            for column in (params, grads, states, steps)
+        )
+        for sharded in (False, True)
+    )

@@ -115,3 +115,30 @@ def test_amp_epsilon_decides_from_the_sharded_float16_state(ranks):
         for kind in ("ddp", "fsdp2"):
             run = rank["amp_epsilon"][kind]
             assert run["state_dtype"] == "torch.float16" and run["eps"] == [1e-4]
+
+
+PER_TENSOR_NORMS = [f"{n}{s}" for n in ("lamb", "adafactor") for s in ("", "_foreach", "_for_loop")]
+
+
+@pytest.mark.parametrize("case", PER_TENSOR_NORMS)
+def test_per_tensor_reductions_under_fsdp2_are_over_whole_tensors(ranks, case):
+    """LAMB's trust ratio and Adafactor's column means and RMS terms, every implementation
+    (compiled, foreach, for-loop), on rows split 4/3 and a layer whose one row rank 1 lacks:
+    FSDP2 ends where DDP does. Before the fix the trust ratio came from each rank's shard
+    (LAMB 0.03 off) and the for-loop LAMB and every Adafactor path crashed."""
+    ddp, fsdp2 = ranks[0][case]["ddp"], ranks[0][case]["fsdp2"]
+    compiled = "_" not in case
+    assert fsdp2["global_step"] == ddp["global_step"] == (16 if compiled else 8)
+    assert _max_difference(fsdp2["weights"], ddp["weights"]) <= 1e-5
+    assert ranks[1][case]["fsdp2"]["weights"] == fsdp2["weights"]
+    assert fsdp2["compiled"] is ddp["compiled"] is compiled
+
+
+@pytest.mark.parametrize("case", ["lamb", "adafactor"])
+def test_per_tensor_norm_optimizers_resume_from_a_sharded_checkpoint(ranks, case):
+    """Resumed at step 8 from the distributed checkpoint (Adafactor's replicated column
+    factors included), the run ends bit for bit where the uninterrupted one does."""
+    straight, resumed = ranks[0][case]["fsdp2"], ranks[0][case]["resumed"]
+    assert resumed["global_step"] == straight["global_step"] == 16
+    assert resumed["weights"] == straight["weights"]
+    assert ranks[1][case]["resumed"]["weights"] == resumed["weights"]

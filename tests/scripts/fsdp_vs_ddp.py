@@ -1,4 +1,5 @@
-"""FSDP2 against DDP, for tests/lib/test_sharded.py: ``python tests/scripts/fsdp_vs_ddp.py OUT``.
+"""FSDP2 against DDP, for tests/lib/test_sharded.py: ``python tests/scripts/fsdp_vs_ddp.py OUT
+[CASE ...]`` (every case without names).
 
 Two gloo processes (Lightning launches the second). Every case trains the same tiny MLP with the
 same data and seeds twice, under DDP (the oracle) and under FSDP2 (``ModelParallelStrategy``,
@@ -135,7 +136,20 @@ CASES = {
     "lion": dict(optimizer="lion"),
     "schedule_free_adamw": dict(optimizer="schedule_free_adamw", scheduler="constant"),
     "amp_epsilon": dict(trainer=dict(precision="16-true"), optimizer_options={"impl": "foreach"}),
+    # Per-tensor reductions (LAMB's trust ratio, Adafactor's column means and RMS terms) over
+    # the whole tensor, in every implementation, with 7 hidden units: rows split 4/3, and the
+    # output layer's one row on rank 0 alone. Two epochs for the compiled ones, which resume.
+    **{
+        f"{name}{suffix}": dict(optimizer=name, hidden=7, **extra)
+        for name in ("lamb", "adafactor")
+        for suffix, extra in (
+            ("", dict(trainer=dict(max_epochs=2, max_steps=-1))),
+            ("_foreach", dict(optimizer_options={"impl": "foreach"})),
+            ("_for_loop", dict(optimizer_options={"impl": "for-loop"})),
+        )
+    },
 }
+PER_TENSOR_NORMS = ("lamb", "adafactor")
 
 
 def run_case(
@@ -153,6 +167,7 @@ def run_case(
         samples=128,
         batch_size=8,
         optimizer_options=case.get("optimizer_options"),
+        hidden=case.get("hidden", 32),
     )
     clipping = CountedClipping(**case["clipping"]) if "clipping" in case else None
     trace = Trace()
@@ -194,10 +209,20 @@ def run_case(
     }
 
 
-def main(out: Path) -> None:
+def main(out: Path, only: list[str]) -> None:
+    """Every case (or the cases named in ``only``) under both strategies, and the resumes."""
     results: dict[str, dict] = {}
-    for name in CASES:
+    for name in only or CASES:
         results[name] = {kind: run_case(name, kind, out) for kind in ("ddp", "fsdp2")}
+    # Resume each compiled per-tensor-norm optimizer from its end of epoch 0 (step 8): the
+    # sharded state (Adafactor's replicated column factors too) goes through the checkpoint.
+    for name in PER_TENSOR_NORMS:
+        if name in results:
+            mid = str(out / name / "fsdp2" / "ckpt" / "epoch=0-step=8.ckpt")
+            results[name]["resumed"] = run_case(name, "fsdp2", out, ckpt_path=mid, tag="-resumed")
+    if only:
+        (out / f"rank{torch.distributed.get_rank()}.json").write_text(json.dumps(results))
+        return
     # The stop checkpoint (a distributed-checkpoint folder) loads and training goes on.
     stop = results["stop"]["fsdp2"]["stop_checkpoint"]
     results["stop"]["resumed"] = run_case(
@@ -213,4 +238,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2:])
