@@ -107,7 +107,7 @@ class MomentStatistics(FitStateCallback):
             element of the layer (of the model for the global ones), each within 1.16% of the
             exact order statistic (read from log-spaced bins, 200 per decade; see
             :mod:`optim_callbacks.moment_math`), under every strategy.
-        max_samples: no effect (percentiles count every element since 0.2, none are sampled);
+        max_samples: no effect (percentiles count every element, none are sampled);
             accepted so that configurations that set it still load. A value other than the
             default warns.
         histograms: with a ``WandbLogger``, also log histograms of ``log10(step size)``
