@@ -420,16 +420,23 @@ def test_moment_statistics_change_nothing_and_log_exact_percentiles(name, fits):
     assert logged, "nothing logged"
     spec = ref.spec(name)
     optimizer = trainer.optimizers[0]
-    layer = module.net[0].weight
-    state = optimizer.state[layer]
-    group = next(g for g in optimizer.param_groups if any(p is layer for p in g["params"]))
+    layer = module.net[0]  # the logged layer: its weight (1,296 elements) and bias
+    group = next(g for g in optimizer.param_groups if any(p is layer.weight for p in g["params"]))
     second = spec.second_moment
-    if second is None or second not in state or state[second].shape != layer.shape:
+    states = [optimizer.state[p] for p in layer.parameters()]
+    if second is None or any(
+        second not in s or s[second].shape != p.shape
+        for s, p in zip(states, layer.parameters(), strict=True)
+    ):
         return  # no per-element second moment to read percentiles of (tested: logs exist)
-    v = state[second].double()
-    if spec.bias_corrected and "betas" in group:
-        steps = float(state["step"]) if "step" in state else float(group.get("k", ref.STEPS))
-        v = v / (1 - group["betas"][1] ** steps)
+    parts = []
+    for state in states:
+        v = state[second].double().flatten()
+        if spec.bias_corrected and "betas" in group:
+            steps = float(state["step"]) if "step" in state else float(group.get("k", ref.STEPS))
+            v = v / (1 - group["betas"][1] ** steps)
+        parts.append(v)
+    v = torch.cat(parts)
     keys = {k.split("/", 1)[0].split(".", 1)[1]: v for k, v in logged.items() if "/net.0" in k}
     for q in (5, 50, 95):
         label = f"p{q:02d}"
