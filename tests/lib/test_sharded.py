@@ -146,3 +146,22 @@ def test_per_tensor_norm_optimizers_resume_from_a_sharded_checkpoint(ranks, case
     assert resumed["global_step"] == straight["global_step"] == 16
     assert resumed["weights"] == straight["weights"]
     assert ranks[1][case]["resumed"]["weights"] == resumed["weights"]
+
+
+def test_a_spike_on_one_rank_is_skipped_on_both_as_if_its_batch_was_never_seen(ranks):
+    """SpikeSkip under FSDP2: rank 0's loss is x1000 at step 5 only; both ranks skip that step
+    (the gathered losses name rank 0) and end with the weights of a DDP run whose data lacks
+    step 5's 16 samples (bit for bit under DDP, FSDP2 within its usual 1e-6). GradientClipping,
+    after SpikeSkip, reuses the norm SpikeSkip computed: no collective of its own."""
+    oracle = ranks[0]["spike"]["without_batch"]
+    assert oracle["global_step"] == 7 and not any(oracle["skipped"])
+    for rank in ranks:
+        for kind in ("ddp", "fsdp2"):
+            run = rank["spike"][kind]
+            assert run["global_step"] == 8
+            assert [i for i, skipped in enumerate(run["skipped"]) if skipped] == [5]
+            assert run["spike_events"] == [[5, 0, ["loss", "grad_norm"]]]
+    assert ranks[0]["spike"]["ddp"]["weights"] == oracle["weights"]
+    assert _max_difference(ranks[0]["spike"]["fsdp2"]["weights"], oracle["weights"]) <= 1e-6
+    assert ranks[1]["spike"]["fsdp2"]["weights"] == ranks[0]["spike"]["fsdp2"]["weights"]
+    assert ranks[0]["spike"]["fsdp2"]["collectives"] == [0] * 8

@@ -6,7 +6,8 @@ same data and seeds twice, under DDP (the oracle) and under FSDP2 (``ModelParall
 ``FSDP2Strategy``, ``fully_shard`` on each Linear and the root: uneven shards, a rank with no rows of the last
 layer, a LayerNorm spread over both ranks), and records on each rank: the final full weights,
 what was logged, the collectives GradientClipping issued per step, the optimizer classes and
-learning rates over the steps. ``OUT/rank<r>.json`` holds ``{case: {"ddp": ..., "fsdp2": ...}}``.
+learning rates over the steps. ``OUT/rank<r>.json`` holds ``{case: {"ddp": ..., "fsdp2": ...}}``
+(the ``spike`` case adds ``without_batch``: DDP on data lacking the batch SpikeSkip skipped).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from optim_callbacks import (
     FSDP2Strategy,
     GradientClipping,
     ScheduleFreeModes,
+    SpikeSkip,
 )
 from tests.lib.tiny import RecordingLogger, TinyRegressor, tiny_trainer
 
@@ -38,15 +40,39 @@ STEPS = 8  # 128 samples, 2 ranks, batch 8
 
 
 class Sharded(TinyRegressor):
-    """TinyRegressor, NaN loss on rank 0 at the given steps; under FSDP2 each Linear and the root
-    are sharded in ``configure_model``."""
+    """TinyRegressor, NaN loss (or a x1000 loss, ``spike_steps``) on rank 0 at the given steps;
+    under FSDP2 each Linear and the root are sharded in ``configure_model``.
+
+    ``dealt``: the module deals the samples to the ranks itself, in order (rank ``r`` gets every
+    second sample from ``r``; run with ``use_distributed_sampler=False``, as Lightning's sampler
+    shuffles by a permutation that depends on the data's length), so samples ``16 k .. 16 k + 15``
+    are global step ``k``'s batch; ``drop_samples`` (start, stop) leaves those samples out."""
 
     def __init__(
-        self, nan_steps: tuple[int, ...] = (), nan_grad_steps: tuple[int, ...] = (), **kwargs
+        self,
+        nan_steps: tuple[int, ...] = (),
+        nan_grad_steps: tuple[int, ...] = (),
+        spike_steps: tuple[int, ...] = (),
+        dealt: bool = False,
+        drop_samples: tuple[int, int] | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.nan_steps = set(nan_steps)
         self.nan_grad_steps = set(nan_grad_steps)
+        self.spike_steps = set(spike_steps)
+        self.dealt = dealt
+        self.drop_samples = drop_samples
+
+    def train_dataloader(self):
+        loader = super().train_dataloader()
+        if not self.dealt:
+            return loader
+        start, stop = self.drop_samples or (0, 0)
+        kept = [i for i in range(len(loader.dataset)) if not start <= i < stop]
+        mine = kept[self.global_rank :: self.trainer.world_size]
+        subset = torch.utils.data.Subset(loader.dataset, mine)
+        return torch.utils.data.DataLoader(subset, batch_size=loader.batch_size, shuffle=False)
 
     def on_after_backward(self) -> None:
         """At ``nan_grad_steps``, one gradient element becomes NaN: the output bias, which under
@@ -70,6 +96,8 @@ class Sharded(TinyRegressor):
         loss = super().training_step(batch, batch_idx)
         if self.global_rank == 0 and self.trainer.global_step in self.nan_steps:
             loss = loss * float("nan")
+        if self.global_rank == 0 and self.trainer.global_step in self.spike_steps:
+            loss = loss * 1000
         return loss
 
 
@@ -124,6 +152,17 @@ CASES = {
     "stop": dict(
         clipping=dict(max_norm=0.5, max_consecutive_nonfinite=2), nan_steps=tuple(range(3, 99))
     ),
+    # SpikeSkip (before the clipping) skips step 5, whose loss is x1000 on rank 0 only; a
+    # constant LR and data dealt in order, so the run without that batch (below) sees the
+    # other batches in the same order at the same LR.
+    "spike": dict(
+        spike=dict(window=8, warmup=4, max_skip_fraction=0.5),
+        spike_steps=(5,),
+        clipping=dict(max_norm=0.5),
+        scheduler="constant",
+        dealt=True,
+        trainer=dict(use_distributed_sampler=False),
+    ),
     "adam_to_sgd": dict(
         switch=dict(at_fraction=0.25, momentum=0.9, momentum_init="adam"),
         trainer=dict(max_epochs=2, max_steps=-1),
@@ -161,6 +200,9 @@ def run_case(
     module = Sharded(
         nan_steps=case.get("nan_steps", ()),
         nan_grad_steps=case.get("nan_grad_steps", ()),
+        spike_steps=case.get("spike_steps", ()),
+        dealt=case.get("dealt", False),
+        drop_samples=case.get("drop_samples"),
         optimizer=case.get("optimizer", "adam"),
         lr=1e-2,
         scheduler=case.get("scheduler", "cosine"),
@@ -172,7 +214,10 @@ def run_case(
     clipping = CountedClipping(**case["clipping"]) if "clipping" in case else None
     trace = Trace()
     logger = RecordingLogger()
-    callbacks = [c for c in (clipping, AmpEpsilon(), ScheduleFreeModes(), trace) if c is not None]
+    spike = SpikeSkip(**case["spike"]) if "spike" in case else None
+    callbacks = [
+        c for c in (spike, clipping, AmpEpsilon(), ScheduleFreeModes(), trace) if c is not None
+    ]
     if "switch" in case:
         callbacks.insert(0, AdamToSGD(**case["switch"]))
     checkpoints = ModelCheckpoint(dirpath=folder / "ckpt", save_last=True, save_top_k=-1)
@@ -198,6 +243,9 @@ def run_case(
         "skipped": trace.skipped,
         "stop_checkpoint": clipping.stop_checkpoint_path if clipping else None,
         "nonfinite_steps": clipping.nonfinite_steps if clipping else 0,
+        "spike_events": [[e["step"], e["rank"], e["spiked"]] for e in spike.events]
+        if spike
+        else [],
         "last_checkpoint": checkpoints.last_model_path,
         "eps": sorted({group.get("eps", 0.0) for group in trainer.optimizers[0].param_groups}),
         # The compiled update ran on every step (a failed compile would say why here).
@@ -220,6 +268,11 @@ def main(out: Path, only: list[str]) -> None:
         if name in results:
             mid = str(out / name / "fsdp2" / "ckpt" / "epoch=0-step=8.ckpt")
             results[name]["resumed"] = run_case(name, "fsdp2", out, ckpt_path=mid, tag="-resumed")
+    # The oracle of the skipped spike: DDP on data that lacks step 5's 16 samples, no spike.
+    if "spike" in results:
+        results["spike"]["without_batch"] = run_case(
+            "spike", "ddp", out, tag="-without", spike_steps=(), drop_samples=(80, 96)
+        )
     if only:
         (out / f"rank{torch.distributed.get_rank()}.json").write_text(json.dumps(results))
         return
