@@ -15,7 +15,8 @@
 - ``--config FILE`` (YAML), ``--print_config`` (the full configuration, then exit),
   ``--ckpt_path FILE`` (resume), ``--logger wandb|csv|tensorboard|none``, ``--project NAME``;
 - one flag or YAML block per callback: ``--clipping.max_norm 0.5`` configures one,
-  ``--clipping null`` switches it off, ``--adam_to_sgd.at_fraction 0.5`` switches one on.
+  ``--clipping null`` (or ``--clipping false``) switches it off, ``--adam_to_sgd.at_fraction 0.5``
+  switches one on.
 
 A run fits, tests the best checkpoint, prints a test table and where the logs and checkpoints
 are. A usage error (unknown optimizer, missing file or column, ...) prints one line and exits
@@ -274,7 +275,7 @@ class RecipeCLI(LightningCLI):
                 f"--{option.key}",
                 type=option.callback | None,
                 default=default,
-                help=f"{option.help} ({state} by default; null: off)",
+                help=f"{option.help} ({state} by default; null or false: off)",
             )
         for name in ("num_classes", "class_names"):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
@@ -285,6 +286,7 @@ class RecipeCLI(LightningCLI):
         """Parse (configurations of earlier versions upgraded), then check names and settings
         before anything is seeded, read or loaded."""
         args = _join_negative_numbers(upgrade_args(sys.argv[1:] if args is None else args))
+        args = _false_means_off(args, [option.key for option in self.callback_options])
         self.run_args = list(args)
         try:
             self.config = parser.parse_args(args)
@@ -405,6 +407,24 @@ def _join_negative_numbers(args: Sequence[str]) -> list[str]:
         else:
             joined.append(token)
     return joined
+
+
+def _false_means_off(args: Sequence[str], keys: Sequence[str]) -> list[str]:
+    """``--findings false`` (or ``--findings=false``) → ``--findings null``: a callback flag
+    switched off in the words a user reaches for first (the parser alone would reject the
+    boolean). Only the value right after a callback flag is read this way."""
+    flags = {f"--{key}" for key in keys}
+    rewritten: list[str] = []
+    for token in args:
+        name, sep, value = token.partition("=")
+        previous = rewritten[-1] if rewritten else ""
+        if sep and name in flags and value.lower() == "false":
+            rewritten.append(f"{name}=null")
+        elif not sep and token.lower() == "false" and previous in flags:
+            rewritten.append("null")
+        else:
+            rewritten.append(token)
+    return rewritten
 
 
 def _check_settings(settings: Mapping[str, Any]) -> None:

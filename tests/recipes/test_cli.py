@@ -161,6 +161,23 @@ def test_config_file_is_the_default_run_spelled_out(capsys):
     assert defaults["adam_to_sgd"] is None  # off unless asked for
 
 
+def test_findings_and_spike_skip_are_on_by_default_and_false_or_null_turns_them_off(capsys):
+    defaults = _printed_config(capsys, [])
+    assert defaults["findings"]["class_path"] == "optim_callbacks.TrainingFindings"
+    assert defaults["spike_skip"]["class_path"] == "optim_callbacks.SpikeSkip"
+    for args in (
+        ["--findings", "false", "--spike_skip", "false"],
+        ["--findings=False", "--spike_skip=false"],
+        ["--findings", "null", "--spike_skip", "null"],
+    ):
+        off = _printed_config(capsys, args)
+        assert off["findings"] is None and off["spike_skip"] is None, args
+        assert off["clipping"] == defaults["clipping"]  # the others stay as they were
+    # "false" is read as "off" only right after a callback flag
+    kept = _printed_config(capsys, ["--findings", "false", "--project", "false"])
+    assert kept["findings"] is None and kept["project"] == "false"
+
+
 def test_a_config_saved_by_version_0_1_still_loads(capsys):
     """Version 0.1 saved ``layer_decay`` and the option dicts directly under ``model:``."""
     old = yaml.safe_load(OLD_CONFIG.read_text())
