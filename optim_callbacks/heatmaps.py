@@ -4,8 +4,8 @@ One picture per statistic: a row per layer (module order, top to bottom), a colu
 step, the colour the statistic's value. The colour scale is logarithmic where the statistic's
 positive values span two decades or more (norms, step sizes, update/weight ratios), linear
 otherwise (fractions, cosines); missing values are grey. Events are drawn over the picture: the
-optimizer switch as a vertical line, skipped non-finite steps and heavy clipping as markers
-above the top row.
+optimizer switch as a vertical line; heavy clipping, skipped non-finite steps and skipped spikes
+as markers in three rows above the top row.
 
 matplotlib (the ``plots`` extra: ``pip install 'optim-callbacks[plots]'``) is imported only
 here, when a picture is drawn; figures are saved through Agg, never shown, and the process's
@@ -52,6 +52,7 @@ HEATMAP_ORDER = (
 _EVENT_STYLE = {  # kind -> (marker, colour, legend text, points above the top row)
     "nonfinite": ("x", "#d62728", "skipped non-finite step(s)", 15),
     "clipping": ("v", "#ff7f0e", "clipping share above threshold", 6),
+    "spike": ("D", "#9467bd", "skipped spike(s)", 24),
 }
 
 
@@ -126,7 +127,7 @@ def render_heatmap(
     # names' width on the left, the colour bar on the right, title and markers on top, the
     # step axis and the events' legend below.
     left = 0.25 + 0.55 * font / 72 * max((len(name) for name in layers), default=1)
-    bottom, top = 0.75, 0.55
+    bottom, top = 0.75, 0.7
     axis = figure.add_axes(
         (left / width, bottom / height, 1 - (left + 1.05) / width, 1 - (bottom + top) / height)
     )
@@ -143,7 +144,7 @@ def render_heatmap(
     axis.set_yticks([i + 0.5 for i in range(0, len(layers), label_every)])
     axis.set_yticklabels(layers[::label_every], fontsize=font)
     axis.set_xlabel("optimizer step", fontsize=9, labelpad=2)
-    axis.set_title(title or statistic, fontsize=10, pad=22)
+    axis.set_title(title or statistic, fontsize=10, pad=32)
     colorbar = figure.colorbar(mesh, cax=bar)
     colorbar.set_label(f"{statistic} ({'log' if log else 'linear'} scale)", fontsize=8)
     handles = _draw_events(axis, history.events)

@@ -9,7 +9,9 @@ marker on a heatmap:
 - ``nonfinite``: at least one step since the previous logging step had non-finite gradients and
   was skipped (read from ``GradientClipping``'s counters), at the logging step;
 - ``clipping``: clipping acted on at least a given share of the finite steps since the previous
-  logging step, at the logging step.
+  logging step, at the logging step;
+- ``spike``: :class:`~optim_callbacks.SpikeSkip` skipped the step as a loss or gradient-norm
+  spike, at the step it skipped (told through the ``on_spike_skipped`` hook).
 
 It is filled from values the callback has already computed (no pass over the parameters) and
 travels in checkpoints, so a resumed run's heatmaps cover the whole run.
@@ -26,7 +28,7 @@ import torch
 
 __all__ = ["EVENT_KINDS", "MomentEvent", "MomentHistory"]
 
-EVENT_KINDS = ("switch", "nonfinite", "clipping")
+EVENT_KINDS = ("switch", "nonfinite", "clipping", "spike")
 
 
 @dataclass(frozen=True)

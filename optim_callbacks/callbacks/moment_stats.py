@@ -253,6 +253,13 @@ class MomentStatistics(FitStateCallback):
         self.history.add_event(trainer.global_step, "switch", f"{before} → {', '.join(names)}")
         self._optimizer_names = names
 
+    def on_spike_skipped(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, description: str
+    ) -> None:
+        """Protocol hook (``SpikeSkip``): the optimizer step at ``step`` was skipped as a spike;
+        mark it on the heatmaps, ``description`` (one line) as its label."""
+        self.history.add_event(step, "spike", description)
+
     # --- the two hooks that do work on logging steps -----------------------------------------
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any

@@ -70,6 +70,8 @@ together. The gathered per-rank losses name the rank whose loss was highest.
 Where a spike came from: each skip is recorded in :attr:`SpikeSkip.events` (and the run's log)
 with the step, the epoch, the batch indices, which value spiked and by how much, the parameter
 holding the largest share of the squared gradient norm, and the rank with the highest loss.
+Every callback with an ``on_spike_skipped(trainer, pl_module, step, description)`` method is
+told of each skip (:func:`notify_spike_skipped`): ``MomentStatistics`` marks it on its heatmaps.
 
 Resume: the window, the recent verdicts, the counters and the events are in the callback's
 checkpoint state, so a resumed run takes the same decisions as an uninterrupted one.
@@ -100,7 +102,7 @@ from optim_callbacks.callbacks.clipping import drop_gradients, pre_clip_norm, st
 from optim_callbacks.sharded import is_sharded, local_part, shard_group, sum_across
 from optim_callbacks.validation import check_at_least, check_in_range, check_non_negative
 
-__all__ = ["MONITORS", "SpikeSkip"]
+__all__ = ["MONITORS", "SpikeSkip", "describe_event", "notify_spike_skipped"]
 
 MONITORS = ("loss", "grad_norm")
 EARLY_MIN_VALUES = 4  # the early (max-based) rule needs at least this many accepted values
@@ -265,6 +267,7 @@ class SpikeSkip(Callback):
         self._restore = _snapshot(trainer, optimizer, scaler)
         drop_gradients(params)
         self._record_skip(trainer, event)
+        notify_spike_skipped(trainer, pl_module, event["step"], describe_event(event))
 
     def _thresholds(self, device: torch.device) -> torch.Tensor:
         """``[2]`` thresholds (loss, norm) from the accepted values; ``inf`` where none applies."""
@@ -395,6 +398,18 @@ class SpikeSkip(Callback):
         self.skipped_steps = int(state_dict["skipped_steps"])
         self.judged_steps = int(state_dict["judged_steps"])
         self.events = list(state_dict["events"])
+
+
+def notify_spike_skipped(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, description: str
+) -> None:
+    """The project's interplay protocol for skips: every callback with
+    ``on_spike_skipped(trainer, pl_module, step, description)`` hears of each skipped step (e.g.
+    ``MomentStatistics`` draws it on its heatmaps), whatever its class."""
+    for callback in trainer.callbacks:
+        hook = getattr(callback, "on_spike_skipped", None)
+        if callable(hook):
+            hook(trainer, pl_module, step, description)
 
 
 def describe_event(event: dict[str, Any]) -> str:

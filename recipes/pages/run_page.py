@@ -138,7 +138,7 @@ def _findings_section(record: Mapping[str, Any]) -> str:
 def _events_section(record: Mapping[str, Any]) -> str:
     events = [*(record.get("events") or []), *(record.get("spike_events") or [])]
     if not events:
-        text = "No optimizer switch, skipped non-finite step or heavy clipping was recorded."
+        text = "No optimizer switch, skipped step (non-finite or spike) or heavy clipping was recorded."
         return f"<h2>Events</h2>\n<p>{text}</p>"
     rows = [
         (steps, _EVENT_NAMES.get(kind, kind), what) for steps, kind, what in event_spans(events)

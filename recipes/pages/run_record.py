@@ -76,6 +76,7 @@ def build_run_record(
     moments = next((c for c in trainer.callbacks if isinstance(c, MomentStatistics)), None)
     checkpoint = trainer.checkpoint_callback
     last = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "")
+    events = [asdict(e) for e in moments.history.events] if moments is not None else []
     heatmaps = None
     if moments is not None and moments.heatmap_files:
         heatmaps = _relative(moments.heatmap_folder(trainer), folder)
@@ -99,21 +100,26 @@ def build_run_record(
         },
         "loggers": _logger_locations(trainer),
         "heatmaps": heatmaps,
-        "events": [asdict(e) for e in moments.history.events] if moments is not None else [],
-        **_health(trainer),
+        "events": events,
+        **_health(trainer, events),
     }
 
 
-def _health(trainer: L.Trainer) -> dict[str, Any]:
-    """The findings in words and SpikeSkip's skipped steps (also listed among the events)."""
+def _health(trainer: L.Trainer, listed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The findings in words and SpikeSkip's skipped steps. ``spike_events``: the skips the
+    heatmaps' events (``listed``; MomentStatistics hears of each skip) do not already hold, so
+    the page lists each once."""
     findings = next((c for c in trainer.callbacks if isinstance(c, TrainingFindings)), None)
     spikes = next((c for c in trainer.callbacks if isinstance(c, SpikeSkip)), None)
     events = spikes.events if spikes is not None else []
+    known = {e["step"] for e in listed if e["kind"] == "spike"}
     return {
         "findings": [f.as_dict() for f in findings.findings] if findings is not None else [],
         "spikes": {"skipped": spikes.skipped_steps, "events": events} if spikes else None,
         "spike_events": [
-            {"step": e["step"], "kind": "spike", "label": describe_event(e)} for e in events
+            {"step": e["step"], "kind": "spike", "label": describe_event(e)}
+            for e in events
+            if e["step"] not in known
         ],
     }
 

@@ -14,7 +14,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
-from optim_callbacks import GradientClipping, MomentHistory, MomentStatistics, run_folder
+from optim_callbacks import (
+    GradientClipping,
+    MomentHistory,
+    MomentStatistics,
+    SpikeSkip,
+    run_folder,
+)
+from optim_callbacks.callbacks.spike_skip import describe_event
 from optim_callbacks.heatmaps import render_heatmap, short_layer_names, uses_log_scale
 from tests.lib.test_clipping import BrokenRegressor
 from tests.lib.test_moment_stats import SwitchToMomentum
@@ -36,7 +43,9 @@ def test_history_records_rows_drops_relogged_steps_and_survives_a_checkpoint(tmp
     assert history.matrix("update_to_weight")[1, 1] == 0.5
     history.add_event(2, "switch", "Adam → SGD")
     history.add_event(2, "switch", "Adam → SGD")  # once
-    with pytest.raises(ValueError, match="kind: got 'crash'; allowed: switch, nonfinite"):
+    with pytest.raises(
+        ValueError, match="kind: got 'crash'; allowed: switch, nonfinite, clipping, spike"
+    ):
         history.add_event(2, "crash", "?")
 
     torch.save(history.state_dict(), tmp_path / "state.pt")
@@ -185,6 +194,49 @@ def test_a_resumed_run_draws_the_whole_runs_heatmaps(tmp_path):
     assert resumed.events == full.events
     for stat in full.statistics:
         assert torch.allclose(resumed.matrix(stat), full.matrix(stat), equal_nan=True)
+
+
+SPIKE_PURPLE = (148, 103, 189)  # the "spike" marker's colour, #9467bd
+
+
+def test_a_skipped_spike_is_an_event_on_the_heatmaps(tmp_path):
+    """A real fit with a x100 loss batch at step 20: SpikeSkip tells MomentStatistics through
+    the ``on_spike_skipped`` hook (no class check), which marks step 20 (not a logging step)
+    with SpikeSkip's one-line description; the picture has the spike markers, the same picture
+    without that event has none of their colour."""
+    from tests.lib.test_spike_skip import (
+        LOSS_SPIKE,
+        SMALL,
+        SpikyModule,
+        bad_batch,
+        clean_batches,
+        with_batch,
+    )
+
+    moments = MomentStatistics(every_n_steps=4, heatmap_dir=str(tmp_path / "heatmaps"))
+    skip = SpikeSkip(**SMALL)
+    data = with_batch(clean_batches(27), 20, bad_batch(LOSS_SPIKE))
+    from tests.lib.tiny import RecordingLogger
+
+    trainer = tiny_trainer(tmp_path, logger=RecordingLogger(), callbacks=[skip, moments])
+    trainer.fit(SpikyModule(data))
+    assert [e["step"] for e in skip.events] == [20]
+    spikes = [e for e in moments.history.events if e.kind == "spike"]
+    assert [(e.step, e.label) for e in spikes] == [(20, describe_event(skip.events[0]))]
+    assert 20 not in moments.history.steps  # marked where it happened, between logging steps
+
+    marked = Image.open(render_heatmap(moments.history, "update_to_weight", tmp_path / "m.png"))
+    moments.history.events = [e for e in moments.history.events if e.kind != "spike"]
+    plain = Image.open(render_heatmap(moments.history, "update_to_weight", tmp_path / "p.png"))
+
+    def purple(image: Image.Image) -> int:
+        return sum(
+            all(abs(a - b) <= 12 for a, b in zip(pixel, SPIKE_PURPLE, strict=True))
+            for pixel in image.convert("RGB").getdata()
+        )
+
+    assert purple(plain) == 0
+    assert purple(marked) >= 20  # the marker above the top row and the legend's
 
 
 def test_without_matplotlib_one_warning_says_what_to_install_and_scalars_still_log(
