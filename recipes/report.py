@@ -80,6 +80,17 @@ def _lr_sources(settings: Mapping[str, Any], current: Mapping[str, Any]) -> dict
     return sources
 
 
+def _summaries(loaded: Sequence[tuple], target: float) -> list[Any]:
+    """One :class:`~recipes.sweep.summary.RunSummary` per loaded run, a failure's reason kept."""
+    summaries = []
+    for run, result, failure in loaded:
+        summary = summarize_run(run, result, target)
+        if failure is not None and result is None:
+            summary.error = failure.get("error", "")
+        summaries.append(summary)
+    return summaries
+
+
 def _run_folders(folder: Path, keys: Sequence[str]) -> dict[str, str | None]:
     """Each run's folder holding its ``run.html`` (the newest attempt's), found under
     ``runs/<key>/`` so that a folder shared between machines links on every one of them."""
@@ -136,18 +147,7 @@ def write_report(
         finished + [r for _, r, _ in search_loaded if r is not None],
         settings.get("target_accuracy"),
     )
-    runs = []
-    for run, result, failure in loaded:
-        summary = summarize_run(run, result, target)
-        if failure is not None and result is None:
-            summary.error = failure.get("error", "")
-        runs.append(summary)
-    search_runs = []
-    for run, result, failure in search_loaded:
-        summary = summarize_run(run, result, target)
-        if failure is not None and result is None:
-            summary.error = failure.get("error", "")
-        search_runs.append(summary)
+    runs, search_runs = _summaries(loaded, target), _summaries(search_loaded, target)
     chosen = {n: chosen_lr(current, n) for n in settings["search"]}
     summaries = summarize_optimizers(runs)
 

@@ -106,7 +106,10 @@ def open_storage(url: str, heartbeat: int | None = None) -> Any:
             ),
         }
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_args)
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_args)
+        if url.startswith("sqlite"):
+            _immediate_transactions(storage.engine)
+        return storage
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ImportError) as error:
         raise ValueError(
             f"storage: got {masked_url(url)!r}, which no installed database driver takes "
@@ -117,6 +120,25 @@ def open_storage(url: str, heartbeat: int | None = None) -> Any:
         raise StorageError(
             f"storage: cannot use {masked_url(url)}: {_reason(error, url)}"
         ) from None
+
+
+def _immediate_transactions(engine: Any) -> None:
+    """Every SQLite transaction starts with ``BEGIN IMMEDIATE`` (SQLAlchemy's recipe for
+    serializable SQLite, the driver's own transaction handling off). SQLite has no
+    ``SELECT ... FOR UPDATE``: without this, two workers could both read a trial as WAITING
+    and both set it RUNNING; with it the read and the write of a claim are one locked step, for
+    the threads of one sweep and for two sweeps on one folder alike (PostgreSQL locks the row)."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _driver_transactions_off(connection: Any, record: Any) -> None:
+        connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made before the listeners are not reused
 
 
 def _reason(error: BaseException, url: str) -> str:

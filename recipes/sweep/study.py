@@ -31,6 +31,7 @@ __all__ = [
     "SweepTrial",
     "chosen_lr",
     "current_trials",
+    "ended",
     "load_sweep",
     "open_study",
     "queue_plan",
@@ -38,7 +39,6 @@ __all__ = [
 ]
 
 PLAN_WAIT_SECONDS = 60
-_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 def _quiet() -> None:
@@ -202,10 +202,22 @@ def current_trials(trials: Sequence[FrozenTrial]) -> dict[str, SweepTrial]:
     return current
 
 
+def ended(trial: FrozenTrial) -> bool:
+    """Whether a trial's run has ended for good: COMPLETE, PRUNED, or FAIL with the reason a
+    worker gave. A FAIL without one is a dead worker's trial that the heartbeat's callback is
+    queueing again (or has), and one "interrupted" is queued again by its own worker."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and trial.user_attrs.get("error") not in (
+        None,
+        "interrupted",
+    )
+
+
 def search_finished(current: Mapping[str, SweepTrial], optimizer: str) -> bool:
-    """Whether every LR-search trial of ``optimizer`` has ended."""
+    """Whether every LR-search trial of ``optimizer`` has ended (see :func:`ended`)."""
     return all(
-        t.state in _FINISHED
+        ended(t.trial)
         for t in current.values()
         if t.optimizer == optimizer and t.role == "lr-search"
     )

@@ -46,7 +46,7 @@ from recipes.sweep.plan import WorkerOptions, run_args
 from recipes.sweep.processes import die_with_parent
 from recipes.sweep.pruning import PRUNER_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV
 from recipes.sweep.storage import storage_failure
-from recipes.sweep.study import chosen_lr, current_trials, search_finished
+from recipes.sweep.study import chosen_lr, current_trials, ended, search_finished
 
 __all__ = ["Sweep", "newest_checkpoint", "retry_failed", "run_workers"]
 
@@ -125,7 +125,7 @@ def retry_failed(study: optuna.Study) -> list[str]:
     again = RetryHeartbeatStaleTrialCallback()
     keys = []
     for key, entry in current_trials(study.get_trials(deepcopy=False)).items():
-        if entry.state == TrialState.FAIL:
+        if entry.state == TrialState.FAIL and ended(entry.trial):  # not one being retried
             again(study, entry.trial)
             keys.append(key)
     return keys
@@ -292,7 +292,7 @@ def _execute(
         import torch
 
         step = int(torch.load(resume, map_location="cpu", weights_only=True)["global_step"])
-        command += ["--ckpt_path", str(resume)]
+        command += ["--ckpt_path", str(resume), *_same_checkpoint_folder(args, resume.parent)]
         trial.set_user_attr("resumed_from_step", step)
         _say(f"[{label}] resuming from step {step} ({resume.relative_to(options.folder)})")
     else:
@@ -349,6 +349,26 @@ def _execute(
         + (f", pruned at step {result['pruned_at_step']}" if result.get("pruned_at_step") else "")
     )
     return result
+
+
+def _same_checkpoint_folder(args: list[str], folder: Path) -> list[str]:
+    """Options that keep a resumed attempt's checkpoints in the dead attempt's folder: a
+    ``ModelCheckpoint`` whose folder changed forgets its best score and keeps only the best
+    path, so the test would evaluate another checkpoint than an uninterrupted run's (the new
+    attempt's logger, a new W&B run, would otherwise name a new folder)."""
+    options = ["--last_checkpoint.dirpath", str(folder)]
+    switched_off = any(
+        token in ("--checkpoint=null", "--checkpoint=None")
+        or (
+            token == "--checkpoint"
+            and index + 1 < len(args)
+            and args[index + 1] in ("null", "None")
+        )
+        for index, token in enumerate(args)
+    )
+    if not switched_off:
+        options += ["--checkpoint.dirpath", str(folder)]
+    return options
 
 
 def _child_env(

@@ -34,7 +34,7 @@ def server_binaries() -> dict[str, str] | None:
     return found
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -56,7 +56,7 @@ def postgres_server() -> Iterator[str]:
         os.chown(folder, account.pw_uid, account.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"]
     superuser = "postgres" if as_root else pwd.getpwuid(os.geteuid()).pw_name
-    port = _free_port()
+    port = free_port()
 
     def run(*command: str) -> None:
         done = subprocess.run([*prefix, *command], capture_output=True, text=True, cwd=folder)

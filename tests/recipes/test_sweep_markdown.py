@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from recipes.sweep.markdown import claims_table, optimizer_table, verdict
 from recipes.sweep.summary import AVERAGED, OptimizerSummary
@@ -46,3 +47,34 @@ def test_the_report_page_shows_html_in_the_report_as_text(tmp_path):
     assert "<script" not in page and "<b>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;b&gt;bold&lt;/b&gt;" in page
     assert "<title>Optimizer comparison: x</title>" in page
+
+
+def test_the_lr_search_table_marks_pruned_runs_the_choice_and_the_edge():
+    from recipes.sweep.markdown import lr_search_table
+    from recipes.sweep.summary import RunSummary
+
+    def run(lr: float, acc: float, status: str = "finished") -> RunSummary:
+        return RunSummary(
+            f"sgd-lr{lr:g}-seed42", "sgd", lr, "", 42, status, final_val_acc=acc,
+            final_val_loss=1.0, pruned_at_step=6 if status == "pruned" else None,
+        )  # fmt: skip
+
+    search = {"sgd": {"lrs": [0.1, 0.03, 1.0], "low": 0.01, "high": 1.0, "kind": "log-uniform"}}
+    runs = [run(0.1, 0.8), run(0.03, 0.7), run(1.0, 0.3, "pruned")]
+    text = lr_search_table(search, runs, {"sgd": 0.1})
+    assert "| sgd | 0.1 | 0.8000 | 1.0000 | finished | **yes** |" in text
+    assert "| sgd | 1 | 0.3000 | 1.0000 | pruned at step 6 |  |" in text
+    assert "sgd: 3 trials, log-uniform in [0.01, 1]" in text
+    assert "at the edge" not in text  # 0.1 lies between 0.03 and 1
+    assert "at the edge" in lr_search_table(search, runs, {"sgd": 0.03})
+
+
+def test_storage_urls_never_show_a_password():
+    from recipes.sweep.storage import dashboard_command, masked_url, storage_url
+
+    url = storage_url("postgresql://sweep:pa55@db:5432/sweeps", Path("."))
+    assert url == "postgresql+psycopg://sweep:pa55@db:5432/sweeps"  # psycopg 3
+    assert masked_url(url) == "postgresql+psycopg://sweep:***@db:5432/sweeps"
+    assert dashboard_command(url) == "optuna-dashboard postgresql+psycopg://sweep@db:5432/sweeps"
+    assert masked_url("postgresql://sweep@db/sweeps") == "postgresql://sweep@db/sweeps"
+    assert storage_url(None, Path("out")) == f"sqlite:///{Path('out/study.db').resolve()}"
