@@ -33,7 +33,7 @@ __all__ = [
 
 DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "configs" / "claims.yaml"
 METRICS: Mapping[str, str] = {
-    "test_acc": "test accuracy after the last step",
+    "test_acc": "test accuracy of the checkpoint with the best validation accuracy",
     "final_val_loss": "validation loss at the last validation",
     "mean_val_loss": "mean validation loss over the run's validations (lower: faster)",
     "effective_lr_log10_ratio": "log10 of the effective LR lr/sqrt(v) at the end over the start",

@@ -1,0 +1,523 @@
+"""The claims study's report: ``claims.md``, ``claims.html``, ``headline.md`` and SVG plots.
+
+Everything on the pages comes from the stored study (``study/study.db`` and
+``study/records``) and the registry, so ``python -m recipes.claims --render-only`` writes the
+same bytes again: no clock is read, plots are SVG with a fixed hash salt and no date. Both pages
+are rendered from one list of blocks (headings, paragraphs, tables, figures), so they say the
+same thing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from recipes.claims.analysis import (
+    NOT_YET_RUN,
+    ArmResult,
+    ClaimResult,
+    evaluate,
+    load_arms,
+    verdict_counts,
+)
+from recipes.claims.registry import Claim, Registry
+from recipes.claims.store import StudyPaths
+
+__all__ = ["write_report"]
+
+REGISTRY_SHOWN = "configs/claims.yaml"
+UNITS = {
+    "test_acc": ("test accuracy", 100.0, "pp"),
+    "final_val_loss": ("final validation loss", 1.0, ""),
+    "mean_val_loss": ("mean validation loss", 1.0, ""),
+    "effective_lr_log10_ratio": ("log10 effective-LR ratio (end/start)", 1.0, ""),
+}
+
+
+@dataclass(frozen=True)
+class Link:
+    text: str
+    href: str
+
+
+Cell = str | Link
+Block = tuple[str, Any]  # ("h1"|"h2"|"h3"|"p"|"quote"|"table"|"figure"|"code", payload)
+
+
+def _fmt(metric: str, value: float | None, signed: bool = False) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    _, scale, unit = UNITS[metric]
+    text = f"{value * scale:+.2f}" if signed else f"{value * scale:.2f}"
+    if metric in ("final_val_loss", "mean_val_loss"):
+        text = f"{value:+.4f}" if signed else f"{value:.4f}"
+    return f"{text} {unit}".strip()
+
+
+def _anchor(claim_id: str) -> str:
+    return f"claim-{claim_id.replace('_', '-')}"
+
+
+def _records_link(arm: str, key: str) -> str:
+    return f"study/records/{arm}/{key}.json"
+
+
+def _short(arm: str) -> str:
+    """An arm's name without its task prefix (``resnet_adam_cosine`` -> ``adam_cosine``)."""
+    return arm.split("_", 1)[1] if "_" in arm else arm
+
+
+def _comparison_label(result: Any) -> str:
+    c = result.comparison
+    if c.other is None:
+        return f"{_short(c.arm)} (vs 0)"
+    return f"{_short(c.arm)} {c.relation} {_short(c.other)}"
+
+
+def _effect_text(claim: Claim, result: Any) -> tuple[str, str]:
+    if result.raw is None:
+        return ("—", "—")
+    effect, low, high = result.raw
+    return (
+        _fmt(claim.metric, effect, signed=True),
+        f"[{_fmt(claim.metric, low, signed=True)}, {_fmt(claim.metric, high, signed=True)}]",
+    )
+
+
+def _verdict_text(result: ClaimResult) -> str:
+    if len(result.per_task) > 1 and result.verdict != NOT_YET_RUN:
+        return f"{result.verdict} ({', '.join(f'{t}: {v}' for t, v in result.per_task.items())})"
+    return result.verdict
+
+
+def _seconds(records: Sequence[dict[str, Any]]) -> float:
+    return sum(float(r.get("run_seconds") or 0.0) for r in records)
+
+
+def _all_records(paths: StudyPaths) -> list[dict[str, Any]]:
+    if not paths.records.exists():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(paths.records.glob("*/*.json"))]
+
+
+def _plot(claim_result: ClaimResult, arms: dict[str, ArmResult], target: Path) -> bool:
+    """Per-seed values of each arm the claim compares (lines join the same seed); ``False``
+    when no arm has a run yet."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    claim = claim_result.claim
+    names = list(
+        dict.fromkeys(n for c in claim.comparisons for n in (c.arm, c.other) if n is not None)
+    )
+    values = {n: arms[n].values(claim.metric) for n in names}
+    if not any(values.values()):
+        return False
+    matplotlib.rcParams["svg.hashsalt"] = "claims"
+    label, scale, unit = UNITS[claim.metric]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(names), 3.4))
+    seeds = sorted({s for v in values.values() for s in v})
+    for seed in seeds:
+        xs = [i for i, n in enumerate(names) if seed in values[n]]
+        ys = [values[names[i]][seed] * scale for i in xs]
+        ax.plot(xs, ys, "o-", color="0.6", alpha=0.6, markersize=4, linewidth=0.8)
+    for i, n in enumerate(names):
+        finite = [v * scale for v in values[n].values() if math.isfinite(v)]
+        if finite:
+            ax.plot([i - 0.2, i + 0.2], [statistics.fmean(finite)] * 2, color="C3", linewidth=2)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([n.replace("_", "\n", 1) for n in names], fontsize=7)
+    ax.set_ylabel(f"{label}{' (%)' if unit == 'pp' else ''}", fontsize=8)
+    ax.set_title(claim.id, fontsize=9)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, format="svg", metadata={"Date": None, "Creator": None})
+    plt.close(fig)
+    return True
+
+
+def _blocks(
+    registry: Registry,
+    results: list[ClaimResult],
+    arms: dict[str, ArmResult],
+    records: list[dict[str, Any]],
+    plots: dict[str, str],
+    quick: bool,
+) -> tuple[list[Block], list[Block]]:
+    """The page's blocks, and the headline table's (for the README)."""
+    blocks: list[Block] = [("h1", "The survey's claims, measured")]
+    if quick:
+        blocks.append(
+            (
+                "p",
+                "**QUICK RUN (--quick): tiny budgets to show the pipeline works end to end. "
+                "These numbers are not evidence for or against any claim.**",
+            )
+        )
+    counts = verdict_counts(results)
+    machines = sorted({r.get("machine") or "" for r in records} - {""})
+    hours = _seconds(records) / 3600.0
+    blocks.append(
+        (
+            "p",
+            f"{len(results)} claims of the practitioner's survey, each a pre-registered "
+            f"experiment in `{REGISTRY_SHOWN}` (written and committed before any run) on the "
+            "embedded tasks, run by `python -m recipes.claims` on the comparison sweep's engine. "
+            + ", ".join(f"{v}: {n}" for v, n in counts.items() if n)
+            + ".",
+        )
+    )
+    blocks.append(
+        (
+            "p",
+            f"Measured: {len(records)} runs (LR-search runs included), {hours:.2f} h of "
+            "run time in total, one run at a time, one torch thread per run"
+            + (f", on {'; '.join(machines)}" if machines else "")
+            + ". "
+            "Every number here is read from the stored study (`study/` beside this page); "
+            "`python -m recipes.claims --render-only` writes these pages again.",
+        )
+    )
+    blocks.append(
+        (
+            "p",
+            "Verdicts: the effect is arm minus comparison arm in the metric's units, its "
+            "interval a two-sided 95% Student t interval over seeds, paired by seed when both "
+            "arms ran the same seeds (Welch's interval otherwise; one-sample t for a claim about "
+            "one arm). **supported**: the interval excludes 0 on the side the claim predicts; "
+            "**contradicted**: it excludes 0 on the other side; **inconclusive**: it contains 0 "
+            "(a difference inside the noise is no win). Each arm's LR was chosen on validation "
+            "accuracy by the engine's LR search on the first seed (test data never chooses), "
+            "unless the claim fixes it. The budgets are short: every verdict is about these "
+            "shortened tasks, not the survey's settings.",
+        )
+    )
+    header = ["claim", "task", "verdict", "effect", "95% CI", "seeds", "budget"]
+    rows: list[list[Cell]] = []
+    for result in results:
+        claim = result.claim
+        effects, intervals = [], []
+        measured = [c for c in result.comparisons if c.raw is not None]
+        for comparison in measured if measured else result.comparisons[:1]:
+            effect, interval = _effect_text(claim, comparison)
+            several = len(result.comparisons) > 1
+            prefix = f"{_comparison_label(comparison)}: " if several else ""
+            effects.append(prefix + effect)
+            intervals.append(prefix + interval)
+        tasks = list(dict.fromkeys(c.task for c in result.comparisons))
+        rows.append(
+            [
+                Link(claim.id, f"#{_anchor(claim.id)}"),
+                ", ".join(tasks),
+                _verdict_text(result),
+                "; ".join(effects),
+                "; ".join(intervals),
+                str(result.seeds) if result.seeds else "—",
+                ", ".join(Link(t, "#budgets").text for t in tasks),
+            ]
+        )
+    headline_table: Block = ("table", (header, rows))
+    blocks += [("h2", "Verdicts"), headline_table]
+
+    blocks.append(("h2", "Budgets"))
+    blocks.append(("anchor", "budgets"))
+    search = (
+        f"{registry.lr_trials} LR trials per searched arm on the first seed (the preset and "
+        f"{registry.lr_trials - 1} log-uniform draws in [preset/{registry.lr_range:g}, "
+        f"preset*{registry.lr_range:g}], seeded; {registry.pruner} pruner)"
+    )
+    blocks.append(
+        (
+            "table",
+            (
+                ["task", "recipe", "model and data", "budget per run"],
+                [[t.name, t.recipe, t.title, t.budget] for t in registry.tasks.values()],
+            ),
+        )
+    )
+    blocks.append(
+        (
+            "p",
+            f"LR search: {search}; seeds {', '.join(map(str, registry.seeds))}"
+            + (" (quick: the first two)" if quick else "")
+            + ".",
+        )
+    )
+
+    for result in results:
+        claim = result.claim
+        blocks.append(("h2", f"{claim.id}: {result.verdict}"))
+        blocks.append(("anchor", _anchor(claim.id)))
+        blocks.append(("quote", claim.quote))
+        label = UNITS[claim.metric][0]
+        blocks.append(
+            (
+                "p",
+                f"Source: {claim.source} ({'listed in issue 25' if claim.origin == 'issue' else 'implied by the survey'}). "
+                f"Metric: {label}; predicted: {claim.direction} for the first arm of each "
+                f"comparison; combined: {claim.combine}."
+                + (f" {claim.note}" if claim.note else ""),
+            )
+        )
+        if len(result.per_task) > 1:
+            blocks.append(
+                (
+                    "p",
+                    "Per task: " + "; ".join(f"{t}: {v}" for t, v in result.per_task.items()) + ".",
+                )
+            )
+        comp_rows: list[list[Cell]] = []
+        for comparison in result.comparisons:
+            effect, interval = _effect_text(claim, comparison)
+            method = comparison.interval.method if comparison.interval else "—"
+            n = str(comparison.interval.n) if comparison.interval else "—"
+            comp_rows.append(
+                [
+                    _comparison_label(comparison),
+                    _fmt(claim.metric, comparison.means[0]),
+                    _fmt(claim.metric, comparison.means[1]) if comparison.comparison.other else "0",
+                    effect,
+                    interval,
+                    f"{method}, n={n}" if comparison.interval else "—",
+                    comparison.verdict + (f" ({comparison.note})" if comparison.note else ""),
+                ]
+            )
+        blocks.append(
+            (
+                "table",
+                (
+                    [
+                        "comparison",
+                        "arm mean",
+                        "other mean",
+                        "effect",
+                        "95% CI",
+                        "method",
+                        "verdict",
+                    ],
+                    comp_rows,
+                ),
+            )
+        )
+        names = list(dict.fromkeys(n for c in claim.comparisons for n in (c.arm, c.other) if n))
+        arm_rows: list[list[Cell]] = []
+        for name in names:
+            arm = arms[name]
+            values = arm.values(claim.metric)
+            per_seed = ", ".join(f"{s}: {_fmt(claim.metric, v)}" for s, v in values.items()) or "—"
+            arm_rows.append(
+                [
+                    Link(name, f"#arm-{name.replace('_', '-')}"),
+                    arm.arm.title,
+                    _lr_text(arm),
+                    per_seed,
+                    arm.status,
+                ]
+            )
+        blocks.append(("table", (["arm", "what", "LR", "per seed", "status"], arm_rows)))
+        if claim.id in plots:
+            blocks.append(
+                (
+                    "figure",
+                    (
+                        plots[claim.id],
+                        f"{claim.id}: per-seed {label}; grey lines join one seed, red bars are means",
+                    ),
+                )
+            )
+
+    blocks.append(("h2", "Arms and their runs"))
+    for name, arm in arms.items():
+        blocks.append(("h3", name))
+        blocks.append(("anchor", f"arm-{name.replace('_', '-')}"))
+        blocks.append(
+            (
+                "p",
+                f"{arm.arm.title}. Task {arm.arm.task}, optimizer {arm.arm.optimizer}, LR {_lr_text(arm)}; {arm.status}"
+                + (f"; failed runs: {', '.join(arm.failed)}" if arm.failed else "")
+                + ".",
+            )
+        )
+        run_rows: list[list[Cell]] = []
+        for entry in arm.search:
+            run_rows.append(
+                [
+                    Link(entry["key"], _records_link(name, entry["key"]))
+                    if entry["record"]
+                    else entry["key"],
+                    "LR search",
+                    f"{entry['lr']:.4g}" if entry["lr"] is not None else "—",
+                    entry["status"],
+                    f"{entry['value']:.4f}" if entry["value"] is not None else "—",
+                ]
+            )
+        for seed, record in sorted(arm.runs.items()):
+            if record["role"] == "lr-search":
+                continue
+            run_rows.append(
+                [
+                    Link(record["key"], _records_link(name, record["key"])),
+                    f"seed {seed}",
+                    f"{record['lr']:.4g}",
+                    record["status"],
+                    f"{record['value']:.4f}" if record["value"] is not None else "—",
+                ]
+            )
+        if run_rows:
+            blocks.append(("table", (["run", "role", "LR", "status", "final val acc"], run_rows)))
+    blocks.append(("h2", "Reproduce"))
+    blocks.append(
+        (
+            "code",
+            "python -m recipes.claims                 # run or resume the study\n"
+            "python -m recipes.claims --render-only   # these pages from the stored study\n"
+            "python -m recipes.claims --rerun ARM/KEY # one stored run again, compared",
+        )
+    )
+    return blocks, [headline_table]
+
+
+def _lr_text(arm: ArmResult) -> str:
+    if not arm.arm.searched:
+        return f"fixed {arm.arm.fixed_lr:g}"
+    if arm.chosen_lr is None:
+        return "searched (not chosen yet)"
+    return f"searched: {arm.chosen_lr:.4g}"
+
+
+def _md_cell(cell: Cell) -> str:
+    text = f"[{cell.text}]({cell.href})" if isinstance(cell, Link) else cell
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(blocks: list[Block]) -> str:
+    out: list[str] = []
+    for kind, payload in blocks:
+        if kind == "h1":
+            out.append(f"# {payload}")
+        elif kind == "h2":
+            out.append(f"## {payload}")
+        elif kind == "h3":
+            out.append(f"### {payload}")
+        elif kind == "anchor":
+            out.append(f'<a id="{payload}"></a>')
+        elif kind == "p":
+            out.append(payload)
+        elif kind == "quote":
+            out.append(f"> {payload}")
+        elif kind == "code":
+            out.append(f"```\n{payload}\n```")
+        elif kind == "figure":
+            src, caption = payload
+            out.append(f"![{caption}]({src})")
+        elif kind == "table":
+            header, rows = payload
+            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+            out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def _inline(text: str) -> str:
+    """``**bold**`` and ```code``` of a paragraph as HTML, the rest escaped."""
+    import re
+
+    html = escape(text)
+    html = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", html)
+
+
+def _html_cell(cell: Cell) -> str:
+    if isinstance(cell, Link):
+        return f'<a href="{escape(cell.href)}">{escape(cell.text)}</a>'
+    return escape(cell)
+
+
+def _html(blocks: list[Block]) -> str:
+    from recipes.pages.html import page
+
+    parts: list[str] = []
+    title = "Claims"
+    for kind, payload in blocks:
+        if kind == "h1":
+            title = payload
+            parts.append(f"<h1>{escape(payload)}</h1>")
+        elif kind in ("h2", "h3"):
+            parts.append(f"<{kind}>{escape(payload)}</{kind}>")
+        elif kind == "anchor":
+            parts.append(f'<a id="{escape(payload)}"></a>')
+        elif kind == "p":
+            parts.append(f"<p>{_inline(payload)}</p>")
+        elif kind == "quote":
+            parts.append(f"<blockquote>{escape(payload)}</blockquote>")
+        elif kind == "code":
+            parts.append(f"<pre>{escape(payload)}</pre>")
+        elif kind == "figure":
+            src, caption = payload
+            parts.append(
+                f'<figure><img src="{escape(src)}" alt="{escape(caption)}">'
+                f"<figcaption>{escape(caption)}</figcaption></figure>"
+            )
+        elif kind == "table":
+            header, rows = payload
+            head = "".join(f"<th>{escape(h)}</th>" for h in header)
+            body = "".join(
+                "<tr>" + "".join(f"<td>{_html_cell(c)}</td>" for c in row) + "</tr>" for row in rows
+            )
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    return page(title, "\n".join(parts))
+
+
+def write_report(out: Path, registry: Registry, registry_path: Path | None = None) -> Path:
+    """Write ``claims.md``, ``claims.html``, ``headline.md`` and the plots under ``out`` from
+    the stored study; the path of ``claims.md``."""
+    out = Path(out)
+    paths = StudyPaths(out / "study")
+    manifest = paths.root / "study.json"
+    quick = bool(json.loads(manifest.read_text()).get("quick")) if manifest.exists() else False
+    arms = load_arms(paths, registry, quick)
+    results = [evaluate(claim, arms) for claim in registry.claims]
+    plots: dict[str, str] = {}
+    plot_dir = out / "plots"
+    for result in results:
+        target = plot_dir / f"{result.claim.id}.svg"
+        if _plot(result, arms, target):
+            plots[result.claim.id] = f"plots/{target.name}"
+        else:
+            target.unlink(missing_ok=True)
+    blocks, headline = _blocks(registry, results, arms, _all_records(paths), plots, quick)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "claims.md").write_text(_markdown(blocks))
+    (out / "claims.html").write_text(_html(blocks))
+    (out / "headline.md").write_text(_markdown(headline).replace("](#", "](docs/claims/claims.md#"))
+    summary = {
+        r.claim.id: {
+            "verdict": r.verdict,
+            "per_task": r.per_task,
+            "comparisons": [
+                {
+                    "arm": c.comparison.arm,
+                    "other": c.comparison.other,
+                    "verdict": c.verdict,
+                    "effect": c.raw[0] if c.raw else None,
+                    "ci95": [c.raw[1], c.raw[2]] if c.raw else None,
+                    "method": c.interval.method if c.interval else None,
+                    "n": c.interval.n if c.interval else None,
+                }
+                for c in r.comparisons
+            ],
+        }
+        for r in results
+    }
+    (out / "claims.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    return out / "claims.md"
