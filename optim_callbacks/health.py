@@ -127,10 +127,13 @@ def eps_dominates(inputs: HealthInputs) -> list[Finding]:
     }
     if not hit:
         return []
-    worst = max(hit, key=hit.__getitem__)
+    ranked = sorted(hit, key=hit.__getitem__, reverse=True)
+    worst = ranked[0]
     size = p95.get(worst) or []
     size_text = f"step size p95 of {statistics.median(size):.1e} on {worst}" if size else worst
-    others = f" (and {len(hit) - 1} more layers)" if len(hit) > 1 else ""
+    named = ", ".join(f"{layer} {100 * hit[layer]:.0f}%" for layer in ranked[1:4])
+    more = f" and {len(ranked) - 4} more layers" if len(ranked) > 4 else ""
+    others = f" (also {named}{more})" if named else ""
     return [
         Finding(
             "eps_dominates",
@@ -379,8 +382,9 @@ class TrainingFindings(Callback):
     """Gather the rules' inputs during a fit and report the findings at its end.
 
     Reads the trainer's ``MomentStatistics``, ``GradientClipping`` and ``SpikeSkip`` (each
-    optional) and keeps the first ``loss_steps`` training losses (one host read per step for
-    those steps only; the loss is the ``loss`` of ``training_step``'s output). At the end of
+    optional) and keeps the first ``loss_steps`` training losses (the ``loss`` of
+    ``training_step``'s output, kept as device scalars and read in one transfer when the rules
+    run or a checkpoint is saved: no host read per step). At the end of
     training the findings are logged (one line each), kept in :attr:`findings`, logged as a
     W&B table ``findings`` when a ``WandbLogger`` is present, and sent as a W&B alert when that
     run is online.
@@ -392,13 +396,22 @@ class TrainingFindings(Callback):
     def __init__(self, loss_steps: int = LOSS_STEPS) -> None:
         self.loss_steps = check_at_least("loss_steps", loss_steps, LOSS_MIN_STEPS)
         self.findings: list[Finding] = []
-        self.losses: list[float] = []
+        self._losses: list[float] = []
+        self._unread: list[torch.Tensor] = []  # losses not yet brought to the host
         self.pre_clip_norms: list[float] = []
+
+    @property
+    def losses(self) -> list[float]:
+        """The first steps' training losses (read from the device here, once for all)."""
+        if self._unread:
+            self._losses.extend(torch.stack(self._unread).double().cpu().tolist())
+            self._unread = []
+        return self._losses
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.findings = []
         if trainer.global_step == 0:
-            self.losses, self.pre_clip_norms = [], []
+            self._losses, self._unread, self.pre_clip_norms = [], [], []
 
     def on_train_batch_end(
         self,
@@ -408,10 +421,10 @@ class TrainingFindings(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if len(self.losses) < self.loss_steps:
+        if len(self._losses) + len(self._unread) < self.loss_steps:
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-                self.losses.append(float(loss.detach()))
+                self._unread.append(loss.detach().reshape(()).float())
         clipping = _find(trainer, GradientClipping)
         if clipping is not None and clipping.last_pre_clip_norm is not None:
             self.pre_clip_norms.append(float(clipping.last_pre_clip_norm))
@@ -450,7 +463,7 @@ class TrainingFindings(Callback):
         return {"losses": list(self.losses), "pre_clip_norms": list(self.pre_clip_norms)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.losses = list(state_dict["losses"])
+        self._losses, self._unread = list(state_dict["losses"]), []
         self.pre_clip_norms = list(state_dict["pre_clip_norms"])
 
 

@@ -77,6 +77,7 @@ def test_a_huge_eps_dominates_the_denominator(tmp_path):
     finding = found["eps_dominates"]
     assert "100% of its elements have sqrt(v) < eps" in finding.seen
     assert finding.seen.startswith("step size p95 of ") and " on net." in finding.seen
+    assert " (also net." in finding.seen  # the other layers it holds for, by name
 
 
 class HalfDead(TinyRegressor):
