@@ -30,6 +30,9 @@ __all__ = [
     "FUSED_DEVICES_FALLBACK",
     "NORM_BASE_FALLBACK",
     "batches_that_stepped",
+    "compiled_call_ran_eagerly",
+    "dispatch_mode_active",
+    "dynamic_shape_config",
     "fused_kernel_devices",
     "inductor_cpp_compiler",
     "norm_base_classes",
@@ -230,3 +233,48 @@ def inductor_cpp_compiler(command: str) -> contextlib.AbstractContextManager[Any
     import torch._inductor.config as inductor_config
 
     return inductor_config.patch({"cpp.cxx": (command,), "force_disable_caches": True})
+
+
+def dispatch_mode_active() -> bool:
+    """Whether a ``TorchDispatchMode`` that makes ``torch.compile`` skip frames is active
+    (``FlopCounterMode``, ``CommDebugMode``, ...): then a compiled function runs eagerly, and
+    with ``fullgraph=True`` raises "found no compiled frames" *after* it ran.
+
+    Reads ``torch.utils._python_dispatch.any_torch_dispatch_mode_on_stack``, the test dynamo's
+    ``convert_frame`` itself skips by (infra modes and modes that ignore compile internals do
+    not count). Fallback: ``False`` (then :func:`compiled_call_ran_eagerly` still keeps a
+    compiled update from running twice).
+    """
+    try:
+        from torch.utils._python_dispatch import any_torch_dispatch_mode_on_stack
+    except ImportError:
+        _fell_back(
+            "torch.utils._python_dispatch.any_torch_dispatch_mode_on_stack",
+            "no dispatch-mode check (compiled_call_ran_eagerly still catches the eager run)",
+        )
+        return False
+    return bool(any_torch_dispatch_mode_on_stack())
+
+
+def compiled_call_ran_eagerly(error: BaseException) -> bool:
+    """Whether ``error``, raised by a ``torch.compile(fullgraph=True)`` function, says dynamo
+    skipped the frame, ran the function eagerly to its end, and only then refused ("found no
+    compiled frames", torch 2.13's ``eval_frame``): the function's effects already happened.
+    No private name: the wording is torch's, and ``tests/lib/test_compat.py`` checks it."""
+    return isinstance(error, RuntimeError) and "found no compiled frames" in str(error)
+
+
+def dynamic_shape_config(*, size_oblivious: bool) -> contextlib.AbstractContextManager[Any]:
+    """A context in which ``torch.compile`` gives every input size, stride and storage offset
+    its own symbol (``use_duck_shape=False``: equal values are not assumed equal, so a
+    coefficient vector of 7 entries next to a 7-element tensor, or an FSDP2 shard whose storage
+    offset equals its length, do not tie symbols and recompile on the next shape) and, with
+    ``size_oblivious``, does not specialize sizes and offsets on 0 and 1
+    (``backed_size_oblivious``: a gradient view at storage offset 0 and one at offset 4096 share
+    one graph). Only for functions whose inputs never broadcast a size-1 dimension.
+
+    Patches ``torch.fx.experimental._config`` (private): read when a frame is traced, so the
+    context must surround the compiled call."""
+    from torch.fx.experimental import _config as shape_config
+
+    return shape_config.patch(use_duck_shape=False, backed_size_oblivious=size_oblivious)

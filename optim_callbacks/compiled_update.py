@@ -22,6 +22,13 @@ tensor of the row flattened to one dimension. So:
   parameter, gradient and state once and writes them once, in the compute dtype (float32, or
   float64 for float64 parameters) and rounding once to the storage dtype.
 
+Every tensor reaches the graph as a plain tensor at storage offset 0 (over a slice of its
+storage: same memory), never a ``Parameter`` (whose shapes dynamo makes static) nor a view at
+an offset (offsets 0 and 1 would each specialize a graph), and sizes are not duck-shaped (a
+length equal to another, or to the coefficient vector's, would tie their symbols): so the
+graphs are one per dtype (two for per-tensor reductions, which inductor's C++ code splits at
+4096 elements), whatever the shapes and FSDP2's offsets.
+
 Small tensors (under :data:`PACK_BELOW` elements) are concatenated, updated in one call and
 copied back, so hundreds of biases and norm weights cost a few calls instead of one each.
 One-element inputs (a size the graph would specialize on) and rows whose tensors do not share
@@ -29,7 +36,9 @@ one dense memory layout run the same function uncompiled. If compiling fails (no
 compiler, a dtype or device inductor cannot generate code for), :meth:`CompiledUpdate.apply`
 finishes the step uncompiled and returns the reason; the optimizer instance that called it
 then warns once and uses its foreach path. Nothing here is process-wide: other optimizer
-instances keep the compiled path.
+instances keep the compiled path. Under a ``TorchDispatchMode`` (``FlopCounterMode``,
+``CommDebugMode``), where torch.compile runs a function eagerly and then raises, the update runs
+once, eagerly, and the compiled path stays on; every path applies a step exactly once.
 
 Compiled graphs land in torch's on-disk caches (inductor's FX graph cache, on by default), so a
 second process with the same dtypes skips code generation and the C++ compiler.
@@ -37,12 +46,14 @@ second process with the same dtypes skips code generation and the C++ compiler.
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from optim_callbacks import _compat
 from optim_callbacks.sharded import local_part
 
 __all__ = [
@@ -95,14 +106,31 @@ def _dense_flat(row: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
     return [_alias_1d(t) for t in row]
 
 
-def _at_least_1d(t: torch.Tensor) -> torch.Tensor:
-    return t.view(1) if t.dim() == 0 else t
-
-
 def _alias_1d(t: torch.Tensor) -> torch.Tensor:
     """A plain 1-D tensor over ``t``'s ``numel`` elements of memory (``t`` dense)."""
+    return _alias(t, (t.numel(),), (1,))
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s memory with its shape and strides as a plain tensor (0-d as one element:
+    inductor, torch 2.13, drops in-place writes to 0-d graph inputs). Not a ``Parameter``,
+    whose shapes dynamo makes static (``force_parameter_static_shapes``): one graph per shape."""
+    if t.dim() == 0:
+        return _alias(t, (1,), (1,))
+    return _alias(t, tuple(t.shape), t.stride())
+
+
+def _alias(t: torch.Tensor, shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of ``shape`` and ``stride`` over ``t``'s memory, at storage offset 0 (over a
+    slice of ``t``'s storage), without autograd history. Views at an offset (FSDP2's gradients
+    and shards) and tensors of their own then look alike to the compiled graph's guards, which
+    otherwise specialize a storage offset on 0 and 1 (one graph more each)."""
+    size = t.element_size()
+    start = t.storage_offset() * size
+    extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+    memory = t.untyped_storage()[start : start + extent * size]
     out = torch.empty(0, dtype=t.dtype, device=t.device)
-    return out.set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
+    return out.set_(memory, 0, shape, stride)
 
 
 class CompiledUpdate:
@@ -122,10 +150,31 @@ class CompiledUpdate:
         # that reduces along dimensions (Adafactor's rows and columns) also in its shape.
         self.per_tensor = per_tensor or not flatten
         self.flatten = flatten
-        # dynamic_threads: with symbolic sizes inductor would otherwise emit a serial loop.
-        self._compiled = torch.compile(
-            update, fullgraph=True, dynamic=True, options={"cpp.dynamic_threads": True}
-        )
+        # One compiled copy of the function per dtypes of its inputs (see _compiled_for).
+        self._compiled: dict[tuple[torch.dtype, ...], Callable[..., None]] = {}
+
+    def _compiled_for(self, tensors: Sequence[torch.Tensor]) -> Callable[..., None]:
+        """The compiled function for these inputs' dtypes: a copy of ``update`` with a code
+        object of its own per dtypes, so each has torch's recompile limit (8 graphs per code
+        object) to itself; the graphs of one dtype stay few (one; two or three for per-tensor
+        reductions and ranks), however many dtypes a process meets."""
+        key = tuple(t.dtype for t in tensors)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            update = self.update
+            copy = types.FunctionType(
+                update.__code__.replace(),
+                update.__globals__,
+                update.__name__,
+                update.__defaults__,
+                update.__closure__,
+            )
+            # dynamic_threads: with symbolic sizes inductor would otherwise emit a serial loop.
+            compiled = torch.compile(
+                copy, fullgraph=True, dynamic=True, options={"cpp.dynamic_threads": True}
+            )
+            self._compiled[key] = compiled
+        return compiled
 
     def apply(
         self, rows: Sequence[Sequence[torch.Tensor]], coefficients: Sequence[torch.Tensor]
@@ -150,9 +199,7 @@ class CompiledUpdate:
                 key = (id(c), *(t.dtype for t in row))
                 packs.setdefault(key, (c, []))[1].append(row)
                 continue
-            # 0-d tensors go in as 1-element views: inductor (torch 2.13) drops in-place writes
-            # to 0-d graph inputs.
-            flat = _dense_flat(row) if self.flatten else [_at_least_1d(t) for t in row]
+            flat = _dense_flat(row) if self.flatten else [_plain(t) for t in row]
             if flat is None:
                 self.update(*row, c)
             else:
@@ -177,14 +224,23 @@ class CompiledUpdate:
         return failure
 
     def _call(self, flat: list[torch.Tensor], c: torch.Tensor, failure: str | None) -> str | None:
-        """One call on 1-D tensors: compiled unless compiling already failed in this
-        :meth:`apply` or the tensors have one element (a size the graph would specialize on)."""
+        """One call: compiled unless compiling already failed in this :meth:`apply`, the
+        tensors have one element (a size the graph would specialize on) or a dispatch mode is
+        active. Every path applies the update exactly once."""
         if failure is None and (flat[0].numel() > 1 or self.per_tensor):
+            if _compat.dispatch_mode_active():
+                # dynamo would run the function eagerly and then raise; run it once, eagerly,
+                # and keep the compiled path for later calls (not a compile failure).
+                self.update(*flat, c)
+                return None
             try:
-                self._compiled(*flat, c)
+                with _compat.dynamic_shape_config(size_oblivious=self.flatten):
+                    self._compiled_for([*flat, c])(*flat, c)
                 return None
             except Exception as error:  # compiling failed; a real bug re-raises just below
                 failure = f"{type(error).__name__}: {_first_line(error)}"
+                if _compat.compiled_call_ran_eagerly(error):
+                    return failure  # the update already ran
         self.update(*flat, c)
         return failure
 

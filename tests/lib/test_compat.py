@@ -267,3 +267,36 @@ def test_library_tests_reach_no_torch_or_lightning_internals_either():
     files += [scripts / f"ddp_{name}.py" for name in ("clipping", "moments", "switch")]
     found = {p.name: _private_accesses(p, frozenset({"adabelief"})) for p in files}
     assert {name: accesses for name, accesses in found.items() if accesses} == {}
+
+
+def test_dispatch_mode_active_is_dynamos_test_and_the_eager_run_is_recognised():
+    """Under a dispatch mode a ``fullgraph=True`` function runs eagerly once and then raises
+    "found no compiled frames": ``dispatch_mode_active`` says so before the call (as dynamo's
+    own test does), ``compiled_call_ran_eagerly`` recognises the error after it."""
+    from torch.utils._python_dispatch import any_torch_dispatch_mode_on_stack
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def add_one(x: torch.Tensor) -> None:
+        x.add_(1.0)
+
+    compiled = torch.compile(add_one, fullgraph=True)
+    x = torch.zeros(3)
+    assert not _compat.dispatch_mode_active() and not any_torch_dispatch_mode_on_stack()
+    with FlopCounterMode(display=False):
+        assert _compat.dispatch_mode_active() and any_torch_dispatch_mode_on_stack()
+        with pytest.raises(RuntimeError) as caught:
+            compiled(x)
+    assert _compat.compiled_call_ran_eagerly(caught.value)
+    assert torch.equal(x, torch.ones(3))  # it ran, once, before raising
+    assert not _compat.compiled_call_ran_eagerly(RuntimeError("compiling failed"))
+
+
+@pytest.mark.parametrize("size_oblivious", [True, False])
+def test_dynamic_shape_config_patches_the_shape_settings_for_the_context(size_oblivious):
+    from torch.fx.experimental import _config as shape_config
+
+    before = (shape_config.use_duck_shape, shape_config.backed_size_oblivious)
+    with _compat.dynamic_shape_config(size_oblivious=size_oblivious):
+        assert shape_config.use_duck_shape is False
+        assert shape_config.backed_size_oblivious is size_oblivious
+    assert (shape_config.use_duck_shape, shape_config.backed_size_oblivious) == before

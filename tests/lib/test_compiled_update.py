@@ -302,3 +302,98 @@ def test_a_backward_after_the_step_raises_like_torch(name, shape):
     optimizer = build_optimizer(name, [param])
     assert optimizer.defaults["fused"] is True
     assert _step_then_backward(optimizer, param) == []
+
+
+def _two_sizes(name: str) -> list[nn.Parameter]:
+    """A tensor of its own for each graph an entry compiles per dtype: packed small ones and
+    one large one; LAMB and Adafactor reduce per tensor, and inductor's C++ reductions take
+    another graph above 4096 elements; Adafactor also has a vector graph."""
+    shapes = [(8, 8), (192, 192)] + ([(5,), (300,)] if name == "adafactor" else [])
+    return [nn.Parameter(torch.randn(shape)) for shape in shapes]
+
+
+def _step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    if hasattr(optimizer, "train"):  # schedule-free: steps only in train mode
+        optimizer.train()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.randn_like(p)
+    optimizer.step()
+
+
+@pytest.mark.parametrize("mode", ["FlopCounterMode", "CommDebugMode"])
+@pytest.mark.parametrize("name", COMPILED_BY_DEFAULT)
+def test_a_step_under_a_dispatch_mode_is_applied_once(name, mode):
+    """Under a ``TorchDispatchMode`` torch.compile runs the function eagerly and then raises
+    ("found no compiled frames"); the step must still be applied exactly once, without a
+    compile failure recorded (the next step outside the mode is compiled again)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    init = _two_sizes(name)
+    for p in init:
+        p.grad = torch.randn_like(p)
+    outside, inside = clone(init), clone(init)
+    for p, q, r in zip(init, outside, inside, strict=True):
+        q.grad, r.grad = p.grad.clone(), p.grad.clone()
+    reference, measured = build_optimizer(name, outside), build_optimizer(name, inside)
+    _step(reference, outside)
+    context = FlopCounterMode(display=False) if mode == "FlopCounterMode" else CommDebugMode()
+    with context:
+        _step(measured, inside)
+    assert getattr(measured, "compile_failure", None) is None
+    for p, q in zip(inside, outside, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert float(measured.state[p].get("step", 1)) == 1  # Muon's matrices keep no step
+    _step(measured, inside)  # outside the mode: compiled, still no failure
+    assert getattr(measured, "compile_failure", None) is None
+
+
+def _views(shapes: list[tuple[int, ...]], start: int) -> list[nn.Parameter]:
+    """Parameters and gradients as views into two flat buffers, as FSDP2's shards and
+    gradients are: the first at storage offset ``start``, the others after it, 3 apart."""
+    sizes = [math.prod(shape) for shape in shapes]
+    total = start + sum(sizes) + 3 * len(shapes)
+    weights, grads = torch.randn(total) * 0.1, torch.randn(total)
+    params, offset = [], start
+    for shape, size in zip(shapes, sizes, strict=True):
+        p = nn.Parameter(weights[offset : offset + size].view(shape))
+        p.grad = grads[offset : offset + size].view(shape)
+        assert p.storage_offset() == offset
+        params.append(p)
+        offset += size + 3
+    return params
+
+
+# Per entry, the first graphs' inputs with sizes that duck sizing would tie: the first view's
+# storage offset equals its length (rank 1 of an even FSDP2 split; Lion and ADOPT see no packed
+# small tensors at offset 0 before the test's second instance does), LAMB's 9 coefficients
+# next to a 9-element bias, Adafactor's square matrices and 7 coefficients next to 7 elements.
+WARM_SHAPES = {
+    "lion": [(192, 192)],
+    "adopt": [(192, 192)],
+    "lamb": [(192, 192), (9,)],
+    "adafactor": [(192, 192), (64, 64), (300,), (7,)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(WARM_SHAPES))
+def test_shapes_and_storage_offsets_do_not_recompile(name):
+    """After an entry's first graphs of one dtype exist, other shapes and views at other
+    storage offsets (0 and 1 among them), in a second optimizer instance, run without a single
+    recompile: duck sizing ties no sizes, offsets, or the coefficient vector's length, offsets
+    are not specialized on 0 and 1, and parameters' shapes are not static."""
+    torch.compiler.reset()  # this test counts on compiling its own graphs
+    warm = _views(WARM_SHAPES[name], math.prod(WARM_SHAPES[name][0]))
+    _step(build_optimizer(name, warm), warm)
+    shapes = [(200, 170), (7, 300), (300, 7), (96, 96), (9,), (40, 40), (130, 257), (300,), (2,)]
+    for start in (0, 1):
+        params = _views(shapes, start)
+        optimizer = build_optimizer(name, params)
+        assert optimizer.defaults["fused"] is True
+        with torch.compiler.set_stance("fail_on_recompile"):
+            _step(optimizer, params)
+            _step(optimizer, params)
+        assert optimizer.compile_failure is None
+        assert all(torch.isfinite(p).all() for p in params)
