@@ -33,6 +33,7 @@ __all__ = ["PROG", "main", "selected_claims"]
 
 PROG = "python -m recipes.claims"
 DEFAULT_OUT = Path("docs") / "claims"
+DEFAULT_WORK = Path("reports") / "claims-work"  # for DEFAULT_OUT: outside the docs site
 QUICK_OUT = Path("reports") / "claims-quick"
 
 
@@ -49,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="TASK=OPTIONS",
         help="more recipe options for every run of a task, e.g. bert='--data.max_length 32'",
+    )
+    add(
+        "--work",
+        default=None,
+        help=f"live study and run folders, never committed (default {DEFAULT_WORK} for "
+        f"{DEFAULT_OUT}, else OUT/study/work)",
     )
     add("--threads", type=int, default=1, help="torch threads per run (default 1)")
     add("--render-only", action="store_true", help="write the report from the stored study")
@@ -91,6 +98,17 @@ def _out(options: argparse.Namespace) -> Path:
     return QUICK_OUT if options.quick else DEFAULT_OUT
 
 
+def _paths(options: argparse.Namespace) -> StudyPaths:
+    out = _out(options)
+    if options.work is not None:
+        work = Path(options.work)
+    elif out.resolve() == DEFAULT_OUT.resolve():
+        work = DEFAULT_WORK
+    else:
+        work = None
+    return StudyPaths(out / "study", work)
+
+
 def _write_manifest(paths: StudyPaths, options: argparse.Namespace, registry_path: Path) -> None:
     """What the study is (full or quick): the report reads it."""
     manifest = paths.root / "study.json"
@@ -126,6 +144,8 @@ def _sync_and_render_in_child(argv: Sequence[str]) -> None:
 
 def _forwarded(options: argparse.Namespace) -> list[str]:
     argv = ["--out", str(_out(options))]
+    if options.work:
+        argv += ["--work", options.work]
     if options.registry:
         argv += ["--registry", options.registry]
     if options.quick:
@@ -137,7 +157,7 @@ def run_study(options: argparse.Namespace, registry: Registry, registry_path: Pa
     from recipes.claims.arms import run_arm, sweep_argv
 
     out = _out(options)
-    paths = StudyPaths(out / "study")
+    paths = _paths(options)
     claims = selected_claims(registry, options.claims)
     task_args = _task_args(options.task_args, registry)
     _write_manifest(paths, options, registry_path)
@@ -186,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             raise SystemExit(rerun(out, options.rerun, threads=options.threads))
         if options.sync_only:
-            count = sync(StudyPaths(out / "study"), list(registry.arms))
+            count = sync(_paths(options), list(registry.arms))
             report = _render(out, registry, registry_path)
             print(f"{count} runs stored; report: {report}")
             return

@@ -54,6 +54,8 @@ def _fmt(metric: str, value: float | None, signed: bool = False) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
     _, scale, unit = UNITS[metric]
+    if unit == "pp" and not signed:
+        unit = "%"  # a value in percent; a difference in percentage points
     text = f"{value * scale:+.2f}" if signed else f"{value * scale:.2f}"
     if metric in ("final_val_loss", "mean_val_loss"):
         text = f"{value:+.4f}" if signed else f"{value:.4f}"
@@ -250,7 +252,9 @@ def _blocks(
             "p",
             f"LR search: {search}; seeds {', '.join(map(str, registry.seeds))}"
             + (" (quick: the first two)" if quick else "")
-            + ".",
+            + ". The LRs shown are each recipe's `--lr`; the ResNet recipe's is per 256 images, "
+            "scaled linearly to the run's batch (128: half of it) unless an arm sets "
+            "`--model.lr_scaling none`.",
         )
     )
 
@@ -379,9 +383,25 @@ def _blocks(
     blocks.append(
         (
             "code",
-            "python -m recipes.claims                 # run or resume the study\n"
-            "python -m recipes.claims --render-only   # these pages from the stored study\n"
-            "python -m recipes.claims --rerun ARM/KEY # one stored run again, compared",
+            "python -m recipes.claims                 # run the study, or resume it where it stopped\n"
+            "python -m recipes.claims --render-only   # these pages again, from the stored study\n"
+            "python -m recipes.claims --rerun ARM/KEY # one stored run again (e.g. "
+            "resnet_nesterov_cosine/nesterov-seed43), compared with its record\n"
+            "python -m recipes.claims --claims fp16_eps,cnn_warmup   # only these claims' arms\n"
+            "python -m recipes.claims --quick --out reports/claims-quick   # tiny budget, no evidence",
+        )
+    )
+    blocks.append(
+        (
+            "p",
+            "The experiments are declared in `configs/claims.yaml`; each arm is one "
+            "`recipes.compare` sweep (one optimizer) in its own Optuna study. The live storage and "
+            "the runs' folders are in `reports/claims-work` (not committed); `study/study.db` is a "
+            "consistent copy of that storage and `study/records/ARM/KEY.json` holds each finished "
+            "run's command, test metrics and curves. In a fresh checkout the study command starts "
+            "from the stored copy, so it resumes where the committed study ended. One run at a "
+            "time and one torch thread per run make the runs deterministic on CPU; `--rerun` "
+            "checks that.",
         )
     )
     return blocks, [headline_table]
@@ -499,7 +519,7 @@ def write_report(out: Path, registry: Registry, registry_path: Path | None = Non
     out.mkdir(parents=True, exist_ok=True)
     (out / "claims.md").write_text(_markdown(blocks))
     (out / "claims.html").write_text(_html(blocks))
-    (out / "headline.md").write_text(_markdown(headline).replace("](#", "](docs/claims/claims.md#"))
+    (out / "headline.md").write_text(_markdown(headline).replace("](#", "](claims.md#"))
     summary = {
         r.claim.id: {
             "verdict": r.verdict,

@@ -2,16 +2,18 @@
 
 Layout of the study folder (``<out>/study``, by default ``docs/claims/study``):
 
-- ``work/``: never committed (``docs/claims/.gitignore``): the live Optuna storage
-  ``work/study.db`` (SQLite, one study per arm, written while runs finish) and each arm's
-  engine folder ``work/arms/<arm>/`` (run output, logs, the runs' ``result.json``);
+- the work folder, never committed (``<out>/study/work``, or ``--work``; for the default
+  ``docs/claims`` it is ``reports/claims-work``, outside the documentation site, whose build
+  copies every file under ``docs/``): the live Optuna storage ``study.db`` (SQLite, one study
+  per arm, written while runs finish) and each arm's engine folder ``arms/<arm>/`` (run output,
+  logs, checkpoints while a run lasts, the runs' ``result.json``);
 - ``study.db``: a consistent copy of the live storage (SQLite's online backup), taken by
   :func:`sync`: the stored study the report is rendered from;
 - ``records/<arm>/<key>.json``: what the report needs of each finished or pruned run (its trial,
   its command, test metrics and the recorded curves), small enough to commit.
 
-A fresh checkout has ``study.db`` and ``records/`` but no ``work/``: the study command first copies
-``study.db`` back to ``work/study.db``, so running it again resumes where the stored study ended
+A fresh checkout has ``study.db`` and ``records/`` but no work folder: the study command first copies
+``study.db`` back to the work folder, so running it again resumes where the stored study ended
 (a run that was in flight when the copy was taken is run again from its start).
 """
 
@@ -48,6 +50,7 @@ HISTORY_KEYS = (
 @dataclass(frozen=True)
 class StudyPaths:
     root: Path  # <out>/study
+    work_dir: Path | None = None  # default <root>/work
 
     @property
     def stored_db(self) -> Path:
@@ -55,7 +58,7 @@ class StudyPaths:
 
     @property
     def work(self) -> Path:
-        return self.root / "work"
+        return self.work_dir if self.work_dir is not None else self.root / "work"
 
     @property
     def live_db(self) -> Path:
