@@ -210,7 +210,9 @@ def _blocks(
         claim = result.claim
         effects, intervals = [], []
         measured = [c for c in result.comparisons if c.raw is not None]
-        for comparison in measured if measured else result.comparisons[:1]:
+        if not measured:
+            effects, intervals = ["—"], ["—"]
+        for comparison in measured:
             effect, interval = _effect_text(claim, comparison)
             several = len(result.comparisons) > 1
             prefix = f"{_comparison_label(comparison)}: " if several else ""
