@@ -28,6 +28,7 @@ from pathlib import Path
 
 from recipes.claims.registry import DEFAULT_REGISTRY, Claim, Registry, load_registry
 from recipes.claims.store import StudyPaths, ensure_live, sync
+from recipes.sweep.storage import StorageError
 
 __all__ = ["PROG", "main", "selected_claims"]
 
@@ -166,6 +167,7 @@ def run_study(options: argparse.Namespace, registry: Registry, registry_path: Pa
     arms = registry.arms_of(claims)
     all_arms = list(registry.arms)
     started = time.perf_counter()
+    failed: list[str] = []
     for index, arm in enumerate(arms, 1):
         print(f"[{index}/{len(arms)}] arm {arm.name}: {arm.title}", flush=True)
         argv = sweep_argv(
@@ -177,7 +179,14 @@ def run_study(options: argparse.Namespace, registry: Registry, registry_path: Pa
             task_args=task_args,
             threads=options.threads,
         )
-        run_arm(argv)
+        try:
+            run_arm(argv)
+        except (ValueError, StorageError) as error:
+            # One arm's usage error (every run of it would repeat it) or storage failure: said,
+            # and the other arms go on; its claims stay "not yet run".
+            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            print(f"{PROG}: arm {arm.name} stopped: {first}", flush=True)
+            failed.append(arm.name)
         if options.live_report:
             _sync_and_render_in_child(_forwarded(options))
         else:
@@ -189,6 +198,8 @@ def run_study(options: argparse.Namespace, registry: Registry, registry_path: Pa
         f"{time.perf_counter() - started:.0f} s; report: {report}",
         flush=True,
     )
+    if failed:
+        raise ValueError(f"arms: {', '.join(failed)} stopped early (see above); the others ran")
     return report
 
 

@@ -227,7 +227,7 @@ def _blocks(
                 "; ".join(effects),
                 "; ".join(intervals),
                 str(result.seeds) if result.seeds else "—",
-                ", ".join(Link(t, "#budgets").text for t in tasks),
+                _budget_text(claim, arms),
             ]
         )
     headline_table: Block = ("table", (header, rows))
@@ -407,6 +407,23 @@ def _blocks(
         )
     )
     return blocks, [headline_table]
+
+
+def _budget_text(claim: Claim, arms: dict[str, ArmResult]) -> str:
+    """The claim's tasks with the optimizer steps its arms' runs took (from the records)."""
+    steps: dict[str, set[int]] = {}
+    for comparison in claim.comparisons:
+        for name in (comparison.arm, comparison.other):
+            if name is None:
+                continue
+            arm = arms[name]
+            found = steps.setdefault(arm.arm.task, set())
+            found.update(int(r["global_step"]) for r in arm.runs.values() if r.get("global_step"))
+    parts = []
+    for task, counts in steps.items():
+        shown = "/".join(str(c) for c in sorted(counts))
+        parts.append(f"{task}, {shown} steps" if counts else task)
+    return "; ".join(parts)
 
 
 def _lr_text(arm: ArmResult) -> str:
