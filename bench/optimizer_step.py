@@ -2,7 +2,8 @@
 
 Run: ``python bench/optimizer_step.py [--threads 1,2] [--steps N] [--layers L] [--width D]
 [--entries adadelta,lion]`` (``--entries``: only those registry entries' rows next to the
-reference, for a quick before/after of one change)
+reference, for a quick before/after of one change); ``--bert-paths lion,lamb`` instead times
+each implementation of those entries on BERT-base's parameter list (see :func:`bert_paths`).
 
 For each thread count, every optimizer in the registry (built by ``build_optimizer`` with its
 defaults, i.e. ``impl="auto"``), torch's fused AdamW (the reference every ratio is taken
@@ -254,6 +255,79 @@ def steady_state(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> 
     del optimizers
 
 
+# BERT-base (bert-base-uncased): embeddings, 12 encoder layers, pooler; 199 tensors, 109.5M.
+def bert_base_shapes() -> list[tuple[int, ...]]:
+    hidden, ffn = 768, 3072
+    shapes: list[tuple[int, ...]] = [(30522, hidden), (512, hidden), (2, hidden), (hidden,)]
+    shapes += [(hidden,)]  # embedding LayerNorm weight and bias
+    for _ in range(12):
+        for _ in range(4):  # query, key, value, attention output
+            shapes += [(hidden, hidden), (hidden,)]
+        shapes += [(hidden,), (hidden,)]  # attention LayerNorm
+        shapes += [(ffn, hidden), (ffn,), (hidden, ffn), (hidden,), (hidden,), (hidden,)]
+    shapes += [(hidden, hidden), (hidden,)]  # pooler
+    return shapes
+
+
+def bert_paths(args: argparse.Namespace) -> None:
+    """Each implementation of each entry in ``args.bert_paths`` on BERT-base's parameters
+    (fixed random gradients), one entry at a time (three optimizers' state at most in memory):
+    ``impl`` fused (the compiled rule), foreach and for-loop as the registry builds them, and
+    the rule run eagerly through the compiled path's own frame (``torch.compiler.set_stance(
+    "force_eager")``: the per-element function applied as plain torch ops, small tensors
+    packed). Median of ``--steps`` steps after ``--warmup``, rows interleaved."""
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for shape in bert_base_shapes():
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.02)
+        p.grad = torch.randn(shape, generator=gen) * 1e-3
+        params.append(p)
+    n = sum(p.numel() for p in params)
+    print(
+        f"BERT-base parameter list: {n / 1e6:.1f}M parameters in {len(params)} tensors "
+        f"(float32, CPU), torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+        f"median of {args.steps} steps after {args.warmup} warm-up, "
+        f"load average {_load_average()}\n"
+    )
+    print("| optimizer | impl | ms/step | vs fused |")
+    print("|---|---|---:|---:|")
+    for name in args.bert_paths.split(","):
+        rows = [
+            ("fused", lambda name=name: build_optimizer(name, params, impl="fused")),
+            ("foreach", lambda name=name: build_optimizer(name, params, impl="foreach")),
+            ("for-loop", lambda name=name: build_optimizer(name, params, impl="for-loop")),
+        ]
+        optimizers = [factory() for _, factory in rows]
+        eager = _EagerStep(build_optimizer(name, params, impl="fused"))
+        labelled = [*zip((label for label, _ in rows), optimizers, strict=True)]
+        labelled.append(("the rule, eager (force_eager)", eager))  # type: ignore[arg-type]
+        for _, optimizer in labelled:
+            if name in SCHEDULE_FREE:
+                optimizer.train()
+        _, medians = time_round_robin(
+            [o for _, o in labelled],
+            max(args.warmup, 1),
+            args.steps,  # type: ignore[misc]
+        )
+        for (label, _), seconds in zip(labelled, medians, strict=True):
+            print(f"| `{name}` | {label} | {seconds * 1e3:.0f} | {seconds / medians[0]:.2f}x |")
+        del optimizers, eager, labelled
+
+
+class _EagerStep:
+    """A compiled entry whose ``step`` runs under ``force_eager``: its rule, uncompiled."""
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def train(self) -> None:
+        self.optimizer.train()  # type: ignore[attr-defined]
+
+    def step(self) -> None:
+        with torch.compiler.set_stance("force_eager"):
+            self.optimizer.step()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
@@ -266,6 +340,9 @@ def main() -> None:
     parser.add_argument(
         "--entries", help="only these registry entries, comma-separated (default: all)"
     )
+    parser.add_argument(
+        "--bert-paths", help="time every implementation of these entries on BERT-base's tensors"
+    )
     parser.add_argument("--first-step-of", help=argparse.SUPPRESS)  # the child process
     parser.add_argument(
         "--no-first-step", action="store_true", help="skip the cold/warm first-step processes"
@@ -275,6 +352,10 @@ def main() -> None:
     if args.first_step_of:
         torch.set_num_threads(thread_counts[0])
         first_step_child(args.first_step_of, args.layers, args.width)
+        return
+    if args.bert_paths:
+        torch.set_num_threads(thread_counts[0])
+        bert_paths(args)
         return
     params = make_params(args.layers, args.width)
     for threads in thread_counts:
