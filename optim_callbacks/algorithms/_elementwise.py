@@ -1,13 +1,24 @@
-"""The shared frame of our element-wise optimizers (Lion, ADOPT, schedule-free, ...).
+"""The shared frame of our element-wise optimizers (Lion, LAMB, ADOPT, schedule-free, AdaBelief).
 
-A subclass says what its state is and how one step updates one tensor, three ways: a
-per-element function for :class:`~optim_callbacks.compiled_update.CompiledUpdate` (the
-``fused=True`` path the registry picks), ``torch._foreach_*`` kernels (``foreach``) and a loop
-over single tensors (``foreach=False``). This base class does the rest the same way for all of
-them: argument checks, state creation (``step`` a float32 scalar tensor, the rest
-``zeros_like`` the parameter unless :meth:`initial_state` says otherwise), step counting,
-FSDP2's sharded tensors (updated through their local shards), and the per-instance fallback
-to foreach when compiling fails.
+A subclass states its update ONCE, as a pure per-element function of one parameter, its
+gradient, its state tensors and a coefficient vector ``c`` (the ``rule``, wrapped in a
+:class:`~optim_callbacks.compiled_update.CompiledUpdate`), plus :meth:`coefficients`, the
+values ``c`` holds for a group at a step count. The frame derives every implementation from
+that one function (:func:`~optim_callbacks.compiled_update.step_rows`):
+
+- ``fused=True`` (the registry's ``impl="fused"``, its default): the rule compiled by
+  ``torch.compile``, one pass over each tensor;
+- ``foreach=None``/``True`` (``impl="foreach"``, and the fallback when compiling fails): the
+  same function run eagerly (plain torch ops) on slices of 128k elements, small tensors packed
+  into one call (measured faster than the hand-written ``torch._foreach_*`` kernels it replaced:
+  bench/optimizer_step.py ``--bert-paths``);
+- ``foreach=False`` (``impl="for-loop"``): the same, one tensor at a time, nothing packed.
+
+All compute in float32 (float64 for float64 parameters) and round once to the storage dtype.
+The frame also does the rest the same way for all of them: argument checks, state creation
+(``step`` a float32 CPU scalar tensor, the rest ``zeros_like`` the parameter unless
+:meth:`initial_state` says otherwise), step counting, FSDP2's sharded tensors (updated through
+their local shards).
 """
 
 from __future__ import annotations
@@ -20,24 +31,22 @@ import torch
 
 from optim_callbacks.compiled_update import (
     CompiledUpdate,
-    check_compiled_devices,
     coefficient_rows,
     local_rows,
-    step_compiled,
+    step_rows,
 )
-from optim_callbacks.sharded import local_part
 from optim_callbacks.validation import check_lr, check_non_negative
 
 Tensors = list[torch.Tensor]
 
 
 class ElementwiseOptimizer(torch.optim.Optimizer, abc.ABC):
-    """Base class: subclasses set ``state_keys``, ``compiled`` and implement
-    :meth:`coefficients`, :meth:`foreach_update` and :meth:`single_update`."""
+    """Base class: subclasses set ``state_keys`` and ``compiled`` (their rule) and implement
+    :meth:`coefficients`."""
 
-    #: Per-parameter state tensors besides ``step``, in the order the update functions take them.
+    #: Per-parameter state tensors besides ``step``, in the order the rule takes them.
     state_keys: tuple[str, ...] = ()
-    #: The compiled per-element update (one function per variant: see :meth:`compiled_for`).
+    #: The per-element rule (one function per variant of the state: see :meth:`compiled_for`).
     compiled: CompiledUpdate | None = None
     #: Why compiling the fused update failed for this instance (then it steps with foreach).
     compile_failure: str | None = None
@@ -65,37 +74,14 @@ class ElementwiseOptimizer(torch.optim.Optimizer, abc.ABC):
     # --- what a subclass provides ------------------------------------------------------------
     @abc.abstractmethod
     def coefficients(self, group: dict[str, Any], step: float) -> tuple[float, ...]:
-        """The values the compiled update reads from ``c`` for a parameter at ``step``."""
-
-    @abc.abstractmethod
-    def foreach_update(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        states: list[list[torch.Tensor]],
-        step: float,
-    ) -> None:
-        """One step of tensors at the same ``step`` count with ``torch._foreach_*`` kernels;
-        ``states[k]`` lists state ``state_keys[k]`` of every tensor."""
-
-    @abc.abstractmethod
-    def single_update(
-        self,
-        group: dict[str, Any],
-        param: torch.Tensor,
-        grad: torch.Tensor,
-        state: list[torch.Tensor],
-        step: float,
-    ) -> None:
-        """One step of one tensor, operation by operation as the reference implementation."""
+        """The values the rule reads from ``c`` for a parameter at ``step``."""
 
     def initial_state(self, key: str, param: torch.Tensor) -> torch.Tensor:
         """A new state tensor ``key`` for ``param`` (zeros unless a subclass says otherwise)."""
         return torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def compiled_for(self, group: dict[str, Any]) -> CompiledUpdate:
-        """The compiled update for this group's options (one per variant of the state)."""
+        """The rule for this group's options (one per variant of the state)."""
         assert self.compiled is not None
         return self.compiled
 
@@ -111,72 +97,50 @@ class ElementwiseOptimizer(torch.optim.Optimizer, abc.ABC):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        name = type(self).__name__
         for group in self.param_groups:
-            keys = self.keys_for(group)
-            params, grads, states, steps = [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{name} does not support sparse gradients")
-                if torch.is_complex(p):
-                    raise RuntimeError(f"{name} does not support complex parameters")
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                for key in keys:
-                    if key not in state:
-                        state[key] = self.initial_state(key, p)
-                params.append(p)
-                grads.append(p.grad)
-                states.append([state[key] for key in keys])
-                steps.append(state["step"])
-            if not params:
-                continue
-            torch._foreach_add_(steps, 1.0)
-            if group["fused"] and self.compile_failure is None:
-                check_compiled_devices(params, name)
-                self._compiled_step(group, params, grads, states, steps)
-            elif group["foreach"] is False:
-                for p, g, s, t in zip(params, grads, states, steps, strict=True):
-                    self.single_update(group, p, g, s, t.item())
-            else:
-                self._foreach_step(group, params, grads, states, steps)
+            params, grads, states, steps = self._collect(group)
+            if params:
+                torch._foreach_add_(steps, 1.0)
+                self._update(group, params, grads, states, steps)
         return loss
 
-    def _compiled_step(
+    def _collect(self, group: dict[str, Any]) -> tuple[Tensors, Tensors, list[Tensors], Tensors]:
+        """The group's parameters with a gradient, their gradients, state tensors (created if
+        missing) and step counts (kept as float32 CPU scalars, whatever a loaded state held)."""
+        name = type(self).__name__
+        keys = self.keys_for(group)
+        params, grads, states, steps = [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{name} does not support sparse gradients")
+            if torch.is_complex(p):
+                raise RuntimeError(f"{name} does not support complex parameters")
+            state = self.state[p]
+            step = state.get("step", 0.0)
+            if not isinstance(step, torch.Tensor) or step.device.type != "cpu":
+                # new, an int from another package, or moved to the device by load_state_dict
+                # (torch does that for groups with ``fused=True``): keep it a host scalar.
+                state["step"] = torch.as_tensor(step, dtype=torch.float32).to("cpu")
+            for key in keys:
+                if key not in state:
+                    state[key] = self.initial_state(key, p)
+            params.append(p)
+            grads.append(p.grad)
+            states.append([state[key] for key in keys])
+            steps.append(state["step"])
+        return params, grads, states, steps
+
+    def _update(
         self,
         group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        states: list[list[torch.Tensor]],
-        steps: list[torch.Tensor],
+        params: Tensors,
+        grads: Tensors,
+        states: list[Tensors],
+        steps: Tensors,
     ) -> None:
+        """The rule on every tensor (local shards), by the group's implementation."""
         rows = local_rows(params, grads, *zip(*states, strict=True))
         coefficients = coefficient_rows(rows, lambda step: self.coefficients(group, step), steps)
-        step_compiled(self, self.compiled_for(group), rows, coefficients)
-
-    def _foreach_step(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        states: list[list[torch.Tensor]],
-        steps: list[torch.Tensor],
-    ) -> None:
-        """Foreach kernels per (step count, device, dtype), on local shards."""
-        buckets: dict[tuple[float, torch.device, torch.dtype], list[int]] = {}
-        for i, (p, t) in enumerate(zip(params, steps, strict=True)):
-            buckets.setdefault((t.item(), p.device, p.dtype), []).append(i)
-        for (step, _, _), indices in buckets.items():
-            self.foreach_update(
-                group,
-                [local_part(params[i]) for i in indices],
-                [local_part(grads[i]) for i in indices],
-                [
-                    [local_part(states[i][k]) for i in indices]
-                    for k in range(len(states[indices[0]]))
-                ],
-                step,
-            )
+        step_rows(self, group, self.compiled_for(group), rows, coefficients)

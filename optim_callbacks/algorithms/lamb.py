@@ -23,9 +23,9 @@ Under FSDP2 (parameters sharded on dim 0, possibly unevenly, a rank possibly hol
 both norms are of the whole tensor: each rank computes its local sums of squares
 ``sum theta_local^2`` and ``sum u_local^2`` for every sharded tensor, all of them go into ONE
 ``all_reduce`` per step (:func:`~optim_callbacks.sharded.all_reduce_packed_`), and the update
-runs after it. Every implementation does this: the compiled one computes the sums in one
-compiled pass and the update in a second (recomputing ``m``, ``v`` and ``u`` instead of
-keeping ``u``), foreach and the loop keep ``u`` until the sums are in.
+runs after it. Every implementation does this with the same two functions (compiled, or eager
+for foreach and the loop): the sums in one pass, the update in a second (recomputing ``m``,
+``v`` and ``u`` instead of keeping ``u``).
 """
 
 from __future__ import annotations
@@ -40,14 +40,9 @@ from optim_callbacks.compiled_update import (
     CompiledUpdate,
     coefficient_rows,
     local_rows,
-    step_compiled,
+    step_rows,
 )
-from optim_callbacks.sharded import (
-    all_reduce_packed_,
-    common_shard_group,
-    is_sharded,
-    local_part,
-)
+from optim_callbacks.sharded import all_reduce_packed_, common_shard_group, is_sharded
 from optim_callbacks.validation import check_betas, check_positive
 
 __all__ = ["LAMB"]
@@ -111,11 +106,11 @@ def _lamb_update(
 
 
 def _lamb_partial_squares(param: torch.Tensor, grad: torch.Tensor, *rest: torch.Tensor) -> None:
-    """A shard's ``[sum theta^2, sum u^2]`` into ``squares`` (``rest`` is ``exp_avg,
-    exp_avg_sq, squares, c``; nothing else is written)."""
+    """A shard's (or a slice's) ``[sum theta^2, sum u^2]`` added to ``squares`` (``rest`` is
+    ``exp_avg, exp_avg_sq, squares, c``; nothing else is written)."""
     exp_avg, exp_avg_sq, squares, c = rest
     p, _, _, u = _moments(param, grad, exp_avg, exp_avg_sq, c)
-    squares.copy_(torch.stack([(p * p).sum(), (u * u).sum()]))
+    squares.add_(torch.stack([(p * p).sum(), (u * u).sum()]))
 
 
 def _lamb_sharded_update(param: torch.Tensor, grad: torch.Tensor, *rest: torch.Tensor) -> None:
@@ -126,8 +121,9 @@ def _lamb_sharded_update(param: torch.Tensor, grad: torch.Tensor, *rest: torch.T
     _write(param, exp_avg, exp_avg_sq, moments, trust, c)
 
 
-_PARTIAL_SQUARES = CompiledUpdate(_lamb_partial_squares, per_tensor=True)
-_SHARDED_UPDATE = CompiledUpdate(_lamb_sharded_update, per_tensor=True)
+# Per tensor (never packed), but sliceable: uncompiled, both passes run on cache-sized slices.
+_PARTIAL_SQUARES = CompiledUpdate(_lamb_partial_squares, per_tensor=True, sliceable=True)
+_SHARDED_UPDATE = CompiledUpdate(_lamb_sharded_update, per_tensor=True, sliceable=True)
 
 
 class LAMB(ElementwiseOptimizer):
@@ -143,7 +139,8 @@ class LAMB(ElementwiseOptimizer):
             the update inside the trust ratio as in the paper (>= 0).
         decoupled_weight_decay: pytorch-optimizer's ``weight_decouple``.
         maximize: ascend instead of descend.
-        foreach: ``False`` for the single-tensor loop; ``None``/``True`` for foreach kernels.
+        foreach: ``False``: the rule run eagerly one tensor at a time; ``None``/``True``:
+            eagerly, small tensors packed (the frame in :mod:`._elementwise`).
         fused: ``True`` for the compiled update, one call per tensor (the registry's default).
 
     State per parameter: ``step`` (float32 CPU tensor), ``exp_avg`` and ``exp_avg_sq``.
@@ -193,78 +190,9 @@ class LAMB(ElementwiseOptimizer):
             -1.0 if group["maximize"] else 1.0,
         )
 
-    def _direction(
-        self, group: dict[str, Any], params: Tensors, grads: Tensors, states: list[Tensors]
-    ) -> Tensors:
-        """Decay, the moments and the Adam direction ``u`` (foreach kernels)."""
-        exp_avgs, exp_avg_sqs = states
-        lr, wd = float(group["lr"]), float(group["weight_decay"])
-        beta1, beta2 = group["betas"]
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        if wd != 0 and group["decoupled_weight_decay"]:
-            torch._foreach_mul_(params, 1.0 - lr * wd)
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        updates = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_add_(updates, group["eps"])
-        torch._foreach_reciprocal_(updates)
-        torch._foreach_mul_(updates, exp_avgs)
-        if wd != 0 and not group["decoupled_weight_decay"]:
-            torch._foreach_add_(updates, params, alpha=wd)
-        return updates
-
-    def foreach_update(
-        self,
-        group: dict[str, Any],
-        params: Tensors,
-        grads: Tensors,
-        states: list[Tensors],
-        step: float,
-    ) -> None:
-        updates = self._direction(group, params, grads, states)
-        weight_norms = torch.stack(torch._foreach_norm(params))
-        update_norms = torch.stack(torch._foreach_norm(updates))
-
-        def finish(weight_norms: torch.Tensor, update_norms: torch.Tensor) -> None:
-            trust = _trust(weight_norms, update_norms, group["eps"])
-            torch._foreach_mul_(updates, list(trust.unbind()))
-            torch._foreach_add_(params, updates, alpha=-self._step_size(group, step))
-
-        self._after_norms(weight_norms, update_norms, finish, self._sharded_bucket)
-
-    @staticmethod
-    def _step_size(group: dict[str, Any], step: float) -> float:
-        """``lr / (1 - beta1^t)``: the first moment's bias correction."""
-        return float(group["lr"]) / (1.0 - float(group["betas"][0]) ** step)
-
-    def single_update(
-        self,
-        group: dict[str, Any],
-        param: torch.Tensor,
-        grad: torch.Tensor,
-        state: Tensors,
-        step: float,
-    ) -> None:
-        sharded = is_sharded(param)
-        param, grad, *state = (local_part(t) for t in (param, grad, *state))
-        (update,) = self._direction(group, [param], [grad], [[state[0]], [state[1]]])
-        weight_norm = torch.linalg.vector_norm(param)
-        update_norm = torch.linalg.vector_norm(update)
-
-        def finish(weight_norm: torch.Tensor, update_norm: torch.Tensor) -> None:
-            trust = _trust(weight_norm, update_norm, group["eps"])
-            param.add_(update, alpha=-self._step_size(group, step) * float(trust))
-
-        self._after_norms(weight_norm, update_norm, finish, sharded)
-
     # --- FSDP2: the norms of sharded tensors, one all_reduce per step -------------------------
     #: During :meth:`step`: ``(squares, finish)`` of sharded tensors waiting for their sums.
     _deferred: list[tuple[Tensors, Callable[[], None]]] | None = None
-    #: Whether the frame's foreach step is running on shards (their norms are partial).
-    _sharded_bucket = False
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -285,31 +213,7 @@ class LAMB(ElementwiseOptimizer):
             finish()
         return loss
 
-    def _after_norms(
-        self,
-        weight_norms: torch.Tensor,
-        update_norms: torch.Tensor,
-        finish: Callable[[torch.Tensor, torch.Tensor], None],
-        sharded: bool,
-    ) -> None:
-        """``finish(weight_norms, update_norms)`` now, or for shards (local norms) once the
-        squares are summed over the ranks."""
-        if not sharded:
-            finish(weight_norms, update_norms)
-            return
-        dtype = weight_norms.dtype
-        squares = torch.stack([weight_norms, update_norms], dim=-1).float().square()
-        self._defer(
-            [squares],
-            lambda: finish(squares[..., 0].sqrt().to(dtype), squares[..., 1].sqrt().to(dtype)),
-        )
-
-    def _defer(self, squares: Tensors, finish: Callable[[], None]) -> None:
-        if self._deferred is None:
-            raise RuntimeError("LAMB: sharded tensors are updated only through step()")
-        self._deferred.append((squares, finish))
-
-    def _foreach_step(
+    def _update(
         self,
         group: dict[str, Any],
         params: Tensors,
@@ -317,40 +221,37 @@ class LAMB(ElementwiseOptimizer):
         states: list[Tensors],
         steps: Tensors,
     ) -> None:
-        """The frame's foreach step, whole tensors and shards apart."""
-        for sharded, part in enumerate(_by_sharding(params, grads, states, steps)):
-            if part[0]:
-                self._sharded_bucket = bool(sharded)
-                try:
-                    super()._foreach_step(group, *part)
-                finally:
-                    self._sharded_bucket = False
-
-    def _compiled_step(
-        self,
-        group: dict[str, Any],
-        params: Tensors,
-        grads: Tensors,
-        states: list[Tensors],
-        steps: Tensors,
-    ) -> None:
-        """Whole tensors: the one-pass compiled update. Shards: their partial sums of squares
-        now (compiled) and the compiled update once the sums are in."""
+        """Compiled, whole tensors: the one-pass rule. Otherwise two passes (each on slices
+        when uncompiled): the sums of squares, then the update; a shard's update waits for the
+        sums of every rank."""
+        compiled = bool(group.get("fused")) and self.compile_failure is None
         whole, shards = _by_sharding(params, grads, states, steps)
-        if whole[0]:
-            super()._compiled_step(group, *whole)
-        params, grads, states, steps = shards
-        if not params:
-            return
+        if compiled and whole[0]:
+            super()._update(group, *whole)
+        elif whole[0]:
+            self._two_passes(group, *whole)()
+        if shards[0]:
+            if self._deferred is None:
+                raise RuntimeError("LAMB: sharded tensors are updated only through step()")
+            finish = self._two_passes(group, *shards)
+            self._deferred.append((self._squares, finish))
+
+    def _two_passes(
+        self,
+        group: dict[str, Any],
+        params: Tensors,
+        grads: Tensors,
+        states: list[Tensors],
+        steps: Tensors,
+    ) -> Callable[[], None]:
+        """The first pass now (sums of squares into ``self._squares``); the second returned."""
         rows = local_rows(params, grads, *zip(*states, strict=True))
         coefficients = coefficient_rows(rows, lambda step: self.coefficients(group, step), steps)
         # A rank without rows of a tensor skips it (CompiledUpdate skips empty rows): zeros.
         rows = [[*row, c.new_zeros(2)] for row, c in zip(rows, coefficients, strict=True)]
-        step_compiled(self, _PARTIAL_SQUARES, rows, coefficients)
-        self._defer(
-            [row[-1] for row in rows],
-            lambda: step_compiled(self, _SHARDED_UPDATE, rows, coefficients),
-        )
+        step_rows(self, group, _PARTIAL_SQUARES, rows, coefficients)
+        self._squares = [row[-1] for row in rows]
+        return lambda: step_rows(self, group, _SHARDED_UPDATE, rows, coefficients)
 
 
 def _by_sharding(

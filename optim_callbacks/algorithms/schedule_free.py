@@ -161,6 +161,35 @@ class _ScheduleFree(ElementwiseOptimizer):
             group["k"] += 1
         return loss
 
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: Tensors,
+        grads: Tensors,
+        states: list[Tensors],
+        steps: Tensors,
+    ) -> None:
+        """Compiled: the frame's rule. ``foreach`` and ``for-loop``: ``schedulefree``'s own
+        operations in its order (bit-identical to schedulefree 1.4.1, as the Lightning tests
+        require; the frame's eager rule rounds differently), on local shards."""
+        if group["fused"] and self.compile_failure is None:
+            super()._update(group, params, grads, states, steps)
+            return
+        params, grads = [local_part(p) for p in params], [local_part(g) for g in grads]
+        states = [[local_part(t) for t in state] for state in states]
+        if group["foreach"] is False:
+            for p, g, state in zip(params, grads, states, strict=True):
+                self.single_update(group, p, g, state)
+            return
+        buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(params):
+            buckets.setdefault((p.device, p.dtype), []).append(i)
+        for indices in buckets.values():
+            columns = [[states[i][k] for i in indices] for k in range(len(states[indices[0]]))]
+            self.foreach_update(
+                group, [params[i] for i in indices], [grads[i] for i in indices], columns
+            )
+
     def applied_lr(self, group: dict[str, Any]) -> float:
         """The learning rate the group's last step applied, ``lr_t = lr * min(1, k /
         warmup_steps)`` after its ``k``-th step (``MomentStatistics`` reads its step sizes
@@ -211,7 +240,8 @@ class ScheduleFreeAdamW(_ScheduleFree):
         warmup_steps: linear warmup of the learning rate, built in.
         r: polynomial weighting of the average (0: uniform after warmup).
         weight_lr_power: the average weights steps by ``lr_max ** weight_lr_power``.
-        foreach: ``False`` for the single-tensor loop; ``None``/``True`` for foreach kernels.
+        foreach: ``False`` for schedulefree's operations one tensor at a time; ``None``/``True``
+            for them as foreach kernels (both bit-identical to schedulefree 1.4.1).
         fused: ``True`` for the compiled single pass per tensor (the registry's default).
 
     State per parameter: ``step``, ``z`` and ``exp_avg_sq``; per group: ``k``, ``train_mode``,
@@ -268,7 +298,6 @@ class ScheduleFreeAdamW(_ScheduleFree):
         params: Tensors,
         grads: Tensors,
         states: list[Tensors],
-        step: float,
     ) -> None:
         zs, exp_avg_sqs = states
         lr, ckp1, y_step, bc2 = self._terms(group)
@@ -291,7 +320,6 @@ class ScheduleFreeAdamW(_ScheduleFree):
         param: torch.Tensor,
         grad: torch.Tensor,
         state: Tensors,
-        step: float,
     ) -> None:
         z, exp_avg_sq = state
         lr, ckp1, y_step, bc2 = self._terms(group)
@@ -354,7 +382,6 @@ class ScheduleFreeSGD(_ScheduleFree):
         params: Tensors,
         grads: Tensors,
         states: list[Tensors],
-        step: float,
     ) -> None:
         (zs,) = states
         lr, ckp1, y_step = self._terms(group)
@@ -370,7 +397,6 @@ class ScheduleFreeSGD(_ScheduleFree):
         param: torch.Tensor,
         grad: torch.Tensor,
         state: Tensors,
-        step: float,
     ) -> None:
         (z,) = state
         lr, ckp1, y_step = self._terms(group)
