@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from optim_callbacks.algorithms._elementwise import ElementwiseOptimizer, Tensors
+from optim_callbacks.algorithms._elementwise import ElementwiseOptimizer
 from optim_callbacks.compiled_update import CompiledUpdate
 from optim_callbacks.validation import check_betas
 
@@ -48,7 +48,8 @@ class Lion(ElementwiseOptimizer):
         betas: ``(beta1, beta2)``: the interpolation of the update and the momentum's decay.
         weight_decay: decoupled, ``theta *= 1 - lr * wd`` (>= 0).
         maximize: ascend instead of descend.
-        foreach: ``False`` for the single-tensor loop; ``None``/``True`` for foreach kernels.
+        foreach: ``False``: the rule run eagerly one tensor at a time; ``None``/``True``:
+            eagerly, small tensors packed (the frame in :mod:`._elementwise`).
         fused: ``True`` for the compiled single pass per tensor (the registry's default).
 
     State per parameter: ``step`` (float32 CPU tensor) and ``exp_avg``.
@@ -84,43 +85,3 @@ class Lion(ElementwiseOptimizer):
             -lr,
             -1.0 if group["maximize"] else 1.0,
         )
-
-    def foreach_update(
-        self,
-        group: dict[str, Any],
-        params: Tensors,
-        grads: Tensors,
-        states: list[Tensors],
-        step: float,
-    ) -> None:
-        (exp_avgs,) = states
-        lr = float(group["lr"])
-        beta1, beta2 = group["betas"]
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        if group["weight_decay"] != 0:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
-        update = torch._foreach_mul(exp_avgs, beta1)
-        torch._foreach_add_(update, grads, alpha=1.0 - beta1)
-        torch._foreach_sign_(update)
-        torch._foreach_add_(params, update, alpha=-lr)
-        torch._foreach_mul_(exp_avgs, beta2)
-        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta2)
-
-    def single_update(
-        self,
-        group: dict[str, Any],
-        param: torch.Tensor,
-        grad: torch.Tensor,
-        state: Tensors,
-        step: float,
-    ) -> None:
-        (exp_avg,) = state
-        lr = float(group["lr"])
-        beta1, beta2 = group["betas"]
-        if group["maximize"]:
-            grad = -grad
-        param.mul_(1.0 - lr * group["weight_decay"])
-        update = exp_avg.clone().mul_(beta1).add(grad, alpha=1.0 - beta1).sign_()
-        param.add_(update, alpha=-lr)
-        exp_avg.mul_(beta2).add_(grad, alpha=1.0 - beta2)
