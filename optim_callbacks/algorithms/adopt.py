@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from optim_callbacks.algorithms._elementwise import ElementwiseOptimizer, Tensors
+from optim_callbacks.algorithms._elementwise import ElementwiseOptimizer
 from optim_callbacks.compiled_update import CompiledUpdate
 from optim_callbacks.validation import check_betas, check_positive
 
@@ -67,7 +67,8 @@ class ADOPT(ElementwiseOptimizer):
             with ``decoupled_weight_decay=True`` (>= 0).
         decoupled_weight_decay: pytorch-optimizer's ``weight_decouple``.
         maximize: ascend instead of descend.
-        foreach: ``False`` for the single-tensor loop; ``None``/``True`` for foreach kernels.
+        foreach: ``False``: the rule run eagerly one tensor at a time; ``None``/``True``:
+            eagerly, small tensors packed (the frame in :mod:`._elementwise`).
         fused: ``True`` for the compiled single pass per tensor (the registry's default).
 
     State per parameter: ``step`` (float32 CPU tensor), ``exp_avg`` and ``exp_avg_sq``.
@@ -117,63 +118,3 @@ class ADOPT(ElementwiseOptimizer):
             0.0 if first else -lr,
             -1.0 if group["maximize"] else 1.0,
         )
-
-    def foreach_update(
-        self,
-        group: dict[str, Any],
-        params: Tensors,
-        grads: Tensors,
-        states: list[Tensors],
-        step: float,
-    ) -> None:
-        exp_avgs, exp_avg_sqs = states
-        lr, wd = float(group["lr"]), float(group["weight_decay"])
-        beta1, beta2 = group["betas"]
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        if wd != 0:
-            if group["decoupled_weight_decay"]:
-                torch._foreach_mul_(params, 1.0 - lr * wd)
-            else:
-                grads = torch._foreach_add(grads, params, alpha=wd)
-        if step == 1:
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads)
-            return
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_clamp_min_(denom, group["eps"])
-        normed = torch._foreach_div(grads, denom)
-        clip = step**0.25
-        torch._foreach_clamp_min_(normed, -clip)
-        torch._foreach_clamp_max_(normed, clip)
-        torch._foreach_lerp_(exp_avgs, normed, 1.0 - beta1)
-        torch._foreach_add_(params, exp_avgs, alpha=-lr)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-
-    def single_update(
-        self,
-        group: dict[str, Any],
-        param: torch.Tensor,
-        grad: torch.Tensor,
-        state: Tensors,
-        step: float,
-    ) -> None:
-        exp_avg, exp_avg_sq = state
-        lr, wd = float(group["lr"]), float(group["weight_decay"])
-        beta1, beta2 = group["betas"]
-        if group["maximize"]:
-            grad = -grad
-        if wd != 0:
-            if group["decoupled_weight_decay"]:
-                param.mul_(1.0 - lr * wd)
-            else:
-                grad = grad.add(param, alpha=wd)
-        if step == 1:
-            exp_avg_sq.addcmul_(grad, grad)
-            return
-        normed = grad / exp_avg_sq.sqrt().clamp_(min=group["eps"])
-        clip = step**0.25
-        normed.clamp_(-clip, clip)
-        exp_avg.lerp_(normed, weight=1.0 - beta1)
-        param.add_(exp_avg, alpha=-lr)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
