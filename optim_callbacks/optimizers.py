@@ -520,6 +520,21 @@ def _choose_implementation(
       the update is element-wise and runs on local shards);
 
     else foreach (``auto``) or a ``ValueError`` (``fused``). ``for-loop`` turns both off.
+
+    What each ``impl`` runs:
+
+    - torch's classes (SGD, Adam, AdamW, Adagrad, Muon, ...) and the torch half of Adadelta,
+      RMSprop and Adafactor: torch's own ``fused`` kernels, ``foreach`` kernels or single-tensor
+      loop;
+    - ``fused`` on our element-wise optimizers (Lion, LAMB, ADOPT, AdaBelief, schedule-free)
+      and on Adadelta, RMSprop and Adafactor: the optimizer's one per-element rule compiled
+      (:mod:`optim_callbacks.compiled_update`);
+    - ``foreach`` on our element-wise optimizers: that same rule run eagerly (plain torch ops,
+      cache-sized slices, small tensors packed into one call); there are no hand-written
+      ``torch._foreach_*`` kernels for them (the eager rule was measured faster:
+      ``bench/optimizer_step.py --bert-paths``). It is also what a ``fused`` instance falls back
+      to when compiling fails;
+    - ``for-loop`` on our element-wise optimizers: the same rule, eagerly, one tensor at a time.
     """
     accepted = set(spec.options())
     if "fused" in kwargs or "foreach" in kwargs or impl == "for-loop":
@@ -573,8 +588,9 @@ def build_optimizer(
     ``lr`` and ``weight_decay`` default to the entry's defaults; ``options`` are the torch
     class's keyword arguments. Everything is checked by :meth:`OptimizerSpec.check_options`
     first (an unknown key is an error naming the closest valid one).
-    A group's ``lr_scale`` multiplies its learning rate. ``impl`` picks torch's ``fused`` or
-    ``foreach`` kernels (``auto``: fused where supported, else foreach).
+    A group's ``lr_scale`` multiplies its learning rate. ``impl`` picks the implementation
+    (``auto``: fused where supported, else foreach; what ``fused``, ``foreach`` and
+    ``for-loop`` run for each kind of entry: see :func:`_choose_implementation`).
     """
     spec = OPTIMIZERS.get(name)
     spec.check_options(
