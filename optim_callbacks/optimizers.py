@@ -529,12 +529,14 @@ def _choose_implementation(
     - ``fused`` on our element-wise optimizers (Lion, LAMB, ADOPT, AdaBelief, schedule-free)
       and on Adadelta, RMSprop and Adafactor: the optimizer's one per-element rule compiled
       (:mod:`optim_callbacks.compiled_update`);
-    - ``foreach`` on our element-wise optimizers: that same rule run eagerly (plain torch ops,
-      cache-sized slices, small tensors packed into one call); there are no hand-written
-      ``torch._foreach_*`` kernels for them (the eager rule was measured faster:
-      ``bench/optimizer_step.py --bert-paths``). It is also what a ``fused`` instance falls back
-      to when compiling fails;
-    - ``for-loop`` on our element-wise optimizers: the same rule, eagerly, one tensor at a time.
+    - ``foreach`` on Lion, LAMB and ADOPT: that same rule run eagerly (plain torch ops,
+      cache-sized slices, small tensors packed into one call); they have no hand-written
+      ``torch._foreach_*`` kernels (the sliced eager rule was measured faster:
+      ``bench/optimizer_step.py --bert-paths``). It is also what a ``fused`` instance of them
+      falls back to when compiling fails. Schedule-free: schedulefree 1.4.1's own operations as
+      foreach kernels (bit-identical to it); AdaBelief: its cache-blocked foreach kernels;
+    - ``for-loop``: on Lion, LAMB and ADOPT the same rule, eagerly, one tensor at a time; on
+      schedule-free and AdaBelief the reference's operations one tensor at a time.
     """
     accepted = set(spec.options())
     if "fused" in kwargs or "foreach" in kwargs or impl == "for-loop":
