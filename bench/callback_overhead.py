@@ -1,7 +1,8 @@
-"""Training-step time of a BERT classifier with and without ``MomentStatistics``, in one run.
+"""Training-step time of a BERT classifier with and without ``MomentStatistics`` (or, with
+``--health``, ``SpikeSkip`` + ``TrainingFindings``), in one run.
 
 Run: ``python bench/callback_overhead.py [--cycles C] [--model small|tiny|base100m|minilm]
-[--threads T] [--fsdp2] [--quick N]``
+[--threads T] [--fsdp2] [--quick N] [--health]``
 
 ``--fsdp2``: two gloo processes under ``FSDP2Strategy``, each encoder layer and the root
 sharded (``ClassificationModule.configure_model``); the callback then exchanges one packed
@@ -28,16 +29,29 @@ the same cycle; and the median extra time of one logging step. The first block i
 steps, one without logging and one logging (``every_n_steps`` set per step), alternating;
 reported: the median plain step, the median logging step, the extra time of a logging step and
 the overhead it implies with logging every 50 steps, ``extra / (50 * plain step)``.
+
+``--health``: the recipe's training-health callbacks, ``SpikeSkip`` (default window) and
+``TrainingFindings``, on or off per block of 50 steps (order off, on, on, off in each cycle),
+with the recipe's ``GradientClipping(max_norm=1.0)`` in every block and no ``MomentStatistics``.
+Clipping comes first here, so it computes the gradient norm in every block and SpikeSkip reuses
+it (in the recipes SpikeSkip comes first and computes the one norm that clipping then reuses:
+the same work, counted on the other side). Off, their hooks are not called at all (a gate around
+each). No spike occurs (random tokens, a healthy loss). Reported per cycle: the mean wall and
+CPU (``time.thread_time``: the one torch thread's work) ms/step of the on and off blocks and
+their ratio; then the medians over cycles, and each callback's CPU time inside its hooks per step
+against the median off step's CPU time. On a loaded machine the CPU figures are the steadier.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -46,11 +60,18 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
-from optim_callbacks import FSDP2Strategy, MomentStatistics
+from optim_callbacks import (
+    FSDP2Strategy,
+    GradientClipping,
+    MomentStatistics,
+    SpikeSkip,
+    TrainingFindings,
+)
 
 BLOCK = 50
 CYCLE = ("off", "every_n_steps=50", "every_n_steps=1", "every_n_steps=1", "every_n_steps=50", "off")
 EVERY = {"off": 10**9, "every_n_steps=50": 50, "every_n_steps=1": 1}
+HEALTH_CYCLE = ("off", "on", "on", "off")
 
 
 class RandomTokens(Dataset):
@@ -70,25 +91,70 @@ class RandomTokens(Dataset):
 
 
 class BlockSchedule(Callback):
-    """Sets the callback's ``every_n_steps`` for each block and times every step.
+    """Configures each block (``configure(name)``, e.g. the callback's ``every_n_steps``) and
+    times every step.
 
     Placed first among the callbacks, so the change is made before the callback's own hooks.
     """
 
-    def __init__(self, moments: MomentStatistics, blocks: list[str], block: int = BLOCK) -> None:
-        self.moments = moments
+    def __init__(
+        self, configure: Callable[[str], None], blocks: list[str], block: int = BLOCK
+    ) -> None:
+        self.configure = configure
         self.blocks = blocks
         self.block = block
         self.starts: list[float] = []
+        self.cpu_starts: list[float] = []  # this thread's CPU time (the one torch thread's work)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.starts.append(time.perf_counter())
+        self.cpu_starts.append(time.thread_time())
         block = trainer.global_step // self.block
         if block < len(self.blocks):
-            self.moments.every_n_steps = EVERY[self.blocks[block]]
+            self.configure(self.blocks[block])
 
-    def step_times(self) -> list[float]:
-        return [b - a for a, b in zip(self.starts, self.starts[1:], strict=False)]
+    def step_times(self, cpu: bool = False) -> list[float]:
+        starts = self.cpu_starts if cpu else self.starts
+        return [b - a for a, b in itertools.pairwise(starts)]
+
+
+class Gate(Callback):
+    """Calls the wrapped callback's training hooks only while ``on`` (switched at a step's
+    start, so a step is wholly on or off); ``cpu`` sums this thread's CPU time inside them."""
+
+    HOOKS = (
+        "on_fit_start",
+        "on_train_batch_start",
+        "on_before_backward",
+        "on_before_optimizer_step",
+        "on_train_batch_end",
+    )
+
+    def __init__(self, inner: Callback) -> None:
+        self.inner = inner
+        self.on = False
+        self.cpu = 0.0
+        for hook in self.HOOKS:
+            setattr(self, hook, self._forward(getattr(inner, hook)))
+
+    def _forward(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        def hook(*args: Any, **kwargs: Any) -> Any:
+            if not self.on:
+                return None
+            start = time.thread_time()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.cpu += time.thread_time() - start
+
+        return hook
+
+    @property
+    def state_key(self) -> str:
+        return f"Gate[{self.inner.state_key}]"
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self.inner.setup(trainer, pl_module, stage)
 
 
 # Random BERT stand-ins: "small" has a BERT-like mix of parameters (41% embeddings; BERT-base 22%,
@@ -166,6 +232,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick", type=int, default=0, help="N alternating plain/logging step pairs instead"
     )
+    parser.add_argument(
+        "--health",
+        action="store_true",
+        help="SpikeSkip + TrainingFindings on/off instead of MomentStatistics",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -173,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
     module = build_module(args.model)
+    if args.health:
+        health_run(module, args)
+        return
     if args.quick:
         # one step per block: two warm-up steps, then plain and logging steps alternating
         blocks = ["off", "off", *(["off", "every_n_steps=1"] * args.quick)]
@@ -198,7 +272,11 @@ def main(argv: list[str] | None = None) -> None:
         f"torch threads {torch.get_num_threads()}"
     )
     moments = MomentStatistics(every_n_steps=EVERY["off"])
-    schedule = BlockSchedule(moments, blocks, block)
+
+    def configure(name: str) -> None:
+        moments.every_n_steps = EVERY[name]
+
+    schedule = BlockSchedule(configure, blocks, block)
     with tempfile.TemporaryDirectory() as root:
         trainer = quiet_trainer(
             root,
@@ -247,6 +325,66 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\none logging step takes {statistics.median(logging_step_extra):.1f} ms more than the "
         "median step of its block (median over blocks)"
+    )
+
+
+def health_run(module: L.LightningModule, args: argparse.Namespace) -> None:
+    """``--health``: SpikeSkip + TrainingFindings on and off in blocks, clipping always on."""
+    blocks = ["off", *(name for _ in range(args.cycles) for name in HEALTH_CYCLE)]
+    steps = BLOCK * len(blocks)
+    data = DataLoader(
+        RandomTokens((steps + 1) * args.batch_size, args.seq_len, module.network.config.vocab_size),
+        batch_size=args.batch_size,
+    )
+    gates = [Gate(SpikeSkip()), Gate(TrainingFindings())]
+
+    def configure(name: str) -> None:
+        for gate in gates:
+            gate.on = name == "on"
+
+    schedule = BlockSchedule(configure, blocks)
+    parameters = sum(p.numel() for p in module.parameters())
+    with tempfile.TemporaryDirectory() as root:
+        trainer = quiet_trainer(root, steps + 1, [schedule, GradientClipping(max_norm=1.0), *gates])
+        trainer.fit(module, train_dataloaders=data)
+    spike_skip = gates[0].inner
+    print(
+        f"model: {args.model} BERT ({parameters / 1e6:.1f}M parameters), one process, batch "
+        f"{args.batch_size} x {args.seq_len} tokens, AdamW, GradientClipping(max_norm=1.0) "
+        f"always; SpikeSkip + TrainingFindings off/on in {args.cycles} cycles of "
+        f"{len(HEALTH_CYCLE)} blocks of {BLOCK} steps (+1 warm-up block), torch threads "
+        f"{torch.get_num_threads()}; SpikeSkip judged {spike_skip.judged_steps} steps, skipped "
+        f"{spike_skip.skipped_steps}"
+    )
+    walls, cpus = schedule.step_times(), schedule.step_times(cpu=True)
+    on_steps = sum(BLOCK for name in blocks if name == "on")
+    rows: dict[str, list[float]] = {"wall": [], "cpu": []}
+    for cycle in range(args.cycles):
+        first = 1 + cycle * len(HEALTH_CYCLE)
+        line = []
+        for label, times in (("wall", walls), ("cpu", cpus)):
+            per: dict[str, list[float]] = {"off": [], "on": []}
+            for b in range(first, first + len(HEALTH_CYCLE)):
+                per[blocks[b]].extend(times[b * BLOCK : (b + 1) * BLOCK])
+            off, on = statistics.fmean(per["off"]), statistics.fmean(per["on"])
+            rows[label].append(on / off)
+            line.append(f"{label} off {1000 * off:.1f} ms, on {1000 * on:.1f} ms, {on / off:.4f}x")
+        print(f"cycle {cycle + 1}: " + "; ".join(line))
+    off_cpu = statistics.median(
+        cpus[b * BLOCK + i]
+        for b, name in enumerate(blocks)
+        if name == "off" and b > 0  # block 0 warms up
+        for i in range(BLOCK)
+    )
+    inside = ", ".join(
+        f"{type(gate.inner).__name__} {1000 * gate.cpu / on_steps:.2f} ms "
+        f"({100 * gate.cpu / on_steps / off_cpu:.2f}%)"
+        for gate in gates
+    )
+    print(
+        f"median over cycles of the on/off ratio: wall {statistics.median(rows['wall']):.4f}x, "
+        f"CPU {statistics.median(rows['cpu']):.4f}x; CPU per step inside the hooks, against the "
+        f"median off step's {1000 * off_cpu:.1f} ms: {inside}"
     )
 
 

@@ -76,8 +76,10 @@ told of each skip (:func:`notify_spike_skipped`): ``MomentStatistics`` marks it 
 Resume: the window, the recent verdicts, the counters and the events are in the callback's
 checkpoint state, so a resumed run takes the same decisions as an uninterrupted one.
 
-Logged every step through ``pl_module.log``: ``spike_skip/skipped_steps`` and, once a
-threshold is active, ``spike_skip/loss_threshold`` and ``spike_skip/grad_norm_threshold``.
+Logged through ``pl_module.log`` on the steps Lightning writes to its loggers (every
+``log_every_n_steps``; ``self.log`` is most of this callback's per-step cost, so it is not called
+on the others): ``spike_skip/skipped_steps`` and, once a threshold is active,
+``spike_skip/loss_threshold`` and ``spike_skip/grad_norm_threshold``.
 Non-finite values are left to ``GradientClipping`` (and the ``GradScaler``): such a step is
 neither judged nor added to the window.
 """
@@ -96,6 +98,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
+from optim_callbacks._compat import batches_that_stepped
 from optim_callbacks.callbacks._amp import active_grad_scaler, unscale_gradients
 from optim_callbacks.callbacks._strategy import check_supported_strategy
 from optim_callbacks.callbacks.clipping import drop_gradients, pre_clip_norm, stop_with_checkpoint
@@ -249,12 +252,15 @@ class SpikeSkip(Callback):
         # The one read per step: values, thresholds and verdicts together.
         packed = torch.cat([current, thresholds, spikes.double()]).tolist()
         values, limits, verdict = packed[0:2], packed[2:4], packed[4:6]
-        pl_module.log(
-            "spike_skip/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False
-        )
-        for name, limit, on in zip(MONITORS, limits, self.active_monitors, strict=True):
-            if on and math.isfinite(limit):
-                pl_module.log(f"spike_skip/{name}_threshold", limit, on_step=True, on_epoch=False)
+        if _logging_step(trainer):  # self.log costs ~0.3 ms a call: only where it is written
+            pl_module.log(
+                "spike_skip/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False
+            )
+            for name, limit, on in zip(MONITORS, limits, self.active_monitors, strict=True):
+                if on and math.isfinite(limit):
+                    pl_module.log(
+                        f"spike_skip/{name}_threshold", limit, on_step=True, on_epoch=False
+                    )
         if not all(math.isfinite(v) for v in values):
             return  # GradientClipping's (or the GradScaler's) business: neither judged nor kept
         self.judged_steps += 1
@@ -433,6 +439,14 @@ def describe_event(event: dict[str, Any]) -> str:
         f"skipped global step {event['step']} (epoch {event['epoch']}, {where}): "
         f"{' and '.join(parts)}; {source}{rank}"
     )
+
+
+def _logging_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes this batch's ``on_step`` values to the loggers (its logger
+    connector's rule: every ``log_every_n_steps`` batches that stepped, and when stopping); a
+    value logged on another step would be overwritten before it is written."""
+    every = max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
+    return (batches_that_stepped(trainer) + 1) % every == 0 or bool(trainer.should_stop)
 
 
 def _check_monitor(monitor: Any) -> tuple[str, ...]:

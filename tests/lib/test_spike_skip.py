@@ -394,3 +394,24 @@ def test_monitor_loss_only_ignores_a_gradient_spike(tmp_path):
     skip = SpikeSkip(monitor=["loss"], **SMALL)
     fit(tmp_path, SpikyModule(with_batch(clean, 20, bad_batch(GRAD_SPIKE))), [skip])
     assert skip.skipped_steps == 0 and math.isfinite(skip.state_dict()["values"][0, 0])
+
+
+def test_counts_and_thresholds_reach_the_logger_on_its_logging_steps(tmp_path):
+    """self.log is called only where Lightning writes (every log_every_n_steps): the rows hold
+    the count before each step's verdict and both thresholds once the window is warm."""
+    from tests.lib.tiny import RecordingLogger
+
+    logger = RecordingLogger()
+    clean = clean_batches(27)
+    fit(
+        tmp_path,
+        SpikyModule(with_batch(clean, 20, bad_batch(LOSS_SPIKE))),
+        [SpikeSkip(**SMALL)],
+        logger=logger,
+        log_every_n_steps=4,
+    )
+    rows = {step: m for step, m in logger.rows if "spike_skip/skipped_steps" in m}
+    assert sorted(rows) == [3, 7, 11, 15, 19, 23, 27]
+    assert [rows[s]["spike_skip/skipped_steps"] for s in (19, 23)] == [0.0, 1.0]
+    assert {"spike_skip/loss_threshold", "spike_skip/grad_norm_threshold"} <= rows[23].keys()
+    assert "spike_skip/loss_threshold" not in rows[3]  # 3 values: no rule acts yet
