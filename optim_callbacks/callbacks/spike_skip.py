@@ -50,7 +50,10 @@ The host must know it before ``optimizer.step()``: no generic way exists to make
 optimizer (torch's, ours, schedule-free's group-level sums), the LR scheduler and the
 ``GradScaler`` step by a 0/1 factor. OLMo-core avoids that read by rewriting AdamW and Lion
 around a step factor, and its LR scheduler advances over skipped steps; an exact
-"never seen" for every optimizer and schedule is what this callback chose instead. The read
+"never seen" for every optimizer and schedule is what this callback chose instead. Deferring the
+read (to the next step's start, or to where Lightning reads values anyway, after the step) would
+let the step run first; undoing it would take a copy of every weight and optimizer state before
+each step, far costlier than reading 6 numbers. The read
 comes after the backward pass, when the gradient norm is already computed: with
 ``GradientClipping`` (which reads the same norm on the host for its own decision; the norm is
 computed once per step, :func:`~optim_callbacks.callbacks.clipping.pre_clip_norm`) it adds no
