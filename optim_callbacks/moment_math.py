@@ -261,6 +261,7 @@ def _bias_corrections(
 # (interpolated within its bin) is within 1.16% of the exact one.
 LOG_LOW, LOG_HIGH, LOG_BINS = -24.0, 12.0, 200
 LOG_COLUMNS = int((LOG_HIGH - LOG_LOW) * LOG_BINS) + 2
+PERCENTILE_RELATIVE_ERROR = 10 ** (1 / LOG_BINS) - 1  # 0.0116: the bound a logged percentile meets
 # Elements binned per call: bounds the temporary buffers (16 MB each).
 CHUNK = 1 << 22
 

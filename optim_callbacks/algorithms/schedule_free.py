@@ -113,9 +113,12 @@ class _ScheduleFree(ElementwiseOptimizer):
                 z = state.get("z")
                 if z is not None:
                     local_part(p).lerp_(local_part(z).to(p.device), weight)
-                kept = state.pop("y", None) if to_train else None
+                kept = state.get("y") if to_train else None
                 if kept is not None:
                     local_part(p).copy_(local_part(kept))
+                    # a new dict: a state_dict() taken before (a checkpoint being written)
+                    # shares the old one and must keep its "y"
+                    self.state[p] = {key: v for key, v in state.items() if key != "y"}
             group["train_mode"] = to_train
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ import torch
 
 from optim_callbacks import SCHEDULE_FREE, OptimizerSwitch, build_optimizer
 from optim_callbacks.callbacks.switch_checks import check_source_optimizer
-from tests.conformance.references import OPTIONS, entry_names, model
+from tests.conformance.references import OPTIONS, entry_names, model, user_entry_registered
 
 IMPLS = ("fused", "foreach", "for-loop")
 
@@ -86,7 +86,8 @@ def support_table() -> str:
 
 def main() -> None:
     torch.set_num_threads(1)
-    sys.stdout.write(support_table())
+    with user_entry_registered():
+        sys.stdout.write(support_table())
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Not collected by pytest (no ``test_`` prefix); the two-process script imports it
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from collections.abc import Iterator
@@ -33,16 +34,29 @@ from torch.optim import Optimizer
 from optim_callbacks import OPTIMIZERS, SCHEDULE_FREE, OptimizerSpec, register_optimizer
 from tests.lib.tiny import TinyRegressor, regression_data
 
-USER_ENTRY = "user_nadam"  # registered below as a user would, to prove the matrix is generic
-if USER_ENTRY not in OPTIMIZERS.names():
-    register_optimizer(
-        USER_ENTRY,
-        description="NAdam registered by a user (conformance matrix)",
-        defaults={"lr": 2e-3},
-        state_keys=("exp_avg", "exp_avg_sq"),
-        first_moment="exp_avg",
-        second_moment="exp_avg_sq",
-    )(torch.optim.NAdam)
+USER_ENTRY = "user_nadam"  # registered as a user would, to prove the matrix is generic
+
+
+@contextlib.contextmanager
+def user_entry_registered() -> Iterator[None]:
+    """Register :data:`USER_ENTRY` (``torch.optim.NAdam``) with the public decorator for the
+    duration of the block, then remove it: the registry is global, and other tests list it."""
+    added = USER_ENTRY not in OPTIMIZERS
+    if added:
+        register_optimizer(
+            USER_ENTRY,
+            description="NAdam registered by a user (conformance matrix)",
+            defaults={"lr": 2e-3},
+            state_keys=("exp_avg", "exp_avg_sq"),
+            first_moment="exp_avg",
+            second_moment="exp_avg_sq",
+        )(torch.optim.NAdam)
+    try:
+        yield
+    finally:
+        if added:
+            OPTIMIZERS.unregister(USER_ENTRY)
+
 
 FEATURES, HIDDEN = 16, 81  # the first layer has 1,296 elements (> 1,024); 81 rows shard unevenly
 BATCH, STEPS = 16, 10
@@ -65,7 +79,7 @@ _FIXED: dict[str, dict[str, Any]] = {
 
 def entry_names() -> list[str]:
     """Every registry entry, the user's included: the matrix's rows."""
-    return sorted(OPTIMIZERS.names())
+    return sorted({*OPTIMIZERS.names(), USER_ENTRY})
 
 
 def spec(name: str) -> OptimizerSpec:

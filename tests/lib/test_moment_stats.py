@@ -25,13 +25,13 @@ from lightning.pytorch.strategies import FSDPStrategy
 from optim_callbacks import MomentStatistics, ScheduleFreeModes, build_optimizer
 from optim_callbacks.callbacks.moment_stats import moment_key
 from optim_callbacks.callbacks.optimizer_swap import notify_optimizers_changed
-from optim_callbacks.moment_math import ParamMoments, moment_statistics
+from optim_callbacks.moment_math import PERCENTILE_RELATIVE_ERROR, ParamMoments, moment_statistics
 from tests.lib.tiny import RecordingLogger, TinyRegressor, fp16_mixed, tiny_trainer
 
 PERCENTILES = (5, 50, 95)
 # Logged percentiles are read from log-spaced bins (200 per decade), each within one bin of the
 # exact order statistic: 10^(1/200) - 1 = 1.16%.
-PERCENTILE_REL = 0.0116
+PERCENTILE_REL = PERCENTILE_RELATIVE_ERROR
 
 # name -> (first moment key, second moment key, bias-corrected, state tensors the optimizer keeps)
 ROLES: dict[str, tuple[str | None, str | None, bool]] = {

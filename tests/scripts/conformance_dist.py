@@ -90,4 +90,5 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    with ref.user_entry_registered():
+        main(Path(sys.argv[1]))
