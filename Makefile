@@ -1,7 +1,8 @@
 # One command to set up and run the main job, one to set up and run the tests.
 # Both are idempotent: `setup` only reinstalls when pyproject.toml changed.
-# Neither needs root or apt: `make data` and `make browser` add Debian's Fashion-MNIST and
-# Chromium where apt-get runs as root (the tests that need them are skipped without them).
+# `make test` also adds the three Debian packages some tests need (Fashion-MNIST, Chromium and
+# the PostgreSQL server) where apt-get runs as root; elsewhere it says what to install, and the
+# tests that need a missing one fail with one line naming the package.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 EXTRAS ?= recipes,plots,sweep,dev
 
-.PHONY: setup run test lint docs bench data browser clean
+.PHONY: setup run test lint docs bench system data browser postgres clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +28,7 @@ setup: $(STAMP)
 run: setup
 	$(PY) -m recipes.bert_finetune --optimizer adamw
 
-test: setup
+test: setup system
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
@@ -59,10 +60,24 @@ browser:
 	@if command -v chromium >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
-		|| echo "note: could not install chromium; the browser tests will be skipped"; \
+		|| echo "note: could not install chromium; the browser tests will fail"; \
 	else \
 		echo "note: the browser tests need Chromium: sudo apt-get install chromium"; \
 	fi
+
+# Debian's PostgreSQL server for the sweep's PostgreSQL test (the test starts its own server in
+# a temporary folder, as an unprivileged user when run as root).
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >/dev/null 2>&1 \
+		|| echo "note: could not install postgresql; the PostgreSQL sweep test will fail"; \
+	else \
+		echo "note: the PostgreSQL sweep test needs Debian's server: sudo apt-get install postgresql"; \
+	fi
+
+# The system packages the test suite needs (each target does nothing where it is installed).
+system: data browser postgres
 
 clean:
 	rm -rf $(VENV) site wandb lightning_logs .pytest_cache .ruff_cache

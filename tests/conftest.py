@@ -1,6 +1,6 @@
 """What every test shares: an offline, quiet, one-thread environment and the expensive helpers.
 
-Fixtures:
+A skipped test fails (see ``pytest_runtest_makereport``). Fixtures:
 
 - every test runs in its own temporary folder (W&B runs and Lightning logs land there), with
   torch on one thread and a plain ``sys.argv`` (autouse);
@@ -36,6 +36,19 @@ LAUNCHER_KEYS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK
 # Set by W&B in this process once an in-process test started a run: it points children at this
 # process's W&B service, which a later test may have torn down. A child starts its own.
 INHERITED_KEYS = (*LAUNCHER_KEYS, "WANDB_SERVICE")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """A skipped test is a failed one here: the suite runs every test it holds (``make test``
+    installs what they need), so a skip (ours or a library's ``importorskip``) says why and
+    fails."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped, which this suite does not allow: {reason}"
 
 
 @pytest.fixture(autouse=True)

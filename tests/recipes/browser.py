@@ -33,9 +33,9 @@ class Rendered:
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        pytest.skip(
-            "Chromium is not installed: `make browser` as root installs it "
-            "(apt-get install chromium)"
+        pytest.fail(
+            "Chromium is not installed: `make test` as root installs it (apt-get install chromium)",
+            pytrace=False,
         )
     return path
 

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 USER, PASSWORD, DATABASE = "sweep", "s3cret-pw", "sweeps"
 
 
@@ -46,7 +48,12 @@ def postgres_server() -> Iterator[str]:
     it), stops the server and removes its folder on exit. The folder is a fresh one under the
     system's temporary folder: pytest's own are private to root, where ``postgres`` cannot go."""
     binaries = server_binaries()
-    assert binaries is not None
+    if binaries is None:
+        pytest.fail(
+            "Debian's PostgreSQL server is not installed: `make test` as root installs it "
+            "(apt-get install postgresql)",
+            pytrace=False,
+        )
     folder = Path(tempfile.mkdtemp(prefix="sweep-postgres-"))
     data = folder / "data"
     as_root = os.geteuid() == 0

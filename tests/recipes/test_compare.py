@@ -36,7 +36,7 @@ from recipes.sweep.storage import masked_url, open_storage, storage_url
 from recipes.sweep.study import current_trials
 from tests.conftest import REPO_ROOT, subprocess_env
 from tests.recipes.browser import assert_rendered_pictures, render
-from tests.recipes.postgres import PASSWORD, free_port, postgres_server, server_binaries
+from tests.recipes.postgres import PASSWORD, free_port, postgres_server
 
 DOCS = REPO_ROOT / "docs" / "sweep.md"
 # The commands of docs/sweep.md, as written there.
@@ -345,7 +345,6 @@ def test_workers_never_claim_one_trial_twice_on_sqlite(tmp_path):
     assert sorted(claimed) == list(range(60))
 
 
-@pytest.mark.skipif(server_binaries() is None, reason="no PostgreSQL server binaries (initdb)")
 def test_two_workers_on_postgres_one_killed_mid_trial_equal_one_worker(sweep, tiny, tmp_path):
     out = tmp_path / "adamw_sgd"
     with postgres_server() as url:
