@@ -601,18 +601,28 @@ def test_every_registry_entry_has_a_sweep_lr_rule_and_schedule_free_runs_are_con
     assert "constant" not in run_args([], "adamw", 3e-3, 0)
 
 
-def test_every_command_of_the_sweep_page_is_one_these_tests_run():
-    text = DOCS.read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)
+def _bash_commands(text: str) -> list[str]:
     commands = []
-    for block in blocks:
-        joined = block.replace("\\\n", " ")
-        for line in joined.splitlines():
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
             line = line.split("  #", 1)[0].strip()
             if line and not line.startswith(("#", "export ")):
                 commands.append(" ".join(line.split()))
-    assert sorted(commands) == sorted(DOC_COMMANDS)
+    return commands
+
+
+def test_every_command_of_the_sweep_page_is_one_these_tests_run():
+    text = DOCS.read_text()
+    assert sorted(_bash_commands(text)) == sorted(DOC_COMMANDS)
     assert "1 worker x 2 threads" in text and "2 workers x 1 thread" in text
+
+
+def test_every_sweep_command_of_the_readme_is_one_these_tests_run():
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("## Sweeps and the survey's claims", 1)[1].split("\n## ", 1)[0]
+    commands = _bash_commands(section)
+    assert len(commands) == 4
+    assert set(commands) <= set(DOC_COMMANDS), set(commands) - set(DOC_COMMANDS)
 
 
 # --- helpers -----------------------------------------------------------------------------------
