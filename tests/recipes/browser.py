@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests import system_packages
 
 WIDTH = 1280
 
@@ -32,11 +32,7 @@ class Rendered:
 
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        pytest.fail(
-            "Chromium is not installed: `make test` as root installs it (apt-get install chromium)",
-            pytrace=False,
-        )
+    system_packages.require("chromium", path is not None, "opening the pages in a real browser")
     return path
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
+from tests import system_packages
 
 USER, PASSWORD, DATABASE = "sweep", "s3cret-pw", "sweeps"
 
@@ -48,12 +48,8 @@ def postgres_server() -> Iterator[str]:
     it), stops the server and removes its folder on exit. The folder is a fresh one under the
     system's temporary folder: pytest's own are private to root, where ``postgres`` cannot go."""
     binaries = server_binaries()
-    if binaries is None:
-        pytest.fail(
-            "Debian's PostgreSQL server is not installed: `make test` as root installs it "
-            "(apt-get install postgresql)",
-            pytrace=False,
-        )
+    system_packages.require("postgresql", binaries is not None, "a real PostgreSQL server")
+    assert binaries is not None
     folder = Path(tempfile.mkdtemp(prefix="sweep-postgres-"))
     data = folder / "data"
     as_root = os.geteuid() == 0

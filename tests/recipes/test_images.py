@@ -30,6 +30,7 @@ from recipes.data.transforms import (
     random_horizontal_flip,
     resize,
 )
+from tests import system_packages
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:
@@ -46,12 +47,6 @@ def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:
     return path
 
 
-FASHION_MNIST_MISSING = (
-    "Debian's Fashion-MNIST is not installed: `make test` as root installs it "
-    "(apt-get install dataset-fashion-mnist)"
-)
-
-
 @functools.cache
 def _installed_fashion_mnist() -> ImageSplits | None:
     try:
@@ -61,11 +56,11 @@ def _installed_fashion_mnist() -> ImageSplits | None:
 
 
 def fashion_mnist() -> ImageSplits:
-    """The real Fashion-MNIST (Debian's package); fails the test, saying how to get it, where
-    it is not installed."""
+    """The real Fashion-MNIST (Debian's package); fails or skips the test
+    where it is not installed (see tests/system_packages.py)."""
     data = _installed_fashion_mnist()
     if data is None:
-        pytest.fail(FASHION_MNIST_MISSING, pytrace=False)
+        system_packages.require("dataset-fashion-mnist", False, "the vision recipes' data")
     return data
 
 

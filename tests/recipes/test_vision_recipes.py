@@ -76,7 +76,7 @@ def group_of(cli: Any) -> dict[str, dict[str, Any]]:
 
 
 def test_resnet_preset_learns_and_logs_to_wandb_offline(fashion_root, tmp_path, wandb_run):
-    fashion_mnist()  # the accuracy bound is for the real images: skipped without them
+    fashion_mnist()  # the accuracy bound is for the real images: fails without them where make test installs them
     cli = run_resnet(
         tiny_args(
             "resnet",
@@ -111,7 +111,7 @@ def test_resnet_preset_learns_and_logs_to_wandb_offline(fashion_root, tmp_path, 
 
 
 def test_vit_preset_with_layer_decay_learns(fashion_root, tmp_path, capsys):
-    fashion_mnist()  # the accuracy bound is for the real images: skipped without them
+    fashion_mnist()  # the accuracy bound is for the real images: fails without them where make test installs them
     cli = run_vit(
         tiny_args(
             "vit",
