@@ -34,9 +34,11 @@ from recipes.claims.verdict import (
     CONTRADICTED,
     INCONCLUSIVE,
     SUPPORTED,
+    UNTESTED,
     Interval,
     combine,
     effect_interval,
+    identical_pairs,
     verdict,
 )
 
@@ -198,7 +200,7 @@ def _compare(
             comparison, task, None, INCONCLUSIVE, means, None, note or "fewer than 2 values"
         )
     raw = tuple(sorted(orient * v for v in (interval.low, interval.high)))
-    result_verdict = verdict(interval)
+    result_verdict = verdict(interval, identical=identical_pairs(a, b))
     return ComparisonResult(
         comparison,
         task,
@@ -244,5 +246,5 @@ def evaluate(claim: Claim, arms: Mapping[str, ArmResult]) -> ClaimResult:
 
 
 def verdict_counts(results: Sequence[ClaimResult]) -> dict[str, int]:
-    order = (SUPPORTED, CONTRADICTED, INCONCLUSIVE, "differs by task", NOT_YET_RUN)
+    order = (SUPPORTED, CONTRADICTED, INCONCLUSIVE, UNTESTED, "differs by task", NOT_YET_RUN)
     return {v: sum(r.verdict == v for r in results) for v in order}

@@ -22,12 +22,14 @@ from recipes.claims.analysis import (
     NOT_YET_RUN,
     ArmResult,
     ClaimResult,
+    ComparisonResult,
     evaluate,
     load_arms,
     verdict_counts,
 )
 from recipes.claims.registry import Claim, Registry
 from recipes.claims.store import StudyPaths
+from recipes.claims.verdict import UNTESTED, paired_seeds
 
 __all__ = ["write_report"]
 
@@ -38,6 +40,10 @@ UNITS = {
     "mean_val_loss": ("mean validation loss", 1.0, ""),
     "effective_lr_log10_ratio": ("log10 effective-LR ratio (end/start)", 1.0, ""),
 }
+# The recipe options that switch a run's optimizer during training (recipes.core.cli's
+# callback options): an arm whose command turns one on means to change optimizer.
+OPTIMIZER_SWITCHES = ("--adam_to_sgd",)
+OFF = ("null", "none", "false")
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,8 @@ def _comparison_label(result: Any) -> str:
 def _effect_text(claim: Claim, result: Any) -> tuple[str, str]:
     if result.raw is None:
         return ("—", "—")
+    if result.verdict == UNTESTED:  # a zero-width interval of identical runs is no measurement
+        return ("0 (identical runs)", "none (identical runs)")
     effect, low, high = result.raw
     return (
         _fmt(claim.metric, effect, signed=True),
@@ -93,9 +101,94 @@ def _effect_text(claim: Claim, result: Any) -> tuple[str, str]:
 
 
 def _verdict_text(result: ClaimResult) -> str:
+    details = []
     if len(result.per_task) > 1 and result.verdict != NOT_YET_RUN:
-        return f"{result.verdict} ({', '.join(f'{t}: {v}' for t, v in result.per_task.items())})"
-    return result.verdict
+        details += [f"{t}: {v}" for t, v in result.per_task.items()]
+    if len(result.comparisons) > 1 and result.verdict != UNTESTED:
+        details += [
+            f"{_comparison_label(c)}: {UNTESTED}"
+            for c in result.comparisons
+            if c.verdict == UNTESTED
+        ]
+    return f"{result.verdict} ({', '.join(details)})" if details else result.verdict
+
+
+def _switches_optimizer(args: Sequence[str]) -> bool:
+    """Whether a recipe command line turns on an optimizer switch (:data:`OPTIMIZER_SWITCHES`):
+    ``--adam_to_sgd CLASS`` or any ``--adam_to_sgd.OPTION`` does, ``--adam_to_sgd null`` (or
+    false) turns it off; the last one wins, as in the recipe's parser."""
+    on = False
+    for i, arg in enumerate(args):
+        name, has_value, value = arg.partition("=")
+        if name in OPTIMIZER_SWITCHES:
+            if not has_value:
+                value = args[i + 1] if i + 1 < len(args) else ""
+            on = value.lower() not in OFF
+        elif name.startswith(tuple(f"{option}." for option in OPTIMIZER_SWITCHES)):
+            on = True
+    return on
+
+
+def _optimizer_classes(arm: ArmResult, seeds: Sequence[int]) -> list[str] | None:
+    """The optimizer classes the arm's runs at ``seeds`` used (their records'
+    ``optimizer_classes``: the optimizers at the end of training); ``None`` when a record does
+    not say."""
+    found: dict[str, None] = {}
+    for seed in seeds:
+        classes = arm.runs[seed].get("optimizer_classes")
+        if not classes:
+            return None
+        found.update(dict.fromkeys(classes))
+    return list(found)
+
+
+def _switch_words(arm: ArmResult, other: ArmResult, seeds: Sequence[int], both: bool) -> str:
+    """What the records say about ``arm``, meant to switch optimizer, against ``other`` (also
+    meant to when ``both``), the arm it ran identically to."""
+    mine, theirs = _optimizer_classes(arm, seeds), _optimizer_classes(other, seeds)
+    if mine is None:
+        return (
+            f"{arm.arm.name} is meant to switch optimizer, but its records do not say which "
+            "optimizer classes its runs used"
+        )
+    used = " and ".join(mine)
+    if mine == theirs and not both:  # the same optimizers as an arm that never switches
+        return (
+            f"{arm.arm.name} never switched optimizer: its runs used {used} only "
+            "(`optimizer_classes` of their records)"
+        )
+    return f"{arm.arm.name}'s runs ended on {used} (`optimizer_classes` of their records)"
+
+
+def _identical_text(
+    registry: Registry, claim: Claim, result: ComparisonResult, arms: dict[str, ArmResult]
+) -> str:
+    """In words, why an untested comparison measured nothing: its two arms gave the same value
+    at every seed, and (for an arm meant to switch optimizer) which optimizers its runs used."""
+    assert result.comparison.other is not None  # identical runs are a paired comparison's
+    first, second = arms[result.comparison.arm], arms[result.comparison.other]
+    seeds = paired_seeds(first.values(claim.metric), second.values(claim.metric))
+    meant = {
+        a.arm.name: _switches_optimizer([*registry.tasks[a.arm.task].args, *a.arm.args])
+        for a in (first, second)
+    }
+    switches = [
+        (arm, other, _switch_words(arm, other, seeds, all(meant.values())))
+        for arm, other in ((first, second), (second, first))
+        if meant[arm.arm.name]
+    ]
+    if len(switches) == 1:
+        _, other, words = switches[0]
+        same = f"{words}, so it ran identically to {other.arm.name}"
+    else:
+        same = "".join(f"{words}; " for _, _, words in switches)
+        same += f"{'so ' if switches else ''}{first.arm.name} ran identically to {second.arm.name}"
+    return (
+        f"**{_comparison_label(result)} is {UNTESTED}.** {same}: the same "
+        f"{UNITS[claim.metric][0]} at every seed ({', '.join(map(str, seeds))}), every paired "
+        "difference exactly 0. The comparison measured nothing: it is no evidence for or "
+        "against the claim."
+    )
 
 
 def _seconds(records: Sequence[dict[str, Any]]) -> float:
@@ -198,7 +291,10 @@ def _blocks(
             "arms ran the same seeds (Welch's interval otherwise; one-sample t for a claim about "
             "one arm). **supported**: the interval excludes 0 on the side the claim predicts; "
             "**contradicted**: it excludes 0 on the other side; **inconclusive**: it contains 0 "
-            "(a difference inside the noise is no win). Each arm's LR was chosen on validation "
+            "(a difference inside the noise is no win); **untested**: the two arms gave the same "
+            "value at every seed (every paired difference exactly 0: the treatment changed no "
+            "run), so nothing was measured; combined with other comparisons it counts like "
+            "inconclusive, never as support or contradiction. Each arm's LR was chosen on validation "
             "accuracy by the engine's LR search on the first seed (test data never chooses), "
             "unless the claim fixes it. The budgets are short: every verdict is about these "
             "shortened tasks, not the survey's settings.",
@@ -286,6 +382,8 @@ def _blocks(
         for comparison in result.comparisons:
             effect, interval = _effect_text(claim, comparison)
             method = comparison.interval.method if comparison.interval else "—"
+            if comparison.verdict == UNTESTED:
+                method = "paired by seed, every difference 0"
             n = str(comparison.interval.n) if comparison.interval else "—"
             comp_rows.append(
                 [
@@ -315,6 +413,9 @@ def _blocks(
                 ),
             )
         )
+        for comparison in result.comparisons:
+            if comparison.verdict == UNTESTED:
+                blocks.append(("p", _identical_text(registry, claim, comparison, arms)))
         names = list(dict.fromkeys(n for c in claim.comparisons for n in (c.arm, c.other) if n))
         arm_rows: list[list[Cell]] = []
         for name in names:
@@ -549,7 +650,8 @@ def write_report(out: Path, registry: Registry, registry_path: Path | None = Non
                     "other": c.comparison.other,
                     "verdict": c.verdict,
                     "effect": c.raw[0] if c.raw else None,
-                    "ci95": [c.raw[1], c.raw[2]] if c.raw else None,
+                    # identical runs (untested): a zero-width interval is no interval
+                    "ci95": [c.raw[1], c.raw[2]] if c.raw and c.verdict != UNTESTED else None,
                     "method": c.interval.method if c.interval else None,
                     "n": c.interval.n if c.interval else None,
                 }

@@ -17,7 +17,11 @@ lower). Its interval is a two-sided Student t interval at level 1 - alpha (0.95)
 The verdict (issue 25): **supported** when the interval excludes 0 on the predicted side
 (low > 0), **contradicted** when it excludes 0 on the other side (high < 0), **inconclusive**
 otherwise: a difference inside the noise is never a win. Fewer than two values on a side give
-no interval (inconclusive).
+no interval (inconclusive). **untested** when the two arms ran identically: paired by seed and
+every paired difference exactly 0 (:func:`identical_pairs`). The zero-width interval such runs
+give is no measurement: the treatment changed no run, so the comparison tested nothing. It is
+never supported or contradicted; :func:`combine` counts it like inconclusive (a claim is
+untested only when every comparison it combines is).
 
 The t quantile is computed here (no SciPy needed): the t CDF through the regularized incomplete
 beta function ``F(t) = 1 - I_{nu/(nu+t^2)}(nu/2, 1/2) / 2`` for ``t >= 0`` (Abramowitz & Stegun
@@ -36,11 +40,14 @@ __all__ = [
     "CONTRADICTED",
     "INCONCLUSIVE",
     "SUPPORTED",
+    "UNTESTED",
     "Interval",
     "combine",
     "effect_interval",
+    "identical_pairs",
     "one_sample_interval",
     "paired_interval",
+    "paired_seeds",
     "t_cdf",
     "t_quantile",
     "verdict",
@@ -50,6 +57,7 @@ __all__ = [
 SUPPORTED = "supported"
 CONTRADICTED = "contradicted"
 INCONCLUSIVE = "inconclusive"
+UNTESTED = "untested"
 LEVEL = 0.95
 
 
@@ -187,17 +195,37 @@ def one_sample_interval(x: Sequence[float], orient: int = 1) -> Interval:
     )
 
 
+def _finite(values: Mapping[int, float]) -> dict[int, float]:
+    return {s: v for s, v in values.items() if math.isfinite(v)}
+
+
+def paired_seeds(a: Mapping[int, float], b: Mapping[int, float]) -> list[int]:
+    """The seeds at which both sides have a finite value: the pairs of :func:`effect_interval`
+    when there are at least 2."""
+    return sorted(set(_finite(a)) & set(_finite(b)))
+
+
+def identical_pairs(a: Mapping[int, float], b: Mapping[int, float] | None) -> bool:
+    """Whether ``a`` and ``b`` ran identically: they are paired by seed (at least 2 common seeds
+    with finite values, as :func:`effect_interval` pairs them) and equal at every one of those
+    seeds, so every paired difference is exactly 0. Never for a one-sample comparison."""
+    if b is None:
+        return False
+    common = paired_seeds(a, b)
+    return len(common) >= 2 and all(a[s] == b[s] for s in common)
+
+
 def effect_interval(
     a: Mapping[int, float], b: Mapping[int, float] | None, orient: int
 ) -> Interval | None:
     """The interval of a comparison from per-seed values: paired on the common seeds when there
     are at least 2, else Welch; one sample when ``b`` is ``None``. ``None`` when a side has
     fewer than 2 finite values."""
-    a = {s: v for s, v in a.items() if math.isfinite(v)}
+    a = _finite(a)
     if b is None:
         return one_sample_interval(list(a.values()), orient) if len(a) >= 2 else None
-    b = {s: v for s, v in b.items() if math.isfinite(v)}
-    common = sorted(set(a) & set(b))
+    b = _finite(b)
+    common = paired_seeds(a, b)
     if len(common) >= 2:
         return paired_interval([a[s] for s in common], [b[s] for s in common], orient)
     if len(a) >= 2 and len(b) >= 2:
@@ -205,8 +233,11 @@ def effect_interval(
     return None
 
 
-def verdict(interval: Interval | None) -> str:
-    """supported / contradicted / inconclusive (see the module docstring)."""
+def verdict(interval: Interval | None, identical: bool = False) -> str:
+    """supported / contradicted / inconclusive, or untested when ``identical`` (the arms ran
+    identically: :func:`identical_pairs`); see the module docstring."""
+    if identical:
+        return UNTESTED
     if interval is None:
         return INCONCLUSIVE
     if interval.low > 0:
@@ -217,17 +248,21 @@ def verdict(interval: Interval | None) -> str:
 
 
 def combine(verdicts: Sequence[str], rule: str) -> str:
-    """One verdict from the comparisons' (``rule``: all, any or first; see the registry)."""
+    """One verdict from the comparisons' (``rule``: all, any or first; see the registry). An
+    untested comparison counts like an inconclusive one (it never makes a claim supported or
+    contradicted); the claim is untested only when every comparison is."""
     if not verdicts:
         raise ValueError("verdicts: got none; allowed: at least one")
     if rule == "first":
         return verdicts[0]
+    if rule not in ("any", "all"):
+        raise ValueError(f"rule: got {rule!r}; allowed: all, any, first")
+    if all(v == UNTESTED for v in verdicts):
+        return UNTESTED
     if rule == "any":
         if SUPPORTED in verdicts:
             return SUPPORTED
         return CONTRADICTED if all(v == CONTRADICTED for v in verdicts) else INCONCLUSIVE
-    if rule == "all":
-        if CONTRADICTED in verdicts:
-            return CONTRADICTED
-        return SUPPORTED if all(v == SUPPORTED for v in verdicts) else INCONCLUSIVE
-    raise ValueError(f"rule: got {rule!r}; allowed: all, any, first")
+    if CONTRADICTED in verdicts:
+        return CONTRADICTED
+    return SUPPORTED if all(v == SUPPORTED for v in verdicts) else INCONCLUSIVE

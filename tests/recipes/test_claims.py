@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from recipes.claims import cli
-from recipes.claims.analysis import metric_value
+from recipes.claims.analysis import ArmResult, evaluate, metric_value
 from recipes.claims.registry import (
     DEFAULT_REGISTRY,
     METRICS,
@@ -27,8 +27,10 @@ from recipes.claims.verdict import (
     CONTRADICTED,
     INCONCLUSIVE,
     SUPPORTED,
+    UNTESTED,
     combine,
     effect_interval,
+    identical_pairs,
     paired_interval,
     t_quantile,
     verdict,
@@ -214,6 +216,124 @@ def test_one_sample_and_combined_verdicts():
     assert combine([INCONCLUSIVE, SUPPORTED], "first") == INCONCLUSIVE
 
 
+def test_identical_per_seed_values_are_untested_and_a_small_difference_is_not():
+    """Arms that gave the same value at every seed tested nothing: untested, not a zero-width
+    'inconclusive'. One image of 2,000 (0.05 points) at one seed is a real difference and gets
+    the t interval's verdict again."""
+    cosine = {42: 0.8560, 43: 0.8545, 44: 0.8595}
+    same = dict(cosine)
+    for orient in (1, -1):
+        interval = effect_interval(same, cosine, orient)
+        assert interval.method == "paired t" and interval.low == interval.high == 0.0
+        assert identical_pairs(same, cosine)
+        assert verdict(interval, identical=identical_pairs(same, cosine)) == UNTESTED
+    one_image = {**cosine, 44: cosine[44] + 0.0005}
+    assert not identical_pairs(one_image, cosine)
+    interval = effect_interval(one_image, cosine, 1)
+    assert interval.low < 0 < interval.high
+    assert verdict(interval, identical=identical_pairs(one_image, cosine)) == INCONCLUSIVE
+    tight = {s: v + d for (s, v), d in zip(cosine.items(), (0.001, 0.0011, 0.0009), strict=True)}
+    assert not identical_pairs(tight, cosine)
+    assert verdict(effect_interval(tight, cosine, 1), identical=False) == SUPPORTED
+    assert verdict(effect_interval(tight, cosine, -1), identical=False) == CONTRADICTED
+    # Only a paired comparison can be identical: no common seeds (Welch) or one sample is not.
+    assert not identical_pairs(same, {s + 10: v for s, v in cosine.items()})
+    assert not identical_pairs(same, None)
+    assert not identical_pairs({42: 0.5, 43: math.nan}, {42: 0.5, 43: math.nan})  # one pair
+    # Combined: like inconclusive, never support or contradiction; untested only if all are.
+    assert combine([CONTRADICTED, UNTESTED], "any") == INCONCLUSIVE
+    assert combine([SUPPORTED, UNTESTED], "any") == SUPPORTED
+    assert combine([SUPPORTED, UNTESTED], "all") == INCONCLUSIVE
+    assert combine([UNTESTED, CONTRADICTED], "all") == CONTRADICTED
+    assert combine([UNTESTED, UNTESTED], "all") == combine([UNTESTED], "any") == UNTESTED
+
+
+def _study_page(values: dict[str, tuple[dict[int, float], list[str]]]) -> tuple[list, str, str]:
+    """The registry's claims evaluated on constructed runs (arm -> per-seed test accuracy and the
+    optimizer classes its records list), and the page and headline they render to."""
+    from recipes.claims.report import _blocks, _markdown
+
+    registry = load_registry()
+    arms = {name: ArmResult(arm, registry.seeds) for name, arm in registry.arms.items()}
+    for name, (per_seed, classes) in values.items():
+        for seed, acc in per_seed.items():
+            arms[name].runs[seed] = {
+                **{"key": f"seed{seed}", "role": "compare", "lr": 1e-3, "status": "finished"},
+                **{"value": acc, "test": {"test_acc": acc}, "global_step": 158},
+                "optimizer_classes": classes,
+            }
+    results = [evaluate(claim, arms) for claim in registry.claims]
+    blocks, headline = _blocks(registry, results, arms, [], {}, quick=False)
+    return results, _markdown(blocks), _markdown(headline)
+
+
+def test_the_report_says_in_words_why_identical_arms_are_untested():
+    cosine = {42: 0.8560, 43: 0.8545, 44: 0.8595}
+    half = {s: v - 0.03 for s, v in cosine.items()}
+    runs = {
+        "resnet_adam_cosine": (cosine, ["Adam"]),
+        "resnet_adam_switch_half": (half, ["SGD"]),
+        "resnet_adam_swats": (dict(cosine), ["Adam"]),
+        # A comparison with no optimizer switch: the generic sentence.
+        "bert_adamw_warmup_cosine": ({42: 0.9, 43: 0.91, 44: 0.92}, ["AdamW"]),
+        "bert_adamw_nowarmup_cosine": ({42: 0.9, 43: 0.91, 44: 0.92}, ["AdamW"]),
+    }
+    results, page, headline = _study_page(runs)
+    by_id = {r.claim.id: r for r in results}
+    finish = by_id["finish_with_sgd"]
+    assert [c.verdict for c in finish.comparisons] == [CONTRADICTED, UNTESTED]
+    assert finish.verdict == INCONCLUSIVE  # "any": the untested way is no support
+    assert (
+        "**adam_swats > adam_cosine is untested.** resnet_adam_swats never switched optimizer: "
+        "its runs used Adam only (`optimizer_classes` of their records), so it ran identically "
+        "to resnet_adam_cosine: the same test accuracy at every seed (42, 43, 44)"
+    ) in page
+    assert "resnet_adam_switch_half" not in page.split("is untested.**")[1].split("\n")[0]
+    row = next(line for line in headline.splitlines() if "[finish_with_sgd]" in line)
+    assert "| inconclusive (adam_swats > adam_cosine: untested) |" in row
+    assert "adam_swats > adam_cosine: none (identical runs)" in row and "+0.00 pp" not in row
+    warmup = by_id["transformer_warmup"]
+    assert warmup.verdict == UNTESTED
+    assert (
+        "**adamw_warmup_cosine > adamw_nowarmup_cosine is untested.** bert_adamw_warmup_cosine "
+        "ran identically to bert_adamw_nowarmup_cosine: the same test accuracy"
+    ) in page
+    row = next(line for line in headline.splitlines() if "[transformer_warmup]" in line)
+    assert "| untested |" in row and "none (identical runs)" in row
+
+
+def test_which_commands_mean_an_optimizer_switch():
+    from recipes.claims.report import _switches_optimizer
+
+    registry = load_registry()
+    meant = {n for n, a in registry.arms.items() if _switches_optimizer(a.args)}
+    assert meant == {"resnet_adam_switch_half", "resnet_adam_swats"}
+    assert _switches_optimizer(["--adam_to_sgd.at_fraction", "0.5"])
+    assert _switches_optimizer(["--adam_to_sgd=optim_callbacks.AdamToSGD"])
+    assert not _switches_optimizer(["--adam_to_sgd.min_steps", "20", "--adam_to_sgd", "null"])
+    assert not _switches_optimizer(["--scheduler", "cosine", "--warmup", "0"])
+
+
+def test_a_switch_arm_that_differs_a_little_keeps_the_t_interval_verdict():
+    cosine = {42: 0.8560, 43: 0.8545, 44: 0.8595}
+    swats = {**cosine, 43: cosine[43] + 0.0005}  # one test image of 2,000 at one seed
+    runs = {
+        "resnet_adam_cosine": (cosine, ["Adam"]),
+        "resnet_adam_switch_half": ({s: v - 0.03 for s, v in cosine.items()}, ["SGD"]),
+        "resnet_adam_swats": (swats, ["SGD"]),
+    }
+    results, page, headline = _study_page(runs)
+    finish = next(r for r in results if r.claim.id == "finish_with_sgd")
+    expected = effect_interval(swats, cosine, 1)
+    swats_result = finish.comparisons[1]
+    assert swats_result.verdict == verdict(expected) == INCONCLUSIVE
+    assert swats_result.raw == pytest.approx((expected.effect, expected.low, expected.high))
+    assert "is untested" not in page
+    row = next(line for line in headline.splitlines() if "[finish_with_sgd]" in line)
+    assert f"adam_swats > adam_cosine: {expected.effect * 100:+.2f} pp" in row
+    assert "| inconclusive |" in row
+
+
 # --- a tiny study, end to end --------------------------------------------------------------------
 
 
@@ -253,10 +373,19 @@ def test_the_tiny_study_reports_its_claim_from_the_stored_runs(tiny_study):
     (comparison,) = summary["comparisons"]
     assert comparison["method"] == "paired t" and comparison["n"] == 2
     assert comparison["effect"] == pytest.approx(expected.effect)
-    assert comparison["ci95"] == pytest.approx([expected.low, expected.high])
-    assert summary["verdict"] == verdict(expected)
+    identical = identical_pairs(clip, noclip)
+    assert summary["verdict"] == comparison["verdict"] == verdict(expected, identical=identical)
     row = next(line for line in page.splitlines() if "[clipping_high_lr]" in line)
-    assert f"| {summary['verdict']} |" in row and f"{expected.effect * 100:+.2f} pp" in row
+    assert f"| {summary['verdict']} |" in row
+    if identical:  # the tiny model can give both arms the same accuracy at every seed
+        assert comparison["ci95"] is None and "| none (identical runs) |" in row
+        assert (
+            "**adamw_highlr_clip > adamw_highlr_noclip is untested.** bert_adamw_highlr_clip ran "
+            "identically to bert_adamw_highlr_noclip"
+        ) in page
+    else:
+        assert comparison["ci95"] == pytest.approx([expected.low, expected.high])
+        assert f"{expected.effect * 100:+.2f} pp" in row and "is untested" not in page
     # Claims whose arms did not run say so; the page links each run's record.
     assert "| not yet run |" in page
     assert "study/records/bert_adamw_highlr_clip/adamw-lr0.001-seed42.json" in page
