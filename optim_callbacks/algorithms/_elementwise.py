@@ -14,6 +14,10 @@ that one function (:func:`~optim_callbacks.compiled_update.step_rows`):
   bench/optimizer_step.py ``--bert-paths``);
 - ``foreach=False`` (``impl="for-loop"``): the same, one tensor at a time, nothing packed.
 
+A rule whose uncompiled paths must repeat a reference package's order of operations bit for bit
+(AdaBelief) keeps them in :meth:`~ElementwiseOptimizer.reference_update`; the frame runs them in
+place of the eager rule.
+
 All compute in float32 (float64 for float64 parameters) and round once to the storage dtype.
 The frame also does the rest the same way for all of them: argument checks, state creation
 (``step`` a float32 CPU scalar tensor, the rest ``zeros_like`` the parameter unless
@@ -35,9 +39,21 @@ from optim_callbacks.compiled_update import (
     local_rows,
     step_rows,
 )
-from optim_callbacks.validation import check_lr, check_non_negative
+from optim_callbacks.validation import check_betas, check_lr, check_non_negative, check_positive
 
 Tensors = list[torch.Tensor]
+
+
+def adam_defaults(
+    lr: Any, betas: Any, eps: float, weight_decay: float, **options: Any
+) -> dict[str, Any]:
+    """The defaults of an Adam-family rule (ADOPT, LAMB, AdaBelief): ``betas`` checked (each
+    in [0, 1), returned as a tuple), ``eps > 0``, then ``lr``, ``betas``, ``eps``,
+    ``weight_decay`` and the rule's own ``options`` in that order. ``lr`` and ``weight_decay``
+    are checked by :class:`ElementwiseOptimizer`'s ``__init__``."""
+    betas = check_betas("betas", betas)
+    check_positive("eps", eps)
+    return dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **options)
 
 
 class ElementwiseOptimizer(torch.optim.Optimizer, abc.ABC):
@@ -88,6 +104,14 @@ class ElementwiseOptimizer(torch.optim.Optimizer, abc.ABC):
     def keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         """The state keys this group's options use (``state_keys`` by default)."""
         return self.state_keys
+
+    def reference_update(self, group: dict[str, Any], rows: list[Tensors], steps: Tensors) -> bool:
+        """Whether it updated ``rows`` (``[param, grad, *state]``, local shards; ``steps``
+        already counted) itself, in place of the rule run eagerly (foreach, for-loop and after a
+        failed compile). For a rule whose uncompiled paths repeat a reference package's own
+        order of operations, where the eager rule would round differently (AdaBelief); the
+        default leaves every uncompiled step to the rule."""
+        return False
 
     # --- the frame ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -140,7 +164,11 @@ class ElementwiseOptimizer(torch.optim.Optimizer, abc.ABC):
         states: list[Tensors],
         steps: Tensors,
     ) -> None:
-        """The rule on every tensor (local shards), by the group's implementation."""
+        """The rule on every tensor (local shards), by the group's implementation (uncompiled:
+        :meth:`reference_update` where a subclass has one)."""
         rows = local_rows(params, grads, *zip(*states, strict=True))
+        compiled = group.get("fused") and self.compile_failure is None
+        if not compiled and self.reference_update(group, rows, steps):
+            return
         coefficients = coefficient_rows(rows, lambda step: self.coefficients(group, step), steps)
         step_rows(self, group, self.compiled_for(group), rows, coefficients)

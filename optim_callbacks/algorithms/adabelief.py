@@ -62,20 +62,13 @@ casts fp16 parameters to fp32 for the step and keeps fp32 state.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
-from optim_callbacks.compiled_update import (
-    CompiledUpdate,
-    check_compiled_devices,
-    coefficient_rows,
-    local_rows,
-    step_compiled,
-)
-from optim_callbacks.sharded import local_part
-from optim_callbacks.validation import check_betas, check_lr, check_non_negative, check_positive
+from optim_callbacks.algorithms._elementwise import ElementwiseOptimizer, Tensors, adam_defaults
+from optim_callbacks.compiled_update import CompiledUpdate
 
 __all__ = ["AdaBelief"]
 
@@ -187,25 +180,7 @@ _COMPILED = CompiledUpdate(_adabelief_update)
 _COMPILED_AMSGRAD = CompiledUpdate(_adabelief_amsgrad_update)
 
 
-def _coefficient_row(group: dict[str, Any], c: _StepCoefficients) -> tuple[float, ...]:
-    beta1, beta2 = (float(b) for b in group["betas"])
-    use_max = group["amsgrad"] and not group["rectify"]
-    return (
-        c.l2,
-        c.decay,
-        beta1,
-        1.0 - beta1,
-        beta2,
-        1.0 - beta2,
-        float(group["eps"]),
-        1.0 / c.sqrt_bc2 if c.adaptive else 0.0,
-        float(group["eps"]) if c.adaptive else 1.0,
-        -c.step_size,
-        1.0 if use_max else 0.0,
-    )
-
-
-class AdaBelief(torch.optim.Optimizer):
+class AdaBelief(ElementwiseOptimizer):
     r"""AdaBelief (Zhuang et al., 2020), paper-exact, with single-tensor, foreach and fused paths.
 
     Per parameter, with :math:`g` the gradient (formulas in the module docstring)::
@@ -229,11 +204,12 @@ class AdaBelief(torch.optim.Optimizer):
             this instance falls back to foreach with a warning if compiling fails).
 
     State per parameter: ``step`` (float32 CPU tensor), ``exp_avg``, ``exp_avg_var`` and, with
-    amsgrad, ``max_exp_avg_var`` (in the parameter's dtype).
+    amsgrad, ``max_exp_avg_var`` (in the parameter's dtype). Argument checks, state creation,
+    step counting and the fused path are :class:`._elementwise.ElementwiseOptimizer`'s; the
+    foreach and single-tensor paths are this module's own (:meth:`reference_update`).
     """
 
-    #: Why compiling the fused update failed for this instance (then it steps with foreach).
-    compile_failure: str | None = None
+    state_keys = ("exp_avg", "exp_avg_var")
 
     def __init__(
         self,
@@ -249,26 +225,18 @@ class AdaBelief(torch.optim.Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        check_lr(lr)
-        betas = check_betas("betas", betas)
-        if len(betas) != 2:
-            raise ValueError(f"betas: got {betas!r}; allowed: a pair of numbers in [0, 1)")
-        check_positive("eps", eps)
-        check_non_negative("weight_decay", weight_decay)
-        if fused and foreach:
-            raise ValueError("fused: cannot be True together with foreach=True; pick one")
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
+        defaults = adam_defaults(
+            lr,
+            betas,
+            eps,
+            weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
             rectify=rectify,
             amsgrad=amsgrad,
-            foreach=foreach,
-            fused=fused,
         )
-        super().__init__(params, defaults)
+        if len(defaults["betas"]) != 2:
+            raise ValueError(f"betas: got {betas!r}; allowed: a pair of numbers in [0, 1)")
+        super().__init__(params, defaults, foreach=foreach, fused=fused)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -276,97 +244,45 @@ class AdaBelief(torch.optim.Optimizer):
             group.setdefault("decoupled_weight_decay", True)
             group.setdefault("rectify", False)
             group.setdefault("amsgrad", False)
-            group.setdefault("foreach", None)
-            group.setdefault("fused", None)
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        exp_avgs: list[torch.Tensor],
-        exp_avg_vars: list[torch.Tensor],
-        max_exp_avg_vars: list[torch.Tensor],
-        steps: list[torch.Tensor],
-    ) -> None:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("AdaBelief does not support sparse gradients")
-            if torch.is_complex(p):
-                raise RuntimeError("AdaBelief does not support complex parameters")
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_var"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            step = state["step"]
-            if not isinstance(step, torch.Tensor) or step.device.type != "cpu":
-                # An int from adabelief-pytorch, or moved to the device by load_state_dict
-                # (torch does that for groups with ``fused=True``): keep it a host scalar.
-                state["step"] = torch.as_tensor(step, dtype=torch.float32).to("cpu")
-            if group["amsgrad"] and "max_exp_avg_var" not in state:
-                state["max_exp_avg_var"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_vars.append(state["exp_avg_var"])
-            if group["amsgrad"]:
-                max_exp_avg_vars.append(state["max_exp_avg_var"])
-            steps.append(state["step"])
+    def keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """``exp_avg``, ``exp_avg_var`` and, with amsgrad, ``max_exp_avg_var``."""
+        return (*self.state_keys, "max_exp_avg_var") if group["amsgrad"] else self.state_keys
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimization step; ``closure`` re-evaluates the loss (optional)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def compiled_for(self, group: dict[str, Any]) -> CompiledUpdate:
+        """:func:`_adabelief_amsgrad_update` with amsgrad, else :func:`_adabelief_update`."""
+        return _COMPILED_AMSGRAD if group["amsgrad"] else _COMPILED
 
-        for group in self.param_groups:
-            params: list[torch.Tensor] = []
-            grads: list[torch.Tensor] = []
-            exp_avgs: list[torch.Tensor] = []
-            exp_avg_vars: list[torch.Tensor] = []
-            max_exp_avg_vars: list[torch.Tensor] = []
-            steps: list[torch.Tensor] = []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, steps)
-            if not params:
-                continue
-            if group["fused"] and self.compile_failure is None:
-                check_compiled_devices(params, "AdaBelief")
-                self._compiled_step(
-                    group, params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, steps
-                )
-            elif group["foreach"] is False:
-                _single_tensor_adabelief(
-                    group, params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, steps
-                )
-            else:
-                _foreach_adabelief(
-                    group, params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, steps
-                )
-        return loss
-
-    def _compiled_step(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        exp_avgs: list[torch.Tensor],
-        exp_avg_vars: list[torch.Tensor],
-        max_exp_avg_vars: list[torch.Tensor],
-        steps: list[torch.Tensor],
-    ) -> None:
-        torch._foreach_add_(steps, 1.0)
-        amsgrad = bool(group["amsgrad"])
-        states = [exp_avgs, exp_avg_vars] + ([max_exp_avg_vars] if amsgrad else [])
-        rows = local_rows(params, grads, *states)
-        coefficients = coefficient_rows(
-            rows, lambda step: _coefficient_row(group, _StepCoefficients(group, step)), steps
+    def coefficients(self, group: dict[str, Any], step: float) -> tuple[float, ...]:
+        """The columns ``_L2`` ... ``_USE_MAX`` of the compiled rule, from
+        :class:`_StepCoefficients` (the one definition of the step's scalars). The denominator
+        ``sqrt(s) * _ROOT_SCALE + _DENOM_ADD`` is ``sqrt(s) / sqrt(bc2) + eps`` for an adaptive
+        step and ``1`` for the rectified SGD step."""
+        c = _StepCoefficients(group, step)
+        beta1, beta2 = (float(b) for b in group["betas"])
+        use_max = group["amsgrad"] and not group["rectify"]
+        return (
+            c.l2,
+            c.decay,
+            beta1,
+            1.0 - beta1,
+            beta2,
+            1.0 - beta2,
+            float(group["eps"]),
+            1.0 / c.sqrt_bc2 if c.adaptive else 0.0,
+            float(group["eps"]) if c.adaptive else 1.0,
+            -c.step_size,
+            1.0 if use_max else 0.0,
         )
-        step_compiled(self, _COMPILED_AMSGRAD if amsgrad else _COMPILED, rows, coefficients)
+
+    def reference_update(self, group: dict[str, Any], rows: list[Tensors], steps: Tensors) -> bool:
+        """``foreach`` (also after a failed compile) and ``for-loop``:
+        :func:`_foreach_adabelief` and :func:`_single_tensor_adabelief`, in the reference's
+        order of operations (the for-loop is bit-identical to adabelief-pytorch 0.2.1; the
+        frame's eager rule rounds differently). The compiled path is the frame's rule."""
+        eager = _single_tensor_adabelief if group["foreach"] is False else _foreach_adabelief
+        eager(group, rows, steps)
+        return True
 
 
 def _coefficients_by_step(
@@ -383,23 +299,17 @@ def _coefficients_by_step(
     return out
 
 
-def _single_tensor_adabelief(
-    group: dict[str, Any],
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_vars: list[torch.Tensor],
-    max_exp_avg_vars: list[torch.Tensor],
-    steps: list[torch.Tensor],
-) -> None:
-    """One tensor at a time, operation for operation as adabelief-pytorch 0.2.1."""
+def _single_tensor_adabelief(group: dict[str, Any], rows: list[Tensors], steps: Tensors) -> None:
+    """One tensor at a time, operation for operation as adabelief-pytorch 0.2.1 (the module
+    docstring's formulas). A row is ``[param, grad, exp_avg, exp_avg_var]`` (and
+    ``max_exp_avg_var`` with amsgrad); ``steps`` are already counted."""
     beta1, beta2 = group["betas"]
     eps = group["eps"]
-    amsgrad, rectify = group["amsgrad"], group["rectify"]
-    for i, param in enumerate(params):
-        grad, exp_avg, exp_avg_var = grads[i], exp_avgs[i], exp_avg_vars[i]
-        steps[i] += 1
-        c = _StepCoefficients(group, steps[i].item())
+    rectify = group["rectify"]
+    for (param, grad, exp_avg, exp_avg_var, *max_exp_avg_var), step in zip(
+        rows, steps, strict=True
+    ):
+        c = _StepCoefficients(group, step.item())
         if c.decay != 1.0:
             param.mul_(c.decay)
         if c.l2 != 0.0:
@@ -408,10 +318,10 @@ def _single_tensor_adabelief(
         residual = grad - exp_avg
         exp_avg_var.mul_(beta2).addcmul_(residual, residual, value=1 - beta2).add_(eps)
         var = exp_avg_var
-        if amsgrad:
-            torch.maximum(max_exp_avg_vars[i], exp_avg_var, out=max_exp_avg_vars[i])
+        if max_exp_avg_var:  # amsgrad
+            torch.maximum(max_exp_avg_var[0], exp_avg_var, out=max_exp_avg_var[0])
             if not rectify:
-                var = max_exp_avg_vars[i]
+                var = max_exp_avg_var[0]
         if c.adaptive:
             denom = (var.sqrt() / c.sqrt_bc2).add_(eps)
             param.addcdiv_(exp_avg, denom, value=-c.step_size)
@@ -474,17 +384,7 @@ def _blocks(
         yield current, current_extra
 
 
-def _foreach_adabelief(
-    group: dict[str, Any],
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_vars: list[torch.Tensor],
-    max_exp_avg_vars: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    *,
-    count_step: bool = True,
-) -> None:
+def _foreach_adabelief(group: dict[str, Any], rows: list[Tensors], steps: Tensors) -> None:
     """``torch._foreach_*`` kernels per device and dtype (on CPU, per cache-sized block).
 
     Rearranged to save passes over memory and temporaries (same math; float32 rounding differs
@@ -493,43 +393,26 @@ def _foreach_adabelief(
     temporary; the bias correction of the denominator moves into the step size,
     ``lr / bc1 * m / (sqrt(s) / sqrt(bc2) + eps) = lr * sqrt(bc2) / bc1 * m / (sqrt(s) +
     eps * sqrt(bc2))``. The only temporaries are the denominator (and ``g + wd * p`` with L2),
-    one block at a time on CPU.
+    one block at a time on CPU. Rows and ``steps`` as :func:`_single_tensor_adabelief`'s.
     """
-    if count_step:
-        torch._foreach_add_(steps, 1.0)
     coefs = _coefficients_by_step(group, steps)
-    amsgrad = bool(group["amsgrad"])
-    # The update is elementwise: FSDP2's sharded tensors update through their local shards.
-    params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars = (
-        [local_part(t) for t in tensors]
-        for tensors in (params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars)
-    )
-    for (device, _), indices in _group_by_device_and_dtype(params).items():
-        lists = [
-            [params[i] for i in indices],
-            [grads[i] for i in indices],
-            [exp_avgs[i] for i in indices],
-            [exp_avg_vars[i] for i in indices],
-        ]
-        if amsgrad:
-            lists.append([max_exp_avg_vars[i] for i in indices])
+    for (device, _), indices in _group_by_device_and_dtype([row[0] for row in rows]).items():
+        columns = [list(column) for column in zip(*(rows[i] for i in indices), strict=True)]
         c_ = [coefs[i] for i in indices]
         if device.type == "cpu":
-            for block, block_coefs in _blocks(lists, c_, _CPU_BLOCK):
-                _foreach_update(group, *block[:4], block[4] if amsgrad else [], block_coefs)
+            for block, block_coefs in _blocks(columns, c_, _CPU_BLOCK):
+                _foreach_update(group, block, block_coefs)
         else:
-            _foreach_update(group, *lists[:4], lists[4] if amsgrad else [], c_)
+            _foreach_update(group, columns, c_)
 
 
 def _foreach_update(
-    group: dict[str, Any],
-    p_: list[torch.Tensor],
-    g_: list[torch.Tensor],
-    m_: list[torch.Tensor],
-    s_: list[torch.Tensor],
-    v_max: list[torch.Tensor],
-    c_: list[_StepCoefficients],
+    group: dict[str, Any], columns: list[Tensors], c_: list[_StepCoefficients]
 ) -> None:
+    """One block: ``columns`` are the parameters, gradients, ``exp_avg``, ``exp_avg_var`` and
+    (amsgrad) ``max_exp_avg_var``; ``c_`` each tensor's coefficients."""
+    p_, g_, m_, s_ = columns[:4]
+    v_max = columns[4] if len(columns) > 4 else []
     beta1, beta2 = group["betas"]
     eps = group["eps"]
     decay = c_[0].decay  # lr and weight decay are per group
