@@ -23,6 +23,7 @@ from optim_callbacks.compiled_update import (
     local_rows,
     step_compiled,
 )
+from optim_callbacks.validation import check_lr
 
 
 def check_fused_options(fused: bool | None, foreach: bool | None, **flags: bool) -> None:
@@ -64,12 +65,20 @@ class CompiledTorchStep(abc.ABC):
 
     It collects each group's tensors (creating state as torch does), then steps them with the
     compiled update when ``fused`` is on (and compiling has not failed for this instance),
-    else with torch's own functional update. A subclass provides :meth:`state_keys_for`,
-    :meth:`compiled_for`, :meth:`coefficients` and :meth:`torch_update`.
+    else with torch's own functional update (:meth:`torch_update`). A subclass provides
+    :meth:`state_keys_for`, :meth:`compiled_for`, :meth:`coefficients` and names torch's
+    functional update with its state lists and options (:attr:`functional`,
+    :attr:`functional_states`, :attr:`functional_options`).
     """
 
     #: Why compiling the fused update failed for this instance (then it steps with foreach).
     compile_failure: str | None = None
+    #: torch's functional update (``torch.optim.adadelta.adadelta``, ...), as a staticmethod.
+    functional: Callable[..., None]
+    #: The state lists ``functional`` takes between ``grads`` and ``steps``, in its order.
+    functional_states: tuple[str, ...] = ()
+    #: The group's options ``functional`` takes as keywords (besides ``foreach``, ``has_complex``).
+    functional_options: tuple[str, ...] = ()
     param_groups: list[dict[str, Any]]
     state: dict[torch.Tensor, dict[str, Any]]
 
@@ -85,7 +94,20 @@ class CompiledTorchStep(abc.ABC):
     def coefficients(self, group: dict[str, Any]) -> tuple[float, ...]:
         """The values the compiled update reads from its coefficient vector."""
 
-    @abc.abstractmethod
+    def __init__(self, params: Any, *, fused: bool | None, **options: Any) -> None:
+        """torch's ``__init__`` with ``options`` (which hold ``lr``, ``foreach``,
+        ``capturable`` and ``differentiable``): ``lr`` checked, ``fused=True`` refused with any
+        of the other three, then ``fused`` recorded in the defaults and every group."""
+        check_lr(options["lr"])
+        check_fused_options(
+            fused,
+            options["foreach"],
+            capturable=options["capturable"],
+            differentiable=options["differentiable"],
+        )
+        super().__init__(params, **options)  # type: ignore[call-arg]
+        add_fused_option(self, fused)
+
     def torch_update(
         self,
         group: dict[str, Any],
@@ -95,7 +117,19 @@ class CompiledTorchStep(abc.ABC):
         steps: list[torch.Tensor],
         foreach: bool | None,
     ) -> None:
-        """torch's functional update for one group (``foreach`` already resolved)."""
+        """torch's functional update for one group (``foreach`` already resolved), called as
+        torch's own ``step`` calls it: ``functional(params, grads, *state lists, steps, ...)``
+        with the lists of :attr:`functional_states` in order (one the group does not use
+        empty) and the group's :attr:`functional_options` as keywords."""
+        self.functional(
+            params,
+            grads,
+            *(states.get(key, []) for key in self.functional_states),
+            steps,
+            foreach=foreach,
+            has_complex=any(torch.is_complex(p) for p in params),
+            **{key: group[key] for key in self.functional_options},
+        )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]

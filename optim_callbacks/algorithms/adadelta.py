@@ -18,13 +18,8 @@ from typing import Any
 import torch
 from torch.optim.adadelta import adadelta
 
-from optim_callbacks.algorithms._torch_base import (
-    CompiledTorchStep,
-    add_fused_option,
-    check_fused_options,
-)
+from optim_callbacks.algorithms._torch_base import CompiledTorchStep
 from optim_callbacks.compiled_update import CompiledUpdate
-from optim_callbacks.validation import check_lr
 
 __all__ = ["Adadelta"]
 
@@ -59,6 +54,18 @@ class Adadelta(CompiledTorchStep, torch.optim.Adadelta):
     If compiling fails, this instance warns once and steps with torch's foreach kernels.
     """
 
+    functional = staticmethod(adadelta)
+    functional_states = ("square_avg", "acc_delta")
+    functional_options = (
+        "capturable",
+        "differentiable",
+        "lr",
+        "rho",
+        "eps",
+        "weight_decay",
+        "maximize",
+    )
+
     def __init__(
         self,
         params: Any,
@@ -73,10 +80,9 @@ class Adadelta(CompiledTorchStep, torch.optim.Adadelta):
         maximize: bool = False,
         differentiable: bool = False,
     ) -> None:
-        check_lr(lr)
-        check_fused_options(fused, foreach, capturable=capturable, differentiable=differentiable)
         super().__init__(
             params,
+            fused=fused,
             lr=lr,
             rho=rho,
             eps=eps,
@@ -86,10 +92,9 @@ class Adadelta(CompiledTorchStep, torch.optim.Adadelta):
             maximize=maximize,
             differentiable=differentiable,
         )
-        add_fused_option(self, fused)
 
     def state_keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("square_avg", "acc_delta")
+        return self.functional_states
 
     def compiled_for(self, group: dict[str, Any]) -> CompiledUpdate:
         return _COMPILED
@@ -103,30 +108,4 @@ class Adadelta(CompiledTorchStep, torch.optim.Adadelta):
             float(group["eps"]),
             -float(group["lr"]),
             -1.0 if group["maximize"] else 1.0,
-        )
-
-    def torch_update(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        states: dict[str, list[torch.Tensor]],
-        steps: list[torch.Tensor],
-        foreach: bool | None,
-    ) -> None:
-        adadelta(
-            params,
-            grads,
-            states["square_avg"],
-            states["acc_delta"],
-            steps,
-            capturable=group["capturable"],
-            foreach=foreach,
-            differentiable=group["differentiable"],
-            has_complex=any(torch.is_complex(p) for p in params),
-            lr=group["lr"],
-            rho=group["rho"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
         )

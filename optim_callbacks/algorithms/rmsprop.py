@@ -21,13 +21,8 @@ from typing import Any
 import torch
 from torch.optim.rmsprop import rmsprop
 
-from optim_callbacks.algorithms._torch_base import (
-    CompiledTorchStep,
-    add_fused_option,
-    check_fused_options,
-)
+from optim_callbacks.algorithms._torch_base import CompiledTorchStep
 from optim_callbacks.compiled_update import CompiledUpdate
-from optim_callbacks.validation import check_lr
 
 __all__ = ["RMSprop"]
 
@@ -115,6 +110,20 @@ class RMSprop(CompiledTorchStep, torch.optim.RMSprop):
     If compiling fails, this instance warns once and steps with torch's foreach kernels.
     """
 
+    functional = staticmethod(rmsprop)
+    functional_states = ("square_avg", "grad_avg", "momentum_buffer")
+    functional_options = (
+        "maximize",
+        "differentiable",
+        "capturable",
+        "lr",
+        "alpha",
+        "eps",
+        "weight_decay",
+        "momentum",
+        "centered",
+    )
+
     def __init__(
         self,
         params: Any,
@@ -131,10 +140,9 @@ class RMSprop(CompiledTorchStep, torch.optim.RMSprop):
         *,
         fused: bool | None = None,
     ) -> None:
-        check_lr(lr)
-        check_fused_options(fused, foreach, capturable=capturable, differentiable=differentiable)
         super().__init__(
             params,
+            fused=fused,
             lr=lr,
             alpha=alpha,
             eps=eps,
@@ -146,7 +154,6 @@ class RMSprop(CompiledTorchStep, torch.optim.RMSprop):
             maximize=maximize,
             differentiable=differentiable,
         )
-        add_fused_option(self, fused)
 
     @staticmethod
     def _variant(group: dict[str, Any]) -> tuple[bool, bool]:
@@ -169,33 +176,4 @@ class RMSprop(CompiledTorchStep, torch.optim.RMSprop):
             -float(group["lr"]),
             -1.0 if group["maximize"] else 1.0,
             float(group["momentum"]),
-        )
-
-    def torch_update(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        states: dict[str, list[torch.Tensor]],
-        steps: list[torch.Tensor],
-        foreach: bool | None,
-    ) -> None:
-        rmsprop(
-            params,
-            grads,
-            states["square_avg"],
-            states.get("grad_avg", []),
-            states.get("momentum_buffer", []),
-            steps,
-            foreach=foreach,
-            maximize=group["maximize"],
-            differentiable=group["differentiable"],
-            capturable=group["capturable"],
-            has_complex=any(torch.is_complex(p) for p in params),
-            lr=group["lr"],
-            alpha=group["alpha"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            momentum=group["momentum"],
-            centered=bool(group["centered"]),
         )
