@@ -24,9 +24,8 @@ from typing import Any
 
 import torch
 
-from optim_callbacks.algorithms._elementwise import ElementwiseOptimizer
+from optim_callbacks.algorithms._elementwise import ElementwiseOptimizer, adam_defaults
 from optim_callbacks.compiled_update import CompiledUpdate
-from optim_callbacks.validation import check_betas, check_positive
 
 __all__ = ["ADOPT"]
 
@@ -90,13 +89,11 @@ class ADOPT(ElementwiseOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        betas = check_betas("betas", betas)
-        check_positive("eps", eps)
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
+        defaults = adam_defaults(
+            lr,
+            betas,
+            eps,
+            weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize,
         )

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from optim_callbacks.algorithms._elementwise import ElementwiseOptimizer, Tensors
+from optim_callbacks.algorithms._elementwise import ElementwiseOptimizer, Tensors, adam_defaults
 from optim_callbacks.compiled_update import (
     CompiledUpdate,
     coefficient_rows,
@@ -43,7 +43,6 @@ from optim_callbacks.compiled_update import (
     step_rows,
 )
 from optim_callbacks.sharded import all_reduce_packed_, common_shard_group, is_sharded
-from optim_callbacks.validation import check_betas, check_positive
 
 __all__ = ["LAMB"]
 
@@ -162,13 +161,11 @@ class LAMB(ElementwiseOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        betas = check_betas("betas", betas)
-        check_positive("eps", eps)
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
+        defaults = adam_defaults(
+            lr,
+            betas,
+            eps,
+            weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize,
         )
