@@ -56,3 +56,20 @@ def test_the_registry_table_names_every_entry_once():
     table = page.split("| name | torch class |", 1)[1].split("\n\n", 1)[0]
     rows = re.findall(r"^\| `(\w+)` \|", table, re.MULTILINE)
     assert sorted(rows) == sorted(OPTIMIZERS.names())
+
+
+def test_the_readme_leads_its_comparison_section_with_the_stored_claims_table():
+    """The README's claims table is the one ``--render-only`` wrote into docs/claims (the
+    README's copy is written by the same command)."""
+    import pytest
+
+    from recipes.claims.report import README_START, readme_with_headline
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    headline = (REPO_ROOT / "docs" / "claims" / "headline.md").read_text()
+    assert headline.startswith("| claim | task | verdict |")
+    assert readme_with_headline(readme, headline) == readme
+    section = readme.split("## Sweeps and the survey's claims", 1)[1]
+    assert section.index(README_START) < section.index("python -m recipes.compare --recipe")
+    with pytest.raises(ValueError, match=r"readme: no .* block"):
+        readme_with_headline("# a README without the block\n", headline)

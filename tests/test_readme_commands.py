@@ -90,6 +90,10 @@ def test_command_is_runnable_as_written(page, command, capsys, monkeypatch):
         assert config is not None
     elif module == "recipes.compare":
         _check_sweep(args)
+    elif module == "recipes.claims":  # its options only: running it is tests/recipes/test_claims
+        from recipes.claims.cli import _parser
+
+        _parser().parse_args(args)
     elif module == "optim_callbacks":
         from optim_callbacks.__main__ import main
 

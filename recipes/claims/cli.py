@@ -127,9 +127,16 @@ def _write_manifest(paths: StudyPaths, options: argparse.Namespace, registry_pat
 
 
 def _render(out: Path, registry: Registry, registry_path: Path) -> Path:
-    from recipes.claims.report import write_report
+    """Write the report; for the committed study (``docs/claims``, run from the repository's
+    root) also the README's headline table, so the two never differ."""
+    from recipes.claims.report import readme_with_headline, write_report
 
-    return write_report(out, registry, registry_path)
+    report = write_report(out, registry, registry_path)
+    readme = Path("README.md")
+    if out.resolve() == DEFAULT_OUT.resolve() and readme.is_file():
+        headline = (out / "headline.md").read_text()
+        readme.write_text(readme_with_headline(readme.read_text(), headline))
+    return report
 
 
 def _sync_and_render_in_child(argv: Sequence[str]) -> None:
