@@ -1,10 +1,12 @@
 """The library with torch and Lightning only: ``python tests/scripts/lean_library.py OUT.json``.
 
-Run where only torch, Lightning and what they depend on can be imported (``tests/test_lean_
-library.py`` gives it such a path; a fresh environment with ``pip install torch lightning`` and
-this package is another). It imports every ``optim_callbacks`` module and trains a tiny model
-with each public callback in real Lightning fits, logging to Lightning's CSV logger, and writes
-what it saw to ``OUT.json``, with which of the extras' packages could have been imported.
+Run where only torch, Lightning and what they depend on can be imported, besides this package
+(``tests/test_lean_library.py`` runs it in a fresh venv holding the built wheel and, on a path
+file, torch's and Lightning's installed dependencies; a fresh environment with ``pip install
+torch lightning`` and this package is another). It imports every ``optim_callbacks`` module and
+trains a tiny model with each public callback in real Lightning fits, logging to Lightning's CSV
+logger, and writes what it saw to ``OUT.json``: where ``optim_callbacks`` was imported from, and
+which of the extras' packages could have been imported.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-# The recipes sit beside the library in a checkout: the library must not need them.
+# The recipes sit beside the library (in a checkout and in the wheel): the library must not
+# need them.
 sys.modules["recipes"] = None  # type: ignore[assignment]
 # What the extras bring (recipes, plots, sweep): none of it may be needed.
 EXTRAS_PACKAGES = (
@@ -116,7 +119,8 @@ def main(out: Path) -> None:
             ),
         }
     importable = [name for name in EXTRAS_PACKAGES if importlib.util.find_spec(name) is not None]
-    out.write_text(json.dumps({"modules": modules, "fits": fits, "extras_importable": importable}))
+    seen = {"library": optim_callbacks.__file__, "modules": modules, "fits": fits}
+    out.write_text(json.dumps({**seen, "extras_importable": importable}))
 
 
 if __name__ == "__main__":
