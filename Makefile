@@ -28,9 +28,12 @@ setup: $(STAMP)
 run: setup
 	$(PY) -m recipes.bert_finetune --optimizer adamw
 
+# Two pytest workers, one test file each at a time (module fixtures are built once).
+TEST_WORKERS ?= 2
+
 test: setup system
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(PY) -m ruff check .

@@ -41,6 +41,24 @@ LAUNCHER_KEYS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK
 INHERITED_KEYS = (*LAUNCHER_KEYS, "WANDB_SERVICE")
 
 
+# The files whose tests take minutes (sweeps, killed and resumed runs, the claims study): run
+# first, so that under ``make test``'s two workers (``-n 2 --dist loadfile``) the longest
+# file does not start last and leave one worker idle at the end.
+LONGEST_FIRST = (
+    "tests/recipes/test_compare.py",
+    "tests/recipes/test_bert_finetune.py",
+    "tests/recipes/test_claims.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = Path(str(item.fspath)).relative_to(REPO_ROOT).as_posix()
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within each file, and of the others, is kept
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     """A skipped test is a failed one here: the suite runs every test it holds (``make test``
