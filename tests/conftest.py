@@ -53,7 +53,7 @@ LONGEST_FIRST = (
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
-        path = Path(str(item.fspath)).relative_to(REPO_ROOT).as_posix()
+        path = item.path.relative_to(REPO_ROOT).as_posix()
         return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the order within each file, and of the others, is kept
