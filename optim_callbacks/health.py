@@ -414,12 +414,7 @@ class TrainingFindings(Callback):
             self._losses, self._unread, self.pre_clip_norms = [], [], []
 
     def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any
     ) -> None:
         if len(self._losses) + len(self._unread) < self.loss_steps:
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs

@@ -161,12 +161,7 @@ class AmpEpsilon(Callback):
         self.apply(trainer)
 
     def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
     ) -> None:
         every = self.log_underflow_every_n_steps
         if not every or trainer.global_step % every:

@@ -292,12 +292,7 @@ class MomentStatistics(FitStateCallback):
         self._pending[id(optimizer)] = _Snapshot(optimizer, params, before, hyperparameters, step)
 
     def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
     ) -> None:
         if not self._pending:
             return

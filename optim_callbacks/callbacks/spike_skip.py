@@ -351,12 +351,7 @@ class SpikeSkip(Callback):
             self._stop_requested = True
 
     def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
     ) -> None:
         if self._restore is not None:
             _put_back(trainer, self._restore)

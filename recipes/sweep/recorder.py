@@ -155,12 +155,7 @@ class RunRecorder(FitStateCallback):
         self.lr_schedule.append([trainer.global_step, lr])
 
     def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
     ) -> None:
         if trainer.global_step == 1 or trainer.global_step % trainer.log_every_n_steps == 0:
             self._measure_optimizer_state(trainer)
