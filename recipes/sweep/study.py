@@ -52,6 +52,17 @@ def _sampler() -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=0)
 
 
+def _load_study(storage: Any, name: str, allowed: str) -> optuna.Study:
+    """The study ``name`` in ``storage``; a one-line error saying what is ``allowed`` when
+    there is none."""
+    try:
+        return optuna.load_study(study_name=name, storage=storage, sampler=_sampler())
+    except KeyError:
+        raise ValueError(
+            f"study: no study {name!r} in {masked_url(storage.url)}; allowed: {allowed}"
+        ) from None
+
+
 def open_study(
     storage: Any, name: str, plan: SweepPlan | None, group: str
 ) -> tuple[optuna.Study, dict[str, Any]]:
@@ -59,13 +70,11 @@ def open_study(
     that it holds the same sweep and queue what ``plan`` adds; the study and its settings."""
     _quiet()
     if plan is None:
-        try:
-            study = optuna.load_study(study_name=name, storage=storage, sampler=_sampler())
-        except KeyError:
-            raise ValueError(
-                f"study: no study {name!r} in {masked_url(storage.url)}; allowed: the name of a "
-                "running sweep's study (--study), started with python -m recipes.compare"
-            ) from None
+        study = _load_study(
+            storage,
+            name,
+            "the name of a running sweep's study (--study), started with python -m recipes.compare",
+        )
         return study, _wait_for_plan(study)
     try:
         study = optuna.create_study(
@@ -245,13 +254,9 @@ def load_sweep(
 ) -> tuple[optuna.Study, dict[str, Any], dict[str, SweepTrial]]:
     """A sweep's study, its settings and current trials (for the report)."""
     _quiet()
-    try:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=_sampler())
-    except KeyError:
-        raise ValueError(
-            f"study: no study {name!r} in {masked_url(storage.url)}; allowed: a sweep's study "
-            "(--study NAME) made by python -m recipes.compare"
-        ) from None
+    study = _load_study(
+        storage, name, "a sweep's study (--study NAME) made by python -m recipes.compare"
+    )
     settings = study.user_attrs.get("settings")
     if settings is None:
         raise ValueError(
