@@ -93,8 +93,16 @@ def _new_figure(columns: int, rows: int = 1) -> tuple[Any, Any]:
     return figure, figure.subplots(rows, columns, squeeze=False).ravel()
 
 
-def _legend(figure: Any, axes: Sequence[Any]) -> None:
-    """One legend for the figure: each optimizer once, whichever panels it appears in."""
+def _step_panels(axes: Sequence[Any], titles: Sequence[str]) -> None:
+    """Each panel's title, optimizer steps along x and a light grid."""
+    for axis, title in zip(axes, titles, strict=True):
+        axis.set_title(title)
+        axis.set_xlabel("optimizer step")
+        axis.grid(alpha=0.3)
+
+
+def _save_with_legend(figure: Any, axes: Sequence[Any], path: Path) -> None:
+    """Save ``figure`` with one legend: each optimizer once, whichever panels it appears in."""
     labelled: dict[str, Any] = {}
     for axis in axes:
         for line in axis.get_lines():
@@ -103,6 +111,7 @@ def _legend(figure: Any, axes: Sequence[Any]) -> None:
         figure.legend(
             labelled.values(), labelled.keys(), loc="outside right upper", fontsize="small"
         )
+    figure.savefig(path, dpi=90)
 
 
 def plot_curves(
@@ -114,13 +123,10 @@ def plot_curves(
         ("val_acc", "validation accuracy", "o"),
         ("val_loss", "validation loss", "o"),
     )
-    for axis, (key, title, marker) in zip(axes, panels, strict=True):
+    for axis, (key, _, marker) in zip(axes, panels, strict=True):
         _plot_metric(axis, results_by_optimizer, key, colors, marker)
-        axis.set_title(title)
-        axis.set_xlabel("optimizer step")
-        axis.grid(alpha=0.3)
-    _legend(figure, axes)
-    figure.savefig(path, dpi=90)
+    _step_panels(axes, [title for _, title, _ in panels])
+    _save_with_legend(figure, axes, path)
 
 
 def plot_each_run(
@@ -146,14 +152,8 @@ def plot_each_run(
                     color=colors[optimizer],
                     label=key,
                 )
-    for axis, title in zip(
-        axes, ("training loss, each run", "validation accuracy, each run"), strict=True
-    ):
-        axis.set_title(title)
-        axis.set_xlabel("optimizer step")
-        axis.grid(alpha=0.3)
-    _legend(figure, axes)
-    figure.savefig(path, dpi=90)
+    _step_panels(axes, ("training loss, each run", "validation accuracy, each run"))
+    _save_with_legend(figure, axes, path)
 
 
 def plot_lr_schedule(
@@ -174,8 +174,7 @@ def plot_lr_schedule(
     axis.set_title("LR of each step (largest parameter group)")
     axis.set_xlabel("optimizer step")
     axis.grid(alpha=0.3, which="both")
-    _legend(figure, [axis])
-    figure.savefig(path, dpi=90)
+    _save_with_legend(figure, [axis], path)
 
 
 def plot_moments(
@@ -184,11 +183,9 @@ def plot_moments(
     """Global moment statistics; ``False`` (no file) when the runs logged none."""
     figure, axes = _new_figure(2, 2)
     drawn_any = False
-    for axis, (statistic, title, log_scale) in zip(axes, MOMENT_PANELS, strict=True):
+    _step_panels(axes, [title for _, title, _ in MOMENT_PANELS])
+    for axis, (statistic, _, log_scale) in zip(axes, MOMENT_PANELS, strict=True):
         drawn = _plot_metric(axis, results_by_optimizer, f"moments/{statistic}", colors, ".")
-        axis.set_title(title)
-        axis.set_xlabel("optimizer step")
-        axis.grid(alpha=0.3)
         if (
             drawn
             and log_scale
