@@ -1,17 +1,8 @@
 """optim-callbacks: optimizers and schedules by name, and Lightning callbacks that watch and
 steer them (clipping, AMP epsilon, Adam->SGD switching, moment statistics)."""
 
-from optim_callbacks.algorithms import (
-    ADOPT,
-    LAMB,
-    AdaBelief,
-    Adadelta,
-    Lion,
-    MuonWithAdamW,
-    RMSprop,
-    ScheduleFreeAdamW,
-    ScheduleFreeSGD,
-)
+from optim_callbacks.algorithms import *  # noqa: F403
+from optim_callbacks.algorithms import __all__ as _algorithms_all
 from optim_callbacks.callbacks import *  # noqa: F403
 from optim_callbacks.callbacks import __all__ as _callbacks_all
 from optim_callbacks.health import Finding, TrainingFindings, diagnose
@@ -51,15 +42,6 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULE_FREE",
     "SCHEDULES",
-    "ADOPT",
-    "LAMB",
-    "AdaBelief",
-    "Adadelta",
-    "Lion",
-    "MuonWithAdamW",
-    "RMSprop",
-    "ScheduleFreeAdamW",
-    "ScheduleFreeSGD",
     "OptimizerSpec",
     "Registry",
     "ScheduleSpec",
@@ -77,5 +59,6 @@ __all__ = [
     "spec_for",
     "TrainingFindings",
     "diagnose",
+    *_algorithms_all,
     *_callbacks_all,
 ]

@@ -18,15 +18,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from optim_callbacks import (
-    SCHEDULE_FREE,
+from optim_callbacks import SCHEDULE_FREE, build_optimizer, build_scheduler
+from optim_callbacks.callbacks import (
     AmpEpsilon,
     GradientClipping,
     MomentStatistics,
     OptimizerSwitch,
     ScheduleFreeModes,
-    build_optimizer,
-    build_scheduler,
 )
 from tests.conformance import references as ref
 from tests.conformance.cells import CELLS, refusal, support_table

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 from optim_callbacks import build_optimizer, build_scheduler, lightning_scheduler_config
@@ -48,6 +49,17 @@ class TinyRegressor(L.LightningModule):
             nn.Linear(features, hidden), nn.LayerNorm(hidden), nn.Tanh(), nn.Linear(hidden, 1)
         )
         self.losses: list[float] = []
+
+    def configure_model(self) -> None:
+        """Under FSDP2 (``ModelParallelStrategy``, which sets ``device_mesh``): ``fully_shard``
+        on each Linear of ``net`` and on the root; a no-op under any other strategy."""
+        if self.device_mesh is None:
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

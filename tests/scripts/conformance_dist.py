@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy
-from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, DistributedSampler
 
 from optim_callbacks import SCHEDULE_FREE, FSDP2Strategy, ScheduleFreeModes
@@ -41,15 +40,6 @@ class Sharded(TinyRegressor):
             data, num_replicas=self.trainer.world_size, rank=self.global_rank, shuffle=False
         )
         return DataLoader(data, batch_size=self.hparams.batch_size, sampler=order)
-
-    def configure_model(self) -> None:
-        if self.device_mesh is None:
-            return
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
 
 
 def run(name: str, kind: str, out: Path) -> dict:

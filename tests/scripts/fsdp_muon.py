@@ -29,7 +29,6 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from optim_callbacks import FSDP2Strategy
@@ -60,15 +59,6 @@ class MuonNet(TinyRegressor):
             nn.Tanh(),
             nn.Linear(5, 1),
         )
-
-    def configure_model(self) -> None:
-        if self.device_mesh is None:
-            return
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
 
 
 class Record(Callback):

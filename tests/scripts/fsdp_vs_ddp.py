@@ -22,7 +22,6 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.debug import CommDebugMode
 
@@ -41,7 +40,7 @@ STEPS = 8  # 128 samples, 2 ranks, batch 8
 
 class Sharded(TinyRegressor):
     """TinyRegressor, NaN loss (or a x1000 loss, ``spike_steps``) on rank 0 at the given steps;
-    under FSDP2 each Linear and the root are sharded in ``configure_model``.
+    under FSDP2 each Linear and the root are sharded (``TinyRegressor.configure_model``).
 
     ``dealt``: the module deals the samples to the ranks itself, in order (rank ``r`` gets every
     second sample from ``r``; run with ``use_distributed_sampler=False``, as Lightning's sampler
@@ -82,15 +81,6 @@ class Sharded(TinyRegressor):
             local = grad.to_local() if isinstance(grad, DTensor) else grad
             if local.numel():
                 local[0] = float("nan")
-
-    def configure_model(self) -> None:
-        if self.device_mesh is None:
-            return
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)

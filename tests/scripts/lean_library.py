@@ -35,19 +35,7 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-import optim_callbacks  # noqa: E402
-from optim_callbacks import (  # noqa: E402
-    SCHEDULE_FREE,
-    AdamToSGD,
-    AmpEpsilon,
-    GradientClipping,
-    MomentStatistics,
-    OptimizerSwitch,
-    ScheduleFreeModes,
-    build_optimizer,
-    build_scheduler,
-    lightning_scheduler_config,
-)
+import optim_callbacks as oc  # noqa: E402
 
 
 class Tiny(L.LightningModule):
@@ -72,11 +60,11 @@ class Tiny(L.LightningModule):
 
     def configure_optimizers(self):
         # foreach: the compiled updates (impl='auto') would spend ~10 s compiling on a CPU
-        optimizer = build_optimizer(self.optimizer_name, self, lr=self.lr, impl="foreach")
-        name = "constant" if self.optimizer_name in SCHEDULE_FREE else "cosine"
+        optimizer = oc.build_optimizer(self.optimizer_name, self, lr=self.lr, impl="foreach")
+        name = "constant" if self.optimizer_name in oc.SCHEDULE_FREE else "cosine"
         total = self.trainer.estimated_stepping_batches
-        scheduler = build_scheduler(name, optimizer, total_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": lightning_scheduler_config(scheduler)}
+        scheduler = oc.build_scheduler(name, optimizer, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": oc.lightning_scheduler_config(scheduler)}
 
 
 def fit(root: Path, optimizer: str, lr: float, callbacks: list) -> dict:
@@ -103,23 +91,23 @@ def fit(root: Path, optimizer: str, lr: float, callbacks: list) -> dict:
 
 def main(out: Path) -> None:
     torch.manual_seed(0)
-    modules = [m.name for m in pkgutil.walk_packages(optim_callbacks.__path__, "optim_callbacks.")]
+    modules = [m.name for m in pkgutil.walk_packages(oc.__path__, "optim_callbacks.")]
     for module in modules:
         importlib.import_module(module)
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        watched = [GradientClipping(), AmpEpsilon(), MomentStatistics(every_n_steps=2)]
+        watched = [oc.GradientClipping(), oc.AmpEpsilon(), oc.MomentStatistics(every_n_steps=2)]
         fits = {
-            "adamw_to_sgd": fit(root, "adamw", 1e-2, [*watched, AdamToSGD(at_step=6, lr=0.02)]),
+            "adamw_to_sgd": fit(root, "adamw", 1e-2, [*watched, oc.AdamToSGD(at_step=6, lr=0.02)]),
             "lion_to_nesterov": fit(
-                root, "lion", 1e-3, [OptimizerSwitch("nesterov", at_fraction=0.5, lr=0.01)]
+                root, "lion", 1e-3, [oc.OptimizerSwitch("nesterov", at_fraction=0.5, lr=0.01)]
             ),
             "schedule_free_adamw": fit(
-                root, "schedule_free_adamw", 1e-2, [ScheduleFreeModes(), GradientClipping()]
+                root, "schedule_free_adamw", 1e-2, [oc.ScheduleFreeModes(), oc.GradientClipping()]
             ),
         }
     importable = [name for name in EXTRAS_PACKAGES if importlib.util.find_spec(name) is not None]
-    seen = {"library": optim_callbacks.__file__, "modules": modules, "fits": fits}
+    seen = {"library": oc.__file__, "modules": modules, "fits": fits}
     out.write_text(json.dumps({**seen, "extras_importable": importable}))
 
 
