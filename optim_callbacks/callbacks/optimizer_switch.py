@@ -139,21 +139,6 @@ class OptimizerSwitch(Callback):
         beta2: float | None = None,
         estimated_lr_scale: float = 1.0,
     ) -> None:
-        self.momentum = check_switch_arguments(  # momentum None: to's default
-            to=to,
-            at_step=at_step,
-            at_epoch=at_epoch,
-            at_fraction=at_fraction,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            momentum_init=momentum_init,
-            granularity=granularity,
-            epsilon=epsilon,
-            min_steps=min_steps,
-            beta2=beta2,
-            estimated_lr_scale=estimated_lr_scale,
-        )
         self.to = to
         self.at_step = at_step
         self.at_epoch = at_epoch
@@ -166,6 +151,7 @@ class OptimizerSwitch(Callback):
         self.min_steps = min_steps
         self.beta2 = beta2
         self.estimated_lr_scale = estimated_lr_scale
+        self.momentum = check_switch_arguments(self, momentum)  # momentum None: to's default
         self.nesterov = to == "nesterov"
 
         # checkpointed state

@@ -42,63 +42,46 @@ GRANULARITIES = ("group", "layer")
 MOMENTUM_INITS = ("zero", "adam")
 
 
-def check_switch_arguments(
-    *,
-    to: str,
-    at_step: int | None,
-    at_epoch: int | None,
-    at_fraction: float | None,
-    lr: float | None,
-    momentum: float | None,
-    weight_decay: float | None,
-    momentum_init: str,
-    granularity: str,
-    epsilon: float,
-    min_steps: int,
-    beta2: float | None,
-    estimated_lr_scale: float,
-) -> float:
-    """Check the arguments of ``OptimizerSwitch(...)`` (the same names); return the momentum
+def check_switch_arguments(switch: Any, momentum: float | None) -> float:
+    """Check the arguments of ``OptimizerSwitch(...)``: ``switch`` is the callback being built,
+    its other arguments already set as attributes of the same names. Return the momentum
     (``to``'s default when it is ``None``)."""
-    check_choice("to", to, TARGET_MOMENTUM)
-    given = {
-        k: v
-        for k, v in (("at_step", at_step), ("at_epoch", at_epoch), ("at_fraction", at_fraction))
-        if v is not None
-    }
+    check_choice("to", switch.to, TARGET_MOMENTUM)
+    when = ("at_step", "at_epoch", "at_fraction")
+    given = {k: getattr(switch, k) for k in when if getattr(switch, k) is not None}
     if len(given) > 1:
         listing = ", ".join(f"{k}={v!r}" for k, v in given.items())
         raise ValueError(
             f"at_step/at_epoch/at_fraction: got {listing}; allowed: at most one of them "
             "(none: switch automatically by the SWATS criterion)"
         )
-    if at_step is not None:
-        check_at_least("at_step", at_step, 1)
-    if at_epoch is not None:
-        check_at_least("at_epoch", at_epoch, 1)
-    if at_fraction is not None:
-        check_in_range("at_fraction", at_fraction, 0.0, 1.0, low_inclusive=False)
-    if lr is not None:
-        check_positive("lr", lr)
-    momentum = TARGET_MOMENTUM[to] if momentum is None else momentum
+    if switch.at_step is not None:
+        check_at_least("at_step", switch.at_step, 1)
+    if switch.at_epoch is not None:
+        check_at_least("at_epoch", switch.at_epoch, 1)
+    if switch.at_fraction is not None:
+        check_in_range("at_fraction", switch.at_fraction, 0.0, 1.0, low_inclusive=False)
+    if switch.lr is not None:
+        check_positive("lr", switch.lr)
+    momentum = TARGET_MOMENTUM[switch.to] if momentum is None else momentum
     check_in_range("momentum", momentum, 0.0, 1.0)
-    if to == "nesterov" and momentum == 0:
+    if switch.to == "nesterov" and momentum == 0:
         raise ValueError(
             "momentum: got 0 with to='nesterov'; allowed: a number in (0, 1) for Nesterov momentum"
         )
-    if weight_decay is not None:
-        check_non_negative("weight_decay", weight_decay)
-    check_choice("momentum_init", momentum_init, MOMENTUM_INITS)
-    if momentum_init == "adam" and momentum == 0:
+    if switch.weight_decay is not None:
+        check_non_negative("weight_decay", switch.weight_decay)
+    check_choice("momentum_init", switch.momentum_init, MOMENTUM_INITS)
+    if switch.momentum_init == "adam" and momentum == 0:
         raise ValueError(
             "momentum_init: got 'adam' with momentum=0; allowed: 'zero' (plain SGD keeps no buffer)"
         )
-    check_choice("granularity", granularity, GRANULARITIES)
-    check_positive("epsilon", epsilon)
-    check_at_least("min_steps", min_steps, 1)
-    if beta2 is not None:
-        check_in_range("beta2", beta2, 0.0, 1.0)
-    check_positive("estimated_lr_scale", estimated_lr_scale)
+    check_choice("granularity", switch.granularity, GRANULARITIES)
+    check_positive("epsilon", switch.epsilon)
+    check_at_least("min_steps", switch.min_steps, 1)
+    if switch.beta2 is not None:
+        check_in_range("beta2", switch.beta2, 0.0, 1.0)
+    check_positive("estimated_lr_scale", switch.estimated_lr_scale)
     return float(momentum)
 
 
