@@ -73,7 +73,7 @@ __all__ = [
     "drop_gradients",
     "percentile",
     "pre_clip_norm",
-    "stop_with_checkpoint",
+    "stop_if_requested",
 ]
 
 MODES = ("norm", "value", "agc", "auto")
@@ -134,20 +134,26 @@ def drop_gradients(params: Sequence[torch.Tensor]) -> None:
         p.grad = None
 
 
-def stop_with_checkpoint(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, filename: str, save: bool
-) -> tuple[str | None, str]:
-    """Stop training at the end of this batch, first saving a checkpoint ``filename`` in the
-    ``ModelCheckpoint`` directory (else ``<default_root_dir>/checkpoints``) when ``save``.
-    Returns the checkpoint's path (``None`` without one) and a sentence naming it (saying so
-    when its weights are already non-finite). Every rank calls it (saving is a collective)."""
+def stop_if_requested(
+    callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str
+) -> str | None:
+    """When ``callback._stop_requested`` is set: clear it and stop training at the end of this
+    batch, first saving a checkpoint ``<name>-step=<global step>.ckpt`` in the
+    ``ModelCheckpoint`` directory (else ``<default_root_dir>/checkpoints``) when
+    ``callback.save_checkpoint_on_stop``; its path (``None`` without one) goes to
+    ``callback.stop_checkpoint_path``. Returns a sentence naming the checkpoint (saying so when
+    its weights are already non-finite; empty without one), or ``None`` when no stop was
+    requested. Every rank calls it (saving is a collective)."""
+    if not callback._stop_requested:
+        return None
+    callback._stop_requested = False
     path, where = None, ""
-    if save:
+    if callback.save_checkpoint_on_stop:
         checkpoint_callback = trainer.checkpoint_callback
         directory = getattr(checkpoint_callback, "dirpath", None) or os.path.join(
             trainer.default_root_dir, "checkpoints"
         )
-        path = os.path.join(directory, filename)
+        path = os.path.join(directory, f"{name}-step={trainer.global_step}.ckpt")
         trainer.save_checkpoint(path)
         finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
         if trainer.strategy.reduce_boolean_decision(finite, all=True):
@@ -158,7 +164,8 @@ def stop_with_checkpoint(
                 "with finite gradients made them so): resume from an earlier checkpoint instead."
             )
     trainer.should_stop = True
-    return path, where
+    callback.stop_checkpoint_path = path
+    return where
 
 
 def _check_norm_type(value: Any) -> float:
@@ -499,15 +506,9 @@ class GradientClipping(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
     ) -> None:
-        if not self._stop_requested:
+        where = stop_if_requested(self, trainer, pl_module, "nonfinite-stop")
+        if where is None:
             return
-        self._stop_requested = False
-        filename = f"nonfinite-stop-step={trainer.global_step}.ckpt"
-        path, where = stop_with_checkpoint(
-            trainer, pl_module, filename, self.save_checkpoint_on_stop
-        )
-        if path is not None:
-            self.stop_checkpoint_path = path
         rank_zero_warn(
             f"GradientClipping: {self.consecutive_nonfinite} steps in a row had non-finite "
             f"gradients (last at global step {trainer.global_step}); stopping training.{where} "

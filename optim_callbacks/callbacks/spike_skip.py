@@ -104,7 +104,7 @@ from torch.optim import Optimizer
 from optim_callbacks._compat import batches_that_stepped
 from optim_callbacks.callbacks._amp import active_grad_scaler, unscale_gradients
 from optim_callbacks.callbacks._strategy import check_supported_strategy
-from optim_callbacks.callbacks.clipping import drop_gradients, pre_clip_norm, stop_with_checkpoint
+from optim_callbacks.callbacks.clipping import drop_gradients, pre_clip_norm, stop_if_requested
 from optim_callbacks.sharded import is_sharded, local_part, shard_group, sum_across
 from optim_callbacks.validation import check_at_least, check_in_range, check_non_negative
 
@@ -356,14 +356,9 @@ class SpikeSkip(Callback):
         if self._restore is not None:
             _put_back(trainer, self._restore)
             self._restore = None
-        if not self._stop_requested:
+        where = stop_if_requested(self, trainer, pl_module, "spike-stop")
+        if where is None:
             return
-        self._stop_requested = False
-        filename = f"spike-stop-step={trainer.global_step}.ckpt"
-        path, where = stop_with_checkpoint(
-            trainer, pl_module, filename, self.save_checkpoint_on_stop
-        )
-        self.stop_checkpoint_path = path
         rank_zero_warn(
             f"SpikeSkip: {sum(self.recent)} of the last {len(self.recent)} steps were skipped as "
             f"spikes (more than max_skip_fraction={self.max_skip_fraction} of window="
