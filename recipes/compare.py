@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from recipes.report import main_trials, write_report
+from recipes.sweep.commands import command_errors
 from recipes.sweep.plan import PROG, plan_sweep
 from recipes.sweep.storage import StorageError, dashboard_command, open_storage
 
@@ -81,17 +82,8 @@ def run_sweep(argv: Sequence[str]) -> tuple[Path, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+    with command_errors(PROG, failures=(StorageError,), resumable=True):
         _, failed = run_sweep(argv)
-    except ValueError as error:
-        print(f"{PROG}: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except StorageError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
-        raise SystemExit(130) from None
     if failed:
         print(f"{PROG}: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
         raise SystemExit(1)

@@ -31,6 +31,7 @@ from typing import Any
 
 from recipes.pages.run_page import PAGE_FILE
 from recipes.pages.sweep_page import write_sweep_page
+from recipes.sweep.commands import command_errors
 from recipes.sweep.files import write_json, write_text
 from recipes.sweep.markdown import markdown_report, optimizer_table, verdict
 from recipes.sweep.plots import draw_figures
@@ -220,14 +221,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             file=sys.stderr,
         )
         raise SystemExit(2) from None
-    try:
+    with command_errors("python -m recipes.report", failures=(StorageError,)):
         write_report(options.folder, storage=options.storage, study=options.study)
-    except ValueError as error:
-        print(f"python -m recipes.report: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except StorageError as error:
-        print(f"python -m recipes.report: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

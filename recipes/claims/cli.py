@@ -28,6 +28,7 @@ from pathlib import Path
 
 from recipes.claims.registry import DEFAULT_REGISTRY, Claim, Registry, load_registry
 from recipes.claims.store import StudyPaths, ensure_live, sync
+from recipes.sweep.commands import command_errors
 from recipes.sweep.storage import StorageError
 
 __all__ = ["PROG", "main", "selected_claims"]
@@ -213,7 +214,7 @@ def run_study(options: argparse.Namespace, registry: Registry, registry_path: Pa
 def main(argv: Sequence[str] | None = None) -> None:
     options = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     registry_path = Path(options.registry) if options.registry else DEFAULT_REGISTRY
-    try:
+    with command_errors(PROG, resumable=True):
         if options.threads < 1:
             raise ValueError(f"threads: got {options.threads}; allowed: an integer >= 1")
         registry = load_registry(registry_path)
@@ -233,9 +234,3 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         os.environ.setdefault("OMP_NUM_THREADS", str(options.threads))
         run_study(options, registry, registry_path)
-    except ValueError as error:
-        print(f"{PROG}: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
-        raise SystemExit(130) from None

@@ -13,6 +13,7 @@
 - :mod:`~recipes.sweep.processes`: runs die with their worker;
 - :mod:`~recipes.sweep.recorder`: ``RunRecorder``, what one run did, measured in the run;
 - :mod:`~recipes.sweep.files`: JSON and text written atomically;
+- :mod:`~recipes.sweep.commands`: how the commands report an error (message, exit status);
 - :mod:`~recipes.sweep.summary`, :mod:`~recipes.sweep.markdown`, :mod:`~recipes.sweep.plots`:
   the report's numbers, text and figures.
 """
