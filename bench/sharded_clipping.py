@@ -30,11 +30,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from optim_callbacks import FSDP2Strategy, GradientClipping, build_optimizer
+from optim_callbacks import FSDP2Strategy, GradientClipping, build_optimizer, shard_data_parallel
 
 BLOCK = 20
 CYCLE = ("off", "norm", "agc", "agc", "norm", "off")
@@ -49,11 +48,7 @@ class ShardedMLP(L.LightningModule):
         self.net = nn.Sequential(*layers, nn.Linear(width, 1))
 
     def configure_model(self) -> None:
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
+        shard_data_parallel(self, [m for m in self.net if isinstance(m, nn.Linear)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -31,7 +31,7 @@ from optim_callbacks.schedules import (
     register_schedule,
     schedule_multiplier,
 )
-from optim_callbacks.strategies import FSDP2Strategy
+from optim_callbacks.strategies import FSDP2Strategy, shard_data_parallel
 
 __version__ = "0.1.0"
 
@@ -55,6 +55,7 @@ __all__ = [
     "register_schedule",
     "run_folder",
     "scale_lr",
+    "shard_data_parallel",
     "schedule_multiplier",
     "spec_for",
     "TrainingFindings",

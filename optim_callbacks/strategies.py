@@ -13,14 +13,18 @@ saved state.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
+import lightning.pytorch as pl
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from optim_callbacks._compat import saved_callback_state
 
-__all__ = ["FSDP2Strategy"]
+__all__ = ["FSDP2Strategy", "shard_data_parallel"]
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -49,3 +53,21 @@ class FSDP2Strategy(ModelParallelStrategy):
                 if state is not None:
                     restore(trainer, module, state)
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+
+def shard_data_parallel(module: pl.LightningModule, blocks: Iterable[nn.Module]) -> None:
+    """FSDP2's usual wrapping, for a module's ``configure_model``: ``fully_shard`` each of
+    ``blocks`` (each all-gathered just before it runs), then the whole module, over
+    ``module.device_mesh["data_parallel"]``. Nothing where there is no device mesh (any other
+    strategy), and nothing the second time (Lightning calls the hook for every stage)::
+
+        def configure_model(self):
+            shard_data_parallel(self, [m for m in self.net if isinstance(m, nn.Linear)])
+    """
+    mesh = module.device_mesh
+    if mesh is None or isinstance(module, FSDPModule):
+        return
+    data_parallel = mesh["data_parallel"]
+    for block in blocks:
+        fully_shard(block, mesh=data_parallel)
+    fully_shard(module, mesh=data_parallel)

@@ -25,11 +25,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from optim_callbacks.callbacks import ScheduleFreeModes
+from optim_callbacks.strategies import shard_data_parallel
 from optim_callbacks.validation import check_at_least
 from recipes.core.errors import UsageError
 from recipes.core.optimization import OptimizerSettings
@@ -163,13 +163,7 @@ class ClassificationModule(L.LightningModule):
         """FSDP2 (a strategy with a ``data_parallel`` device mesh): ``fully_shard`` each of
         :meth:`sharded_blocks`, then the whole module. Nothing under other strategies, and
         nothing the second time (Lightning calls this hook for every stage)."""
-        mesh = self.device_mesh
-        if mesh is None or isinstance(self, FSDPModule):
-            return
-        data_parallel = mesh["data_parallel"]
-        for block in self.sharded_blocks():
-            fully_shard(block, mesh=data_parallel)
-        fully_shard(self, mesh=data_parallel)
+        shard_data_parallel(self, self.sharded_blocks())
 
     def peak_lr(self) -> float | None:
         """The peak learning rate of this run (``None``: the optimizer entry's default)."""

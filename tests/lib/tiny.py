@@ -13,10 +13,14 @@ import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
-from optim_callbacks import build_optimizer, build_scheduler, lightning_scheduler_config
+from optim_callbacks import (
+    build_optimizer,
+    build_scheduler,
+    lightning_scheduler_config,
+    shard_data_parallel,
+)
 
 
 def regression_data(n: int = 256, features: int = 16, seed: int = 0) -> TensorDataset:
@@ -51,15 +55,8 @@ class TinyRegressor(L.LightningModule):
         self.losses: list[float] = []
 
     def configure_model(self) -> None:
-        """Under FSDP2 (``ModelParallelStrategy``, which sets ``device_mesh``): ``fully_shard``
-        on each Linear of ``net`` and on the root; a no-op under any other strategy."""
-        if self.device_mesh is None:
-            return
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
+        """Under FSDP2: each Linear of ``net``, then the root, sharded."""
+        shard_data_parallel(self, [m for m in self.net if isinstance(m, nn.Linear)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
