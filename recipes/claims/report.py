@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -540,32 +540,11 @@ def _md_cell(cell: Cell) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _markdown(blocks: list[Block]) -> str:
-    out: list[str] = []
-    for kind, payload in blocks:
-        if kind == "h1":
-            out.append(f"# {payload}")
-        elif kind == "h2":
-            out.append(f"## {payload}")
-        elif kind == "h3":
-            out.append(f"### {payload}")
-        elif kind == "anchor":
-            out.append(f'<a id="{payload}"></a>')
-        elif kind == "p":
-            out.append(payload)
-        elif kind == "quote":
-            out.append(f"> {payload}")
-        elif kind == "code":
-            out.append(f"```\n{payload}\n```")
-        elif kind == "figure":
-            src, caption = payload
-            out.append(f"![{caption}]({src})")
-        elif kind == "table":
-            header, rows = payload
-            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-            out.append("\n".join(lines))
-    return "\n\n".join(out) + "\n"
+def _md_table(payload: tuple[list[str], list[list[Cell]]]) -> str:
+    header, rows = payload
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _inline(text: str) -> str:
@@ -583,39 +562,52 @@ def _html_cell(cell: Cell) -> str:
     return escape(cell)
 
 
+def _html_table(payload: tuple[list[str], list[list[Cell]]]) -> str:
+    header, rows = payload
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_html_cell(c)}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html_figure(payload: tuple[str, str]) -> str:
+    src, caption = payload
+    return (
+        f'<figure><img src="{escape(src)}" alt="{escape(caption)}">'
+        f"<figcaption>{escape(caption)}</figcaption></figure>"
+    )
+
+
+_MARKDOWN, _HTML = 0, 1
+# Each kind of block in Markdown and in HTML (indexed by _MARKDOWN, _HTML).
+_RENDERERS: dict[str, tuple[Callable[[Any], str], Callable[[Any], str]]] = {
+    "h1": (lambda text: f"# {text}", lambda text: f"<h1>{escape(text)}</h1>"),
+    "h2": (lambda text: f"## {text}", lambda text: f"<h2>{escape(text)}</h2>"),
+    "h3": (lambda text: f"### {text}", lambda text: f"<h3>{escape(text)}</h3>"),
+    "anchor": (lambda name: f'<a id="{name}"></a>', lambda name: f'<a id="{escape(name)}"></a>'),
+    "p": (str, lambda text: f"<p>{_inline(text)}</p>"),
+    "quote": (lambda text: f"> {text}", lambda text: f"<blockquote>{escape(text)}</blockquote>"),
+    "code": (lambda text: f"```\n{text}\n```", lambda text: f"<pre>{escape(text)}</pre>"),
+    "figure": (lambda figure: f"![{figure[1]}]({figure[0]})", _html_figure),
+    "table": (_md_table, _html_table),
+}
+
+
+def _rendered(blocks: list[Block], markup: int) -> list[str]:
+    """Each block of a known kind in ``markup`` (``_MARKDOWN`` or ``_HTML``)."""
+    return [_RENDERERS[kind][markup](payload) for kind, payload in blocks if kind in _RENDERERS]
+
+
+def _markdown(blocks: list[Block]) -> str:
+    return "\n\n".join(_rendered(blocks, _MARKDOWN)) + "\n"
+
+
 def _html(blocks: list[Block]) -> str:
     from recipes.pages.html import page
 
-    parts: list[str] = []
-    title = "Claims"
-    for kind, payload in blocks:
-        if kind == "h1":
-            title = payload
-            parts.append(f"<h1>{escape(payload)}</h1>")
-        elif kind in ("h2", "h3"):
-            parts.append(f"<{kind}>{escape(payload)}</{kind}>")
-        elif kind == "anchor":
-            parts.append(f'<a id="{escape(payload)}"></a>')
-        elif kind == "p":
-            parts.append(f"<p>{_inline(payload)}</p>")
-        elif kind == "quote":
-            parts.append(f"<blockquote>{escape(payload)}</blockquote>")
-        elif kind == "code":
-            parts.append(f"<pre>{escape(payload)}</pre>")
-        elif kind == "figure":
-            src, caption = payload
-            parts.append(
-                f'<figure><img src="{escape(src)}" alt="{escape(caption)}">'
-                f"<figcaption>{escape(caption)}</figcaption></figure>"
-            )
-        elif kind == "table":
-            header, rows = payload
-            head = "".join(f"<th>{escape(h)}</th>" for h in header)
-            body = "".join(
-                "<tr>" + "".join(f"<td>{_html_cell(c)}</td>" for c in row) + "</tr>" for row in rows
-            )
-            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-    return page(title, "\n".join(parts))
+    titles = [payload for kind, payload in blocks if kind == "h1"]
+    return page(titles[-1] if titles else "Claims", "\n".join(_rendered(blocks, _HTML)))
 
 
 README_START = "<!-- claims headline: generated by python -m recipes.claims --render-only -->"
