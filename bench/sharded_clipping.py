@@ -106,7 +106,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     order = ["off"] + list(CYCLE) * args.cycles  # the first block warms up
-    steps = BLOCK * len(order)
+    steps = BLOCK * len(order) + 1  # a step's time ends when the next starts: one step more
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(
         torch.randn(steps * 64, args.width, generator=generator), torch.randn(steps * 64, 1)
