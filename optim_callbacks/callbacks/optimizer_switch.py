@@ -139,20 +139,12 @@ class OptimizerSwitch(Callback):
         beta2: float | None = None,
         estimated_lr_scale: float = 1.0,
     ) -> None:
-        self.to = to
-        self.at_step = at_step
-        self.at_epoch = at_epoch
-        self.at_fraction = at_fraction
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.momentum_init = momentum_init
-        self.granularity = granularity
-        self.epsilon = epsilon
-        self.min_steps = min_steps
-        self.beta2 = beta2
-        self.estimated_lr_scale = estimated_lr_scale
+        self.to, self.nesterov = to, to == "nesterov"
+        self.at_step, self.at_epoch, self.at_fraction = at_step, at_epoch, at_fraction  # when
+        self.lr, self.weight_decay, self.momentum_init = lr, weight_decay, momentum_init  # SGD
+        self.granularity, self.epsilon, self.min_steps = granularity, epsilon, min_steps  # SWATS
+        self.beta2, self.estimated_lr_scale = beta2, estimated_lr_scale
         self.momentum = check_switch_arguments(self, momentum)  # momentum None: to's default
-        self.nesterov = to == "nesterov"
 
         # checkpointed state
         self.switched = False
