@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -44,6 +44,17 @@ from optim_callbacks.validation import check_betas, check_lr, check_non_negative
 Tensors = list[torch.Tensor]
 
 
+class GroupTensors(NamedTuple):
+    """What a group steps: its parameters that have a gradient, their gradients, their state
+    tensors (one list per parameter, in :meth:`ElementwiseOptimizer.keys_for` order) and their
+    step counts."""
+
+    params: Tensors
+    grads: Tensors
+    states: list[Tensors]
+    steps: Tensors
+
+
 def adam_defaults(
     lr: Any, betas: Any, eps: float, weight_decay: float, **options: Any
 ) -> dict[str, Any]:
@@ -54,6 +65,41 @@ def adam_defaults(
     betas = check_betas("betas", betas)
     check_positive("eps", eps)
     return dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **options)
+
+
+def adam_init(
+    betas: tuple[float, float], eps: float, decoupled_weight_decay: bool
+) -> Callable[..., None]:
+    """The ``__init__`` of ADOPT and LAMB, which differ only in the defaults of ``betas``,
+    ``eps`` and ``decoupled_weight_decay`` (given here): ``(params, lr=1e-3, betas, eps,
+    weight_decay=0.0, *, decoupled_weight_decay, maximize=False, foreach=None, fused=None)``,
+    with those defaults in its signature (``help()``, :func:`inspect.signature`)."""
+    default_betas, default_eps, default_decoupled = betas, eps, decoupled_weight_decay
+
+    def __init__(
+        self: ElementwiseOptimizer,
+        params: Any,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = default_betas,
+        eps: float = default_eps,
+        weight_decay: float = 0.0,
+        *,
+        decoupled_weight_decay: bool = default_decoupled,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = adam_defaults(
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize,
+        )
+        ElementwiseOptimizer.__init__(self, params, defaults, foreach=foreach, fused=fused)
+
+    return __init__
 
 
 class ElementwiseOptimizer(torch.optim.Optimizer, abc.ABC):
@@ -122,13 +168,13 @@ class ElementwiseOptimizer(torch.optim.Optimizer, abc.ABC):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, states, steps = self._collect(group)
-            if params:
-                torch._foreach_add_(steps, 1.0)
-                self._update(group, params, grads, states, steps)
+            tensors = self._collect(group)
+            if tensors.params:
+                torch._foreach_add_(tensors.steps, 1.0)
+                self._update(group, tensors)
         return loss
 
-    def _collect(self, group: dict[str, Any]) -> tuple[Tensors, Tensors, list[Tensors], Tensors]:
+    def _collect(self, group: dict[str, Any]) -> GroupTensors:
         """The group's parameters with a gradient, their gradients, state tensors (created if
         missing) and step counts (kept as float32 CPU scalars, whatever a loaded state held)."""
         name = type(self).__name__
@@ -154,18 +200,12 @@ class ElementwiseOptimizer(torch.optim.Optimizer, abc.ABC):
             grads.append(p.grad)
             states.append([state[key] for key in keys])
             steps.append(state["step"])
-        return params, grads, states, steps
+        return GroupTensors(params, grads, states, steps)
 
-    def _update(
-        self,
-        group: dict[str, Any],
-        params: Tensors,
-        grads: Tensors,
-        states: list[Tensors],
-        steps: Tensors,
-    ) -> None:
+    def _update(self, group: dict[str, Any], tensors: GroupTensors) -> None:
         """The rule on every tensor (local shards), by the group's implementation (uncompiled:
         :meth:`reference_update` where a subclass has one)."""
+        params, grads, states, steps = tensors
         rows = local_rows(params, grads, *zip(*states, strict=True))
         compiled = group.get("fused") and self.compile_failure is None
         if not compiled and self.reference_update(group, rows, steps):

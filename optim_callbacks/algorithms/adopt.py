@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from optim_callbacks.algorithms._elementwise import ElementwiseOptimizer, adam_defaults
+from optim_callbacks.algorithms._elementwise import ElementwiseOptimizer, adam_init
 from optim_callbacks.compiled_update import CompiledUpdate
 
 __all__ = ["ADOPT"]
@@ -76,28 +76,7 @@ class ADOPT(ElementwiseOptimizer):
     state_keys = ("exp_avg", "exp_avg_sq")
     compiled = CompiledUpdate(_adopt_update)
 
-    def __init__(
-        self,
-        params: Any,
-        lr: float | torch.Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.9999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        *,
-        decoupled_weight_decay: bool = False,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-    ) -> None:
-        defaults = adam_defaults(
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults, foreach=foreach, fused=fused)
+    __init__ = adam_init(betas=(0.9, 0.9999), eps=1e-6, decoupled_weight_decay=False)
 
     def coefficients(self, group: dict[str, Any], step: float) -> tuple[float, ...]:
         lr, wd = float(group["lr"]), float(group["weight_decay"])

@@ -35,7 +35,12 @@ from typing import Any
 
 import torch
 
-from optim_callbacks.algorithms._elementwise import ElementwiseOptimizer, Tensors, adam_defaults
+from optim_callbacks.algorithms._elementwise import (
+    ElementwiseOptimizer,
+    GroupTensors,
+    Tensors,
+    adam_init,
+)
 from optim_callbacks.compiled_update import (
     CompiledUpdate,
     coefficient_rows,
@@ -90,14 +95,10 @@ def _write(
     exp_avg_sq.copy_(v)
 
 
-def _lamb_update(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    c: torch.Tensor,
-) -> None:
-    """One LAMB step for one whole tensor in ``c.dtype`` (columns ``_L2`` ... ``_SIGN``)."""
+def _lamb_update(param: torch.Tensor, grad: torch.Tensor, *rest: torch.Tensor) -> None:
+    """One LAMB step for one whole tensor in ``c.dtype`` (``rest`` is ``exp_avg, exp_avg_sq,
+    c``, as for the sharded pair below; columns ``_L2`` ... ``_SIGN``)."""
+    exp_avg, exp_avg_sq, c = rest
     moments = _moments(param, grad, exp_avg, exp_avg_sq, c)
     p, _, _, u = moments
     trust = _trust(torch.linalg.vector_norm(p), torch.linalg.vector_norm(u), c[_EPS])
@@ -148,28 +149,7 @@ class LAMB(ElementwiseOptimizer):
     state_keys = ("exp_avg", "exp_avg_sq")
     compiled = CompiledUpdate(_lamb_update, per_tensor=True)
 
-    def __init__(
-        self,
-        params: Any,
-        lr: float | torch.Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        *,
-        decoupled_weight_decay: bool = True,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-    ) -> None:
-        defaults = adam_defaults(
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults, foreach=foreach, fused=fused)
+    __init__ = adam_init(betas=(0.9, 0.999), eps=1e-6, decoupled_weight_decay=True)
 
     def coefficients(self, group: dict[str, Any], step: float) -> tuple[float, ...]:
         lr, wd = float(group["lr"]), float(group["weight_decay"])
@@ -210,38 +190,25 @@ class LAMB(ElementwiseOptimizer):
             finish()
         return loss
 
-    def _update(
-        self,
-        group: dict[str, Any],
-        params: Tensors,
-        grads: Tensors,
-        states: list[Tensors],
-        steps: Tensors,
-    ) -> None:
+    def _update(self, group: dict[str, Any], tensors: GroupTensors) -> None:
         """Compiled, whole tensors: the one-pass rule. Otherwise two passes (each on slices
         when uncompiled): the sums of squares, then the update; a shard's update waits for the
         sums of every rank."""
         compiled = bool(group.get("fused")) and self.compile_failure is None
-        whole, shards = _by_sharding(params, grads, states, steps)
-        if compiled and whole[0]:
-            super()._update(group, *whole)
-        elif whole[0]:
-            self._two_passes(group, *whole)()
-        if shards[0]:
+        whole, shards = _by_sharding(tensors)
+        if compiled and whole.params:
+            super()._update(group, whole)
+        elif whole.params:
+            self._two_passes(group, whole)()
+        if shards.params:
             if self._deferred is None:
                 raise RuntimeError("LAMB: sharded tensors are updated only through step()")
-            finish = self._two_passes(group, *shards)
+            finish = self._two_passes(group, shards)
             self._deferred.append((self._squares, finish))
 
-    def _two_passes(
-        self,
-        group: dict[str, Any],
-        params: Tensors,
-        grads: Tensors,
-        states: list[Tensors],
-        steps: Tensors,
-    ) -> Callable[[], None]:
+    def _two_passes(self, group: dict[str, Any], tensors: GroupTensors) -> Callable[[], None]:
         """The first pass now (sums of squares into ``self._squares``); the second returned."""
+        params, grads, states, steps = tensors
         rows = local_rows(params, grads, *zip(*states, strict=True))
         coefficients = coefficient_rows(rows, lambda step: self.coefficients(group, step), steps)
         # A rank without rows of a tensor skips it (CompiledUpdate skips empty rows): zeros.
@@ -251,15 +218,17 @@ class LAMB(ElementwiseOptimizer):
         return lambda: step_rows(self, group, _SHARDED_UPDATE, rows, coefficients)
 
 
-def _by_sharding(
-    params: Tensors, grads: Tensors, states: list[Tensors], steps: Tensors
-) -> tuple[tuple[Tensors, Tensors, list[Tensors], Tensors], ...]:
-    """``(params, grads, states, steps)`` of the whole tensors, then of the sharded ones."""
-    flags = [is_sharded(p) for p in params]
-    return tuple(
-        tuple(
-            [x for x, flag in zip(column, flags, strict=True) if flag is sharded]
-            for column in (params, grads, states, steps)
+def _by_sharding(tensors: GroupTensors) -> tuple[GroupTensors, GroupTensors]:
+    """The group's whole tensors, then its sharded ones (each with its gradients, state and
+    step counts)."""
+    flags = [is_sharded(p) for p in tensors.params]
+
+    def part(sharded: bool) -> GroupTensors:
+        return GroupTensors(
+            *(
+                [x for x, flag in zip(column, flags, strict=True) if flag is sharded]
+                for column in tensors
+            )
         )
-        for sharded in (False, True)
-    )
+
+    return part(False), part(True)

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from optim_callbacks.algorithms._elementwise import ElementwiseOptimizer, Tensors
+from optim_callbacks.algorithms._elementwise import ElementwiseOptimizer, GroupTensors, Tensors
 from optim_callbacks.compiled_update import CompiledUpdate
 from optim_callbacks.sharded import local_part
 from optim_callbacks.validation import check_betas, check_in_range, check_non_negative
@@ -164,34 +164,68 @@ class _ScheduleFree(ElementwiseOptimizer):
             group["k"] += 1
         return loss
 
-    def _update(
-        self,
-        group: dict[str, Any],
-        params: Tensors,
-        grads: Tensors,
-        states: list[Tensors],
-        steps: Tensors,
-    ) -> None:
+    def _update(self, group: dict[str, Any], tensors: GroupTensors) -> None:
         """Compiled: the frame's rule. ``foreach`` and ``for-loop``: ``schedulefree``'s own
         operations in its order (bit-identical to schedulefree 1.4.1, as the Lightning tests
-        require; the frame's eager rule rounds differently), on local shards."""
+        require; the frame's eager rule rounds differently), on local shards: the subclass's
+        direction ``u`` (:meth:`single_direction`, :meth:`foreach_direction`), then
+        :meth:`_single_step` or :meth:`_foreach_step`."""
         if group["fused"] and self.compile_failure is None:
-            super()._update(group, params, grads, states, steps)
+            super()._update(group, tensors)
             return
-        params, grads = [local_part(p) for p in params], [local_part(g) for g in grads]
-        states = [[local_part(t) for t in state] for state in states]
+        params = [local_part(p) for p in tensors.params]
+        grads = [local_part(g) for g in tensors.grads]
+        states = [[local_part(t) for t in state] for state in tensors.states]
         if group["foreach"] is False:
             for p, g, state in zip(params, grads, states, strict=True):
-                self.single_update(group, p, g, state)
+                self._single_step(group, p, state[0], self.single_direction(group, g, state))
             return
         buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(params):
             buckets.setdefault((p.device, p.dtype), []).append(i)
         for indices in buckets.values():
             columns = [[states[i][k] for i in indices] for k in range(len(states[indices[0]]))]
-            self.foreach_update(
-                group, [params[i] for i in indices], [grads[i] for i in indices], columns
-            )
+            bucket = [params[i] for i in indices]
+            u = self.foreach_direction(group, [grads[i] for i in indices], columns)
+            self._foreach_step(group, bucket, columns[0], u)
+
+    def _single_step(
+        self, group: dict[str, Any], y: torch.Tensor, z: torch.Tensor, u: torch.Tensor
+    ) -> None:
+        """``u += wd y``; ``y <- lerp(y, z, c) + y_step u``; ``z <- z - lr_t u``, one tensor."""
+        lr, ckp1, y_step = self._terms(group)
+        if group["weight_decay"] != 0:
+            u = u.add(y, alpha=group["weight_decay"])
+        y.lerp_(z, ckp1)
+        y.add_(u, alpha=y_step)
+        z.sub_(u, alpha=lr)
+
+    def _foreach_step(self, group: dict[str, Any], ys: Tensors, zs: Tensors, u: Tensors) -> None:
+        """:meth:`_single_step` on a list of tensors with foreach kernels."""
+        lr, ckp1, y_step = self._terms(group)
+        if group["weight_decay"] != 0:
+            u = torch._foreach_add(u, ys, alpha=group["weight_decay"])
+        torch._foreach_lerp_(ys, zs, ckp1)
+        torch._foreach_add_(ys, u, alpha=y_step)
+        torch._foreach_sub_(zs, u, alpha=lr)
+
+    def single_direction(
+        self, group: dict[str, Any], grad: torch.Tensor, state: Tensors
+    ) -> torch.Tensor:
+        """The direction ``u`` before weight decay, updating the state besides ``z``: SGD's
+        is the gradient."""
+        return grad
+
+    def foreach_direction(
+        self, group: dict[str, Any], grads: Tensors, states: list[Tensors]
+    ) -> Tensors:
+        """:meth:`single_direction` on a list of tensors (``states`` by key)."""
+        return grads
+
+    def _terms(self, group: dict[str, Any]) -> tuple[float, float, float]:
+        """``lr_t``, ``c`` and the ``y`` step coefficient ``lr_t (beta (1 - c) - 1)``."""
+        lr, ckp1 = group["scheduled_lr"], group["_ckp1"]
+        return lr, ckp1, lr * (self._beta(group) * (1.0 - ckp1) - 1.0)
 
     def applied_lr(self, group: dict[str, Any]) -> float:
         """The learning rate the group's last step applied, ``lr_t = lr * min(1, k /
@@ -275,19 +309,18 @@ class ScheduleFreeAdamW(_ScheduleFree):
         defaults.update(betas=betas, eps=eps)
         super().__init__(params, defaults, foreach=foreach, fused=fused)
 
-    def _terms(self, group: dict[str, Any]) -> tuple[float, float, float, float]:
-        """``lr_t``, ``c``, the ``y`` step coefficient and ``1 - beta2^(k+1)``."""
-        lr, ckp1 = group["scheduled_lr"], group["_ckp1"]
-        beta1, beta2 = (float(b) for b in group["betas"])
-        return lr, ckp1, lr * (beta1 * (1.0 - ckp1) - 1.0), 1.0 - beta2 ** (group["k"] + 1)
+    @staticmethod
+    def _bias_correction(group: dict[str, Any]) -> float:
+        """``1 - beta2^(k+1)``."""
+        return 1.0 - float(group["betas"][1]) ** (group["k"] + 1)
 
     def coefficients(self, group: dict[str, Any], step: float) -> tuple[float, ...]:
-        lr, ckp1, y_step, bc2 = self._terms(group)
+        lr, ckp1, y_step = self._terms(group)
         beta2 = float(group["betas"][1])
         return (
             beta2,
             1.0 - beta2,
-            1.0 / bc2,
+            1.0 / self._bias_correction(group),
             float(group["eps"]),
             float(group["weight_decay"]),
             ckp1,
@@ -295,45 +328,25 @@ class ScheduleFreeAdamW(_ScheduleFree):
             -lr,
         )
 
-    def foreach_update(
-        self,
-        group: dict[str, Any],
-        params: Tensors,
-        grads: Tensors,
-        states: list[Tensors],
-    ) -> None:
-        zs, exp_avg_sqs = states
-        lr, ckp1, y_step, bc2 = self._terms(group)
+    def foreach_direction(
+        self, group: dict[str, Any], grads: Tensors, states: list[Tensors]
+    ) -> Tensors:
+        _, exp_avg_sqs = states
         beta2 = group["betas"][1]
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        denom = torch._foreach_div(exp_avg_sqs, bc2)
+        denom = torch._foreach_div(exp_avg_sqs, self._bias_correction(group))
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, group["eps"])
-        normed = torch._foreach_div(grads, denom)
-        if group["weight_decay"] != 0:
-            torch._foreach_add_(normed, params, alpha=group["weight_decay"])
-        torch._foreach_lerp_(params, zs, ckp1)
-        torch._foreach_add_(params, normed, alpha=y_step)
-        torch._foreach_sub_(zs, normed, alpha=lr)
+        return torch._foreach_div(grads, denom)
 
-    def single_update(
-        self,
-        group: dict[str, Any],
-        param: torch.Tensor,
-        grad: torch.Tensor,
-        state: Tensors,
-    ) -> None:
-        z, exp_avg_sq = state
-        lr, ckp1, y_step, bc2 = self._terms(group)
+    def single_direction(
+        self, group: dict[str, Any], grad: torch.Tensor, state: Tensors
+    ) -> torch.Tensor:
+        _, exp_avg_sq = state
         beta2 = group["betas"][1]
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        normed = grad / exp_avg_sq.div(bc2).sqrt_().add_(group["eps"])
-        if group["weight_decay"] != 0:
-            normed.add_(param, alpha=group["weight_decay"])
-        param.lerp_(z, ckp1)
-        param.add_(normed, alpha=y_step)
-        z.sub_(normed, alpha=lr)
+        return grad / exp_avg_sq.div(self._bias_correction(group)).sqrt_().add_(group["eps"])
 
 
 class ScheduleFreeSGD(_ScheduleFree):
@@ -371,40 +384,6 @@ class ScheduleFreeSGD(_ScheduleFree):
         defaults.update(momentum=momentum)
         super().__init__(params, defaults, foreach=foreach, fused=fused)
 
-    def _terms(self, group: dict[str, Any]) -> tuple[float, float, float]:
-        lr, ckp1 = group["scheduled_lr"], group["_ckp1"]
-        return lr, ckp1, lr * (float(group["momentum"]) * (1.0 - ckp1) - 1.0)
-
     def coefficients(self, group: dict[str, Any], step: float) -> tuple[float, ...]:
         lr, ckp1, y_step = self._terms(group)
         return (0.0, 0.0, 0.0, 0.0, float(group["weight_decay"]), ckp1, y_step, -lr)
-
-    def foreach_update(
-        self,
-        group: dict[str, Any],
-        params: Tensors,
-        grads: Tensors,
-        states: list[Tensors],
-    ) -> None:
-        (zs,) = states
-        lr, ckp1, y_step = self._terms(group)
-        if group["weight_decay"] != 0:
-            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-        torch._foreach_lerp_(params, zs, ckp1)
-        torch._foreach_add_(params, grads, alpha=y_step)
-        torch._foreach_sub_(zs, grads, alpha=lr)
-
-    def single_update(
-        self,
-        group: dict[str, Any],
-        param: torch.Tensor,
-        grad: torch.Tensor,
-        state: Tensors,
-    ) -> None:
-        (z,) = state
-        lr, ckp1, y_step = self._terms(group)
-        if group["weight_decay"] != 0:
-            grad = grad.add(param, alpha=group["weight_decay"])
-        param.lerp_(z, ckp1)
-        param.add_(grad, alpha=y_step)
-        z.sub_(grad, alpha=lr)
