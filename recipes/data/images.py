@@ -33,7 +33,7 @@ from optim_callbacks.validation import (
 )
 from recipes.core.seeding import derived_seed
 from recipes.data.resume import ResumableTrainOrder
-from recipes.data.splits import stratified_order
+from recipes.data.splits import NamedClasses, stratified_order
 from recipes.data.transforms import ImageTransform, resize
 
 __all__ = [
@@ -264,7 +264,7 @@ def _dataset_statistics(
     return tuple(pixels.mean(dim=1).tolist()), tuple(pixels.std(dim=1).clamp_min(1e-3).tolist())
 
 
-class ImageClassificationData(ResumableTrainOrder, L.LightningDataModule):
+class ImageClassificationData(NamedClasses, ResumableTrainOrder, L.LightningDataModule):
     """Fashion-MNIST (default) or an image folder, split train/val/test, transformed per batch.
 
     The data is read (and checked) when the module is built, so a missing folder is reported
@@ -360,12 +360,8 @@ class ImageClassificationData(ResumableTrainOrder, L.LightningDataModule):
         )
 
     @property
-    def num_classes(self) -> int:
-        return len(self.splits.classes)
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.splits.classes)
+    def classes(self) -> Sequence[str]:
+        return self.splits.classes
 
     def adapt_to(self, model_input: ImageInput) -> None:
         """Feed a model that expects ``model_input`` (explicit options still win)."""

@@ -1,4 +1,5 @@
-"""Seeded, stratified train/val/test splits and an epoch-seeded shuffling sampler.
+"""Seeded, stratified train/val/test splits, an epoch-seeded shuffling sampler, and the class
+names a data module gives the model.
 
 Both depend only on their seed (and the epoch), never on global random state, so a split is the
 same on every machine and a resumed run sees the same batches as an uninterrupted one.
@@ -14,7 +15,7 @@ from torch.utils.data import DistributedSampler
 
 from optim_callbacks.validation import check_in_range
 
-__all__ = ["EpochSeededSampler", "stratified_order", "stratified_split"]
+__all__ = ["EpochSeededSampler", "NamedClasses", "stratified_order", "stratified_split"]
 
 
 def stratified_split(
@@ -121,3 +122,20 @@ class EpochSeededSampler(DistributedSampler):
         if resume is not None and resume[0] == self.epoch:
             order = order[resume[1] :]
         yield from order
+
+
+class NamedClasses:
+    """``num_classes`` and ``class_names`` (label order), which the recipes' CLI links from the
+    data module to the model, read from the data module's ``classes``."""
+
+    @property
+    def classes(self) -> Sequence[str]:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)

@@ -7,6 +7,7 @@ to ``max_length`` and padded per batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
@@ -17,13 +18,13 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedToken
 from optim_callbacks.validation import check_at_least
 from recipes.data.embedded import EMBEDDED_MODEL_ID, load_error, resolve_model_path
 from recipes.data.resume import ResumableTrainOrder
-from recipes.data.splits import stratified_split
+from recipes.data.splits import NamedClasses, stratified_split
 from recipes.data.text_sources import BBC_NEWS, LabelledTexts, load_text_dataset
 
 __all__ = ["TextClassificationData"]
 
 
-class TextClassificationData(ResumableTrainOrder, L.LightningDataModule):
+class TextClassificationData(NamedClasses, ResumableTrainOrder, L.LightningDataModule):
     """Texts and labels, split 80/10/10 (stratified, seeded) and tokenized.
 
     Args:
@@ -77,12 +78,8 @@ class TextClassificationData(ResumableTrainOrder, L.LightningDataModule):
         return load_text_dataset(hp.dataset, hp.text_column, hp.label_column, hp.encoding)
 
     @property
-    def num_classes(self) -> int:
-        return len(self.examples.class_names)
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.examples.class_names)
+    def classes(self) -> Sequence[str]:
+        return self.examples.class_names
 
     def split(self, name: str) -> list[dict[str, Any]]:
         """The tokenized examples of ``train``, ``val`` or ``test`` (``input_ids``, ``labels``, ...)."""
