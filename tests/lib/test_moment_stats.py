@@ -352,16 +352,21 @@ class VelocityRegressor(TinyRegressor):
         return Velocity(self.parameters())
 
 
+def logged_moments(
+    folder: Path, module: TinyRegressor, callbacks: list, steps: int, **fit: Any
+) -> dict[int, dict[str, float]]:
+    """Fit ``module`` for ``steps`` steps with ``callbacks`` (``fit``: ``Trainer.fit``'s
+    ``ckpt_path``, or trainer options); the logged rows that hold moment statistics, by step."""
+    logger, ckpt_path = RecordingLogger(), fit.pop("ckpt_path", None)
+    trainer = tiny_trainer(folder, max_steps=steps, logger=logger, callbacks=callbacks, **fit)
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return {s: m for s, m in logger.rows if any(k.startswith("moments") for k in m)}
+
+
 def test_unregistered_optimizer_logs_every_state_tensor_shaped_like_its_parameter(tmp_path):
-    logger, recorder = RecordingLogger(), Recorder()
-    trainer = tiny_trainer(
-        tmp_path,
-        max_steps=2,
-        logger=logger,
-        callbacks=[MomentStatistics(every_n_steps=2), recorder],
-    )
-    trainer.fit(VelocityRegressor())
-    ((step, metrics),) = [(s, m) for s, m in logger.rows if any(k.startswith("moments") for k in m)]
+    recorder = Recorder()
+    callbacks = [MomentStatistics(every_n_steps=2), recorder]
+    ((step, metrics),) = logged_moments(tmp_path, VelocityRegressor(), callbacks, 2).items()
     record = recorder.records[step]
     names = list(record["after"])
     assert {statistic_of(k) for k in metrics} == {
@@ -393,21 +398,16 @@ class AdafactorRegressor(TinyRegressor):
 
 def test_an_optimizer_with_a_pair_as_eps_logs_its_state(tmp_path):
     """torch's Adafactor keeps ``eps`` as ``(None, 1e-3)``: read as no single eps, not a crash."""
-    logger = RecordingLogger()
     callbacks = [MomentStatistics(every_n_steps=2)]
-    trainer = tiny_trainer(tmp_path, max_steps=2, logger=logger, callbacks=callbacks)
-    trainer.fit(AdafactorRegressor())
-    ((_, metrics),) = [(s, m) for s, m in logger.rows if any(k.startswith("moments") for k in m)]
+    (metrics,) = logged_moments(tmp_path, AdafactorRegressor(), callbacks, 2).values()
     assert metrics["moments/grad_norm"] > 0 and metrics["moments/update_norm"] > 0
     assert "moments.update_to_weight/net.0" in metrics
 
 
 def test_keys_continue_across_an_adam_to_sgd_switch(tmp_path):
-    logger, recorder = RecordingLogger(), Recorder()
+    recorder = Recorder()
     callbacks = [MomentStatistics(every_n_steps=3), SwitchToMomentum(), recorder]
-    trainer = tiny_trainer(tmp_path, max_steps=6, logger=logger, callbacks=callbacks)
-    trainer.fit(TinyRegressor(optimizer="adam", scheduler=None))
-    rows = {s: m for s, m in logger.rows if any(k.startswith("moments") for k in m)}
+    rows = logged_moments(tmp_path, TinyRegressor(optimizer="adam", scheduler=None), callbacks, 6)
     assert sorted(rows) == [2, 5]
     assert_statistics_equal(rows[2], expected_statistics(recorder.records[2], "adam"))
     assert_statistics_equal(rows[5], expected_statistics(recorder.records[5], "momentum"))
@@ -419,20 +419,14 @@ def test_keys_continue_across_an_adam_to_sgd_switch(tmp_path):
 
 def test_resumed_run_logs_the_same_values_at_the_same_steps(tmp_path):
     def run(directory: Path, ckpt_path: str | None = None) -> dict[int, dict[str, float]]:
-        logger = RecordingLogger()
         # Saved at a batch end: resuming from Lightning's epoch-end checkpoint reruns a batch.
         checkpoint = ModelCheckpoint(dirpath=directory, every_n_train_steps=4, save_top_k=-1)
-        callback = MomentStatistics(every_n_steps=2)
-        trainer = tiny_trainer(
-            directory,
-            max_steps=8,
-            max_epochs=-1,
-            logger=logger,
-            enable_checkpointing=True,
-            callbacks=[callback, checkpoint],
-        )
-        trainer.fit(TinyRegressor(optimizer="adamw", samples=64), ckpt_path=ckpt_path)
-        return {s: m for s, m in logger.rows if any(k.startswith("moments") for k in m)}
+        callbacks = [MomentStatistics(every_n_steps=2), checkpoint]
+        module = TinyRegressor(optimizer="adamw", samples=64)
+        return logged_moments(
+            directory, module, callbacks, 8, max_epochs=-1, enable_checkpointing=True,
+            ckpt_path=ckpt_path,
+        )  # fmt: skip
 
     straight = run(tmp_path / "straight")
     assert sorted(straight) == [1, 3, 5, 7]
@@ -492,15 +486,10 @@ def test_percentiles_count_every_element_of_each_layer_and_of_the_model():
 def test_percentiles_are_not_sampled_at_default_settings(tmp_path):
     """A Lightning fit at default settings with a 96x64 layer (the old default sampled 1024 of
     its elements): every logged percentile within a bin of the exact one."""
-    logger, recorder = RecordingLogger(), Recorder()
-    trainer = tiny_trainer(
-        tmp_path,
-        max_steps=3,
-        logger=logger,
-        callbacks=[MomentStatistics(every_n_steps=3), recorder],
-    )
-    trainer.fit(TinyRegressor(optimizer="adamw", features=64, hidden=96, samples=48))
-    ((step, metrics),) = [(s, m) for s, m in logger.rows if any(k.startswith("moments") for k in m)]
+    recorder = Recorder()
+    module = TinyRegressor(optimizer="adamw", features=64, hidden=96, samples=48)
+    callbacks = [MomentStatistics(every_n_steps=3), recorder]
+    ((step, metrics),) = logged_moments(tmp_path, module, callbacks, 3).items()
     scalars = {k: v for k, v in metrics.items() if "log10_step_size" not in k}
     expected = expected_statistics(recorder.records[step], "adamw")
     assert "moments.step_size_p95/net.0" in expected
@@ -511,7 +500,7 @@ def test_schedule_free_step_sizes_use_the_warmed_up_lr(tmp_path):
     """Schedule-free AdamW warms its LR up inside the step: ``lr_t = lr * min(1, t / warmup)``
     after its ``t``-th step. The logged step sizes are ``lr_t / (sqrt(v_hat) + eps)``, computed
     here from the optimizer state and that formula, during the warmup (t = 2 and 4 of 10)."""
-    logger, recorder = RecordingLogger(), Recorder()
+    recorder = Recorder()
     model = TinyRegressor(
         optimizer="schedule_free_adamw",
         lr=1e-2,
@@ -519,9 +508,7 @@ def test_schedule_free_step_sizes_use_the_warmed_up_lr(tmp_path):
         optimizer_options={"warmup_steps": 10},
     )
     callbacks = [ScheduleFreeModes(), MomentStatistics(every_n_steps=2), recorder]
-    trainer = tiny_trainer(tmp_path, max_steps=4, logger=logger, callbacks=callbacks)
-    trainer.fit(model)
-    rows = {s: m for s, m in logger.rows if any(k.startswith("moments") for k in m)}
+    rows = logged_moments(tmp_path, model, callbacks, 4)
     assert sorted(rows) == [1, 3]
     for step, metrics in rows.items():
         record = recorder.records[step]

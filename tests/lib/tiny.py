@@ -54,10 +54,6 @@ class TinyRegressor(L.LightningModule):
         )
         self.losses: list[float] = []
 
-    def configure_model(self) -> None:
-        """Under FSDP2: each Linear of ``net``, then the root, sharded."""
-        shard_data_parallel(self, [m for m in self.net if isinstance(m, nn.Linear)])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
@@ -71,6 +67,10 @@ class TinyRegressor(L.LightningModule):
     def train_dataloader(self):
         data = regression_data(self.hparams.samples, self.hparams.features)
         return DataLoader(data, batch_size=self.hparams.batch_size, shuffle=False)
+
+    def configure_model(self) -> None:
+        """Under FSDP2: each Linear of ``net``, then the root, sharded."""
+        shard_data_parallel(self, [m for m in self.net if isinstance(m, nn.Linear)])
 
     def configure_optimizers(self):
         hp = self.hparams
