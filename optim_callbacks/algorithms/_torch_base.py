@@ -54,6 +54,21 @@ def new_state(p: torch.Tensor, keys: tuple[str, ...], capturable: bool = False) 
     }
 
 
+def averaging_coefficients(group: dict[str, Any], rate: str) -> tuple[float, ...]:
+    """The columns a compiled update that keeps a running average of ``g^2`` starts with:
+    ``(weight_decay, rate, 1 - rate, eps, -lr, sign)``, with ``rate`` the group option that
+    decays it (Adadelta's ``rho``, RMSprop's ``alpha``) and ``sign`` -1 with ``maximize``."""
+    decay = float(group[rate])
+    return (
+        float(group["weight_decay"]),
+        decay,
+        1.0 - decay,
+        float(group["eps"]),
+        -float(group["lr"]),
+        -1.0 if group["maximize"] else 1.0,
+    )
+
+
 def foreach_after_failure(group: dict[str, Any]) -> bool | None:
     """The ``foreach`` flag for a group whose compiled path failed: foreach unless the user
     turned it off (torch's ``None`` on CPU would mean a for-loop)."""

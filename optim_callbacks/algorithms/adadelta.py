@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.optim.adadelta import adadelta
 
-from optim_callbacks.algorithms._torch_base import CompiledTorchStep
+from optim_callbacks.algorithms._torch_base import CompiledTorchStep, averaging_coefficients
 from optim_callbacks.compiled_update import CompiledUpdate
 
 __all__ = ["Adadelta"]
@@ -100,12 +100,4 @@ class Adadelta(CompiledTorchStep, torch.optim.Adadelta):
         return _COMPILED
 
     def coefficients(self, group: dict[str, Any]) -> tuple[float, ...]:
-        rho = float(group["rho"])
-        return (
-            float(group["weight_decay"]),
-            rho,
-            1.0 - rho,
-            float(group["eps"]),
-            -float(group["lr"]),
-            -1.0 if group["maximize"] else 1.0,
-        )
+        return averaging_coefficients(group, "rho")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.optim.rmsprop import rmsprop
 
-from optim_callbacks.algorithms._torch_base import CompiledTorchStep
+from optim_callbacks.algorithms._torch_base import CompiledTorchStep, averaging_coefficients
 from optim_callbacks.compiled_update import CompiledUpdate
 
 __all__ = ["RMSprop"]
@@ -37,6 +37,34 @@ def _gradient_and_square_avg(
     v = square_avg.to(c.dtype) * c[_ALPHA] + g * g * c[_ONE_MINUS_ALPHA]
     square_avg.copy_(v)
     return p, g, v
+
+
+def _centered_gradient_and_denominator(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    square_avg: torch.Tensor,
+    grad_avg: torch.Tensor,
+    c: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centered RMSprop's ``p``, ``g`` and ``d = sqrt(v - a^2) + eps`` (``v`` and ``a`` written
+    to ``square_avg`` and ``grad_avg``)."""
+    p, g, v = _gradient_and_square_avg(param, grad, square_avg, c)
+    a = grad_avg.to(c.dtype) * c[_ALPHA] + g * c[_ONE_MINUS_ALPHA]
+    grad_avg.copy_(a)
+    return p, g, torch.sqrt(v - a * a) + c[_EPS]
+
+
+def _momentum_step(
+    param: torch.Tensor,
+    p: torch.Tensor,
+    momentum_buffer: torch.Tensor,
+    step: torch.Tensor,
+    c: torch.Tensor,
+) -> None:
+    """``b <- momentum * b + step``; ``theta <- p - lr * b``."""
+    b = momentum_buffer.to(c.dtype) * c[_MOMENTUM] + step
+    param.copy_(p + c[_NEG_LR] * b)
+    momentum_buffer.copy_(b)
 
 
 # Four functions rather than one with flags: each is its own compiled code object, so the
@@ -58,9 +86,7 @@ def _rmsprop_momentum_update(
 ) -> None:
     """RMSprop with momentum for one tensor."""
     p, g, v = _gradient_and_square_avg(param, grad, square_avg, c)
-    b = momentum_buffer.to(c.dtype) * c[_MOMENTUM] + g / (torch.sqrt(v) + c[_EPS])
-    param.copy_(p + c[_NEG_LR] * b)
-    momentum_buffer.copy_(b)
+    _momentum_step(param, p, momentum_buffer, g / (torch.sqrt(v) + c[_EPS]), c)
 
 
 def _rmsprop_centered_update(
@@ -71,10 +97,8 @@ def _rmsprop_centered_update(
     c: torch.Tensor,
 ) -> None:
     """Centered RMSprop for one tensor."""
-    p, g, v = _gradient_and_square_avg(param, grad, square_avg, c)
-    a = grad_avg.to(c.dtype) * c[_ALPHA] + g * c[_ONE_MINUS_ALPHA]
-    param.copy_(p + c[_NEG_LR] * g / (torch.sqrt(v - a * a) + c[_EPS]))
-    grad_avg.copy_(a)
+    p, g, d = _centered_gradient_and_denominator(param, grad, square_avg, grad_avg, c)
+    param.copy_(p + c[_NEG_LR] * g / d)
 
 
 def _rmsprop_centered_momentum_update(
@@ -86,12 +110,8 @@ def _rmsprop_centered_momentum_update(
     c: torch.Tensor,
 ) -> None:
     """Centered RMSprop with momentum for one tensor."""
-    p, g, v = _gradient_and_square_avg(param, grad, square_avg, c)
-    a = grad_avg.to(c.dtype) * c[_ALPHA] + g * c[_ONE_MINUS_ALPHA]
-    b = momentum_buffer.to(c.dtype) * c[_MOMENTUM] + g / (torch.sqrt(v - a * a) + c[_EPS])
-    param.copy_(p + c[_NEG_LR] * b)
-    momentum_buffer.copy_(b)
-    grad_avg.copy_(a)
+    p, g, d = _centered_gradient_and_denominator(param, grad, square_avg, grad_avg, c)
+    _momentum_step(param, p, momentum_buffer, g / d, c)
 
 
 # (momentum > 0, centered) -> update
@@ -167,13 +187,4 @@ class RMSprop(CompiledTorchStep, torch.optim.RMSprop):
         return _COMPILED[self._variant(group)]
 
     def coefficients(self, group: dict[str, Any]) -> tuple[float, ...]:
-        alpha = float(group["alpha"])
-        return (
-            float(group["weight_decay"]),
-            alpha,
-            1.0 - alpha,
-            float(group["eps"]),
-            -float(group["lr"]),
-            -1.0 if group["maximize"] else 1.0,
-            float(group["momentum"]),
-        )
+        return (*averaging_coefficients(group, "alpha"), float(group["momentum"]))
