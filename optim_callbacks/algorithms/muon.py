@@ -158,25 +158,20 @@ class MuonWithAdamW(torch.optim.Optimizer):
         """The options a new Muon or AdamW group gets where it sets none."""
         d = self.defaults
         if use_muon:
-            return dict(
-                lr=d["lr"],
-                weight_decay=d["weight_decay"],
-                momentum=d["momentum"],
-                nesterov=d["nesterov"],
-                ns_coefficients=NS_COEFFICIENTS,
-                eps=NS_EPS,
-                ns_steps=d["ns_steps"],
-                adjust_lr_fn=d["adjust_lr_fn"],
-            )
+            return {
+                **{key: d[key] for key in ("lr", "weight_decay", "momentum", "nesterov")},
+                "ns_coefficients": NS_COEFFICIENTS,
+                "eps": NS_EPS,
+                "ns_steps": d["ns_steps"],
+                "adjust_lr_fn": d["adjust_lr_fn"],
+            }
         fused = bool(d["fused"])
-        return dict(
-            lr=d["adamw_lr"],
-            betas=d["adamw_betas"],
-            eps=d["adamw_eps"],
-            weight_decay=d["adamw_weight_decay"],
-            fused=fused,
-            foreach=d["foreach"] if d["foreach"] is not None else not fused,
-        )
+        return {
+            # the AdamW part's lr, betas, eps and weight_decay are the adamw_* options
+            **{key: d[f"adamw_{key}"] for key in ("lr", "betas", "eps", "weight_decay")},
+            "fused": fused,
+            "foreach": d["foreach"] if d["foreach"] is not None else not fused,
+        }
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add ``param_group`` to the Muon part (``use_muon=True``), the AdamW part
