@@ -74,33 +74,29 @@ def run(optimizer, params, steps=100, seed=1, lrs=None, skip=None, gen=None):
         optimizer.step()
 
 
-def reference(params, rectify, amsgrad, decoupled, eps, lr=1e-2, weight_decay=0.1):
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints which options are on
-        return ReferenceAdaBelief(
-            params,
-            lr=lr,
-            betas=(0.9, 0.999),
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            weight_decouple=decoupled,
-            rectify=rectify,
-            print_change_log=False,
-        )
-
-
-def ours(params, rectify, amsgrad, decoupled, eps, impl, lr=1e-2, weight_decay=0.1):
-    return AdaBelief(
-        params,
+def shared_options(rectify, amsgrad, eps, lr, weight_decay):
+    """The options both implementations name alike (the decay form they name differently)."""
+    return dict(
         lr=lr,
         betas=(0.9, 0.999),
         eps=eps,
         weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled,
-        rectify=rectify,
         amsgrad=amsgrad,
-        **IMPLS[impl],
+        rectify=rectify,
     )
+
+
+def reference(params, rectify, amsgrad, decoupled, eps, lr=1e-2, weight_decay=0.1):
+    options = shared_options(rectify, amsgrad, eps, lr, weight_decay)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints which options are on
+        return ReferenceAdaBelief(
+            params, weight_decouple=decoupled, print_change_log=False, **options
+        )
+
+
+def ours(params, rectify, amsgrad, decoupled, eps, impl, lr=1e-2, weight_decay=0.1):
+    options = shared_options(rectify, amsgrad, eps, lr, weight_decay)
+    return AdaBelief(params, decoupled_weight_decay=decoupled, **options, **IMPLS[impl])
 
 
 def relative_error(actual, expected):

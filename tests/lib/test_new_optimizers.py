@@ -41,6 +41,17 @@ pytestmark = pytest.mark.filterwarnings(r"error:.*compiling the update failed")
 SHAPES = [(40, 30), (7,), (), (5, 3)]
 IMPLS = ["for-loop", "foreach", "auto"]
 
+
+def pytorch_optimizer_case(reference, **options):
+    """A case against a pytorch-optimizer class, which takes the registry's options under the
+    same names but for ``decoupled_weight_decay`` (its ``weight_decouple``)."""
+    renamed = {
+        "weight_decouple" if key == "decoupled_weight_decay" else key: value
+        for key, value in options.items()
+    }
+    return (lambda ps: reference(ps, **renamed), options)
+
+
 # name -> (reference factory, registry options that mean the same)
 CASES = {
     "lion": (
@@ -51,21 +62,12 @@ CASES = {
         lambda ps: ReferenceADOPT(ps, lr=1e-2, betas=(0.9, 0.9999), weight_decay=0.01),
         {"lr": 1e-2, "weight_decay": 0.01},
     ),
-    "adopt-decoupled": (
-        lambda ps: ReferenceADOPT(
-            ps, lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, weight_decouple=True
-        ),
-        {"lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 0.1, "decoupled_weight_decay": True},
+    "adopt-decoupled": pytorch_optimizer_case(
+        ReferenceADOPT, lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, decoupled_weight_decay=True
     ),
-    "lamb": (
-        lambda ps: ReferenceLamb(ps, lr=1e-2, weight_decay=0.1),
-        {"lr": 1e-2, "weight_decay": 0.1},
-    ),
-    "lamb-l2": (
-        lambda ps: ReferenceLamb(
-            ps, lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, weight_decouple=False
-        ),
-        {"lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 0.1, "decoupled_weight_decay": False},
+    "lamb": pytorch_optimizer_case(ReferenceLamb, lr=1e-2, weight_decay=0.1),
+    "lamb-l2": pytorch_optimizer_case(
+        ReferenceLamb, lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, decoupled_weight_decay=False
     ),
     "schedule_free_adamw": (
         lambda ps: AdamWScheduleFree(ps, lr=1e-2, weight_decay=0.01, warmup_steps=10),
