@@ -2,8 +2,9 @@
 Fashion-MNIST images, W&B offline runs read back, checkpoint folders fine-tuned with another
 label count, reduced precision, exact resume, two-process DDP, usage errors, YAML presets.
 
-Where Debian's Fashion-MNIST is not installed, the two tests that check what the presets learn
-are skipped (saying how to get it) and the others run on synthetic images of the same layout."""
+The two tests that check what the presets learn need Debian's Fashion-MNIST (``make test``
+installs it where it can; elsewhere they are skipped with one line saying how to get it); the
+others run on synthetic images of the same layout where it is missing."""
 
 from __future__ import annotations
 
@@ -77,14 +78,9 @@ def group_of(cli: Any) -> dict[str, dict[str, Any]]:
 
 def test_resnet_preset_learns_and_logs_to_wandb_offline(fashion_root, tmp_path, wandb_run):
     fashion_mnist()  # the accuracy bound is for the real images: fails without them where make test installs them
-    cli = run_resnet(
-        tiny_args(
-            "resnet",
-            fashion_root,
-            *("--trainer.max_epochs", "3", "--lr", "0.8"),
-            *("--trainer.default_root_dir", str(tmp_path / "runs")),
-        )
-    )
+    runs = str(tmp_path / "runs")
+    args = ["--trainer.max_epochs", "3", "--lr", "0.8"]
+    cli = run_resnet(tiny_args("resnet", fashion_root, *args, "--trainer.default_root_dir", runs))
     results = cli.test_results
     assert results["test_acc"] >= 0.6  # 10 classes: chance is 0.1
 
@@ -112,22 +108,10 @@ def test_resnet_preset_learns_and_logs_to_wandb_offline(fashion_root, tmp_path, 
 
 def test_vit_preset_with_layer_decay_learns(fashion_root, tmp_path, capsys):
     fashion_mnist()  # the accuracy bound is for the real images: fails without them where make test installs them
-    cli = run_vit(
-        tiny_args(
-            "vit",
-            fashion_root,
-            *(
-                "--trainer.max_epochs",
-                "4",
-                "--lr",
-                "3e-3",
-                "--model.optimization.layer_decay",
-                "0.8",
-            ),
-            *("--data.augment", "false", "--logger", "csv"),
-            *("--trainer.default_root_dir", str(tmp_path / "runs")),
-        )
-    )
+    runs = str(tmp_path / "runs")
+    args = ["--trainer.max_epochs", "4", "--lr", "3e-3", "--model.optimization.layer_decay", "0.8"]
+    args += ["--data.augment", "false", "--logger", "csv", "--trainer.default_root_dir", runs]
+    cli = run_vit(tiny_args("vit", fashion_root, *args))
     assert cli.test_results["test_acc"] >= 0.45  # a 2-layer ViT, 64 steps; chance is 0.1
     groups = group_of(cli)
     head = groups["network.classifier.weight"]
