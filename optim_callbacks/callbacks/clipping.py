@@ -73,7 +73,7 @@ __all__ = [
     "drop_gradients",
     "percentile",
     "pre_clip_norm",
-    "stop_if_requested",
+    "stop_training",
 ]
 
 MODES = ("norm", "value", "agc", "auto")
@@ -134,18 +134,23 @@ def drop_gradients(params: Sequence[torch.Tensor]) -> None:
         p.grad = None
 
 
-def stop_if_requested(
-    callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str
-) -> str | None:
-    """When ``callback._stop_requested`` is set: clear it and stop training at the end of this
-    batch, first saving a checkpoint ``<name>-step=<global step>.ckpt`` in the
-    ``ModelCheckpoint`` directory (else ``<default_root_dir>/checkpoints``) when
-    ``callback.save_checkpoint_on_stop``; its path (``None`` without one) goes to
-    ``callback.stop_checkpoint_path``. Returns a sentence naming the checkpoint (saying so when
-    its weights are already non-finite; empty without one), or ``None`` when no stop was
-    requested. Every rank calls it (saving is a collective)."""
-    if not callback._stop_requested:
-        return None
+def stop_training(
+    callback: Any,
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    name: str,
+    why: str,
+    advice: str,
+) -> None:
+    """Stop training at the end of this batch, as ``callback`` requested (its
+    ``_stop_requested`` is cleared), and warn ``"<why>; stopping training. <where> <advice>,
+    then resume with Trainer.fit(..., ckpt_path=...)."``.
+
+    With ``callback.save_checkpoint_on_stop``, a checkpoint ``<name>-step=<global step>.ckpt``
+    is saved first in the ``ModelCheckpoint`` directory (else ``<default_root_dir>/checkpoints``)
+    and ``<where>`` names it (saying so when its weights are already non-finite); its path
+    (``None`` without one) goes to ``callback.stop_checkpoint_path``. Every rank calls it
+    (saving is a collective)."""
     callback._stop_requested = False
     path, where = None, ""
     if callback.save_checkpoint_on_stop:
@@ -165,7 +170,10 @@ def stop_if_requested(
             )
     trainer.should_stop = True
     callback.stop_checkpoint_path = path
-    return where
+    rank_zero_warn(
+        f"{why}; stopping training.{where} {advice}, then resume with "
+        "Trainer.fit(..., ckpt_path=...)."
+    )
 
 
 def _check_norm_type(value: Any) -> float:
@@ -506,15 +514,17 @@ class GradientClipping(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
     ) -> None:
-        where = stop_if_requested(self, trainer, pl_module, "nonfinite-stop")
-        if where is None:
+        if not self._stop_requested:
             return
-        rank_zero_warn(
+        why = (
             f"GradientClipping: {self.consecutive_nonfinite} steps in a row had non-finite "
-            f"gradients (last at global step {trainer.global_step}); stopping training.{where} "
-            "Lower the learning rate, check the data and the loss for inf/NaN, or raise "
-            "max_consecutive_nonfinite, then resume with Trainer.fit(..., ckpt_path=...)."
+            f"gradients (last at global step {trainer.global_step})"
         )
+        advice = (
+            "Lower the learning rate, check the data and the loss for inf/NaN, or raise "
+            "max_consecutive_nonfinite"
+        )
+        stop_training(self, trainer, pl_module, "nonfinite-stop", why, advice)
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -104,7 +104,7 @@ from torch.optim import Optimizer
 from optim_callbacks._compat import batches_that_stepped
 from optim_callbacks.callbacks._amp import active_grad_scaler, unscale_gradients
 from optim_callbacks.callbacks._strategy import check_supported_strategy
-from optim_callbacks.callbacks.clipping import drop_gradients, pre_clip_norm, stop_if_requested
+from optim_callbacks.callbacks.clipping import drop_gradients, pre_clip_norm, stop_training
 from optim_callbacks.sharded import is_sharded, local_part, shard_group, sum_across
 from optim_callbacks.validation import check_at_least, check_in_range, check_non_negative
 
@@ -356,17 +356,16 @@ class SpikeSkip(Callback):
         if self._restore is not None:
             _put_back(trainer, self._restore)
             self._restore = None
-        where = stop_if_requested(self, trainer, pl_module, "spike-stop")
-        if where is None:
+        if not self._stop_requested:
             return
-        rank_zero_warn(
+        why = (
             f"SpikeSkip: {sum(self.recent)} of the last {len(self.recent)} steps were skipped as "
             f"spikes (more than max_skip_fraction={self.max_skip_fraction} of window="
-            f"{self.window}; last at global step {trainer.global_step}); stopping training: "
-            f"this is a diverging run or broken data, not a stray batch.{where} Lower the "
-            "learning rate or check the data at the batches named above, then resume with "
-            "Trainer.fit(..., ckpt_path=...)."
+            f"{self.window}; last at global step {trainer.global_step}): a diverging run or "
+            "broken data, not a stray batch"
         )
+        advice = "Lower the learning rate or check the data at the batches named above"
+        stop_training(self, trainer, pl_module, "spike-stop", why, advice)
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
