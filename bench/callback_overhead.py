@@ -205,14 +205,13 @@ def build_module(model: str) -> L.LightningModule:
 def quiet_trainer(root: str, steps: int, callbacks: list[Callback], **options: Any) -> L.Trainer:
     """A CPU Trainer of ``steps`` steps logging to CSV under ``root``, without checkpoints,
     progress bar or model summary."""
+    quiet = ("enable_checkpointing", "enable_progress_bar", "enable_model_summary")
     return L.Trainer(
         accelerator="cpu",
         max_steps=steps,
-        logger=CSVLogger(root),
         callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **dict.fromkeys(quiet, False),
+        logger=CSVLogger(root),
         log_every_n_steps=BLOCK,
         default_root_dir=root,
         **options,

@@ -98,18 +98,9 @@ def model(
     defaults, :data:`OPTIONS`, and its schedule), with the given initial weights; ``kwargs``
     override ``TinyRegressor``'s."""
     torch.manual_seed(seed)
-    options: dict[str, Any] = dict(
-        optimizer=name,
-        lr=None,
-        scheduler=schedule_for(name),
-        features=FEATURES,
-        hidden=HIDDEN,
-        samples=SAMPLES,
-        batch_size=BATCH,
-        optimizer_options=OPTIONS.get(name),
-    )
-    options.update(kwargs)
-    return cls(**options)
+    shape = {"features": FEATURES, "hidden": HIDDEN, "samples": SAMPLES, "batch_size": BATCH}
+    entry = {"optimizer": name, "lr": None, "optimizer_options": OPTIONS.get(name)}
+    return cls(**{**shape, **entry, "scheduler": schedule_for(name), **kwargs})
 
 
 def batches(samples: int = SAMPLES, batch: int = BATCH) -> list[tuple[torch.Tensor, torch.Tensor]]:
