@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -238,6 +239,9 @@ def killed_run():
             capture_output=True,
             text=True,
             timeout=300,
+            # A shell starts background jobs with SIGINT ignored, and Python then leaves it so:
+            # the child gets Ctrl-C's default, as a run in a terminal does.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         expected = -signal_number if signal_number == 9 else done.returncode
         assert done.returncode == expected and done.returncode != 0, done.stderr[-3000:]

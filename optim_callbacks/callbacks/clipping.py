@@ -142,16 +142,14 @@ def stop_training(
     why: str,
     advice: str,
 ) -> None:
-    """Stop training at the end of this batch, as ``callback`` requested (its
-    ``_stop_requested`` is cleared), and warn ``"<why>; stopping training. <where> <advice>,
-    then resume with Trainer.fit(..., ckpt_path=...)."``.
+    """Stop training at the end of this batch and warn ``"<why>; stopping training. <where>
+    <advice>, then resume with Trainer.fit(..., ckpt_path=...)."``.
 
     With ``callback.save_checkpoint_on_stop``, a checkpoint ``<name>-step=<global step>.ckpt``
     is saved first in the ``ModelCheckpoint`` directory (else ``<default_root_dir>/checkpoints``)
     and ``<where>`` names it (saying so when its weights are already non-finite); its path
     (``None`` without one) goes to ``callback.stop_checkpoint_path``. Every rank calls it
     (saving is a collective)."""
-    callback._stop_requested = False
     path, where = None, ""
     if callback.save_checkpoint_on_stop:
         checkpoint_callback = trainer.checkpoint_callback
@@ -516,6 +514,7 @@ class GradientClipping(Callback):
     ) -> None:
         if not self._stop_requested:
             return
+        self._stop_requested = False
         why = (
             f"GradientClipping: {self.consecutive_nonfinite} steps in a row had non-finite "
             f"gradients (last at global step {trainer.global_step})"

@@ -358,6 +358,7 @@ class SpikeSkip(Callback):
             self._restore = None
         if not self._stop_requested:
             return
+        self._stop_requested = False
         why = (
             f"SpikeSkip: {sum(self.recent)} of the last {len(self.recent)} steps were skipped as "
             f"spikes (more than max_skip_fraction={self.max_skip_fraction} of window="

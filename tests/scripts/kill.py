@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from lightning.pytorch.callbacks import Callback
 
 
 class KillAfterStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == int(os.environ["KILL_AFTER_STEP"]):
-            os.kill(os.getpid(), int(os.environ.get("KILL_SIGNAL", signal.SIGKILL)))
+        if trainer.global_step != int(os.environ["KILL_AFTER_STEP"]):
+            return
+        number = int(os.environ.get("KILL_SIGNAL", signal.SIGKILL))
+        # Pressed again every 0.1 s, as a user would, should the KeyboardInterrupt of a SIGINT
+        # surface in a finalizer (which swallows it) rather than here; SIGKILL never returns.
+        for _ in range(50):
+            os.kill(os.getpid(), number)
+            time.sleep(0.1)
+        raise RuntimeError(f"KillAfterStep: signal {number} did not end the run in 5 s")
