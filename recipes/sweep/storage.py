@@ -14,6 +14,7 @@ with heartbeats so that a dead worker's trial is taken over.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,16 @@ def open_storage(url: str, heartbeat: int | None = None) -> Any:
             ),
         }
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_args)
+        for attempt in range(_CREATION_ATTEMPTS):
+            try:
+                storage = optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, **heartbeat_args
+                )
+                break
+            except sqlalchemy.exc.SQLAlchemyError as error:
+                if attempt + 1 == _CREATION_ATTEMPTS or not _created_concurrently(error):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
         if url.startswith("sqlite"):
             _immediate_transactions(storage.engine)
         return storage
@@ -120,6 +130,19 @@ def open_storage(url: str, heartbeat: int | None = None) -> Any:
         raise StorageError(
             f"storage: cannot use {masked_url(url)}: {_reason(error, url)}"
         ) from None
+
+
+# Opening a new database creates Optuna's tables and stamps their version. Two processes that
+# open it at once (a sweep's first worker and one joining it, or the dashboard) both try: the
+# loser's CREATE TABLE or version INSERT fails. It opens again and finds what the winner made.
+_CREATION_ATTEMPTS = 5
+
+
+def _created_concurrently(error: Exception) -> bool:
+    """Whether ``error`` is another process creating the same tables first."""
+    import sqlalchemy.exc
+
+    return isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in str(error)
 
 
 def _immediate_transactions(engine: Any) -> None:

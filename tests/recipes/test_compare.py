@@ -345,6 +345,33 @@ def test_workers_never_claim_one_trial_twice_on_sqlite(tmp_path):
     assert sorted(claimed) == list(range(60))
 
 
+def test_processes_opening_a_new_database_at_once_all_open_it(tmp_path):
+    """Four processes open one new SQLite study file at the same instant, as a sweep's first
+    worker and one joining it (or the dashboard) may: each creates Optuna's tables, and all
+    but one lose that race. Each then opens what the winner made. Without the retry, 5 of 12
+    such opens failed ('table trials already exists', 'UNIQUE constraint failed:
+    alembic_version.version_num')."""
+    script = str(REPO_ROOT / "tests" / "scripts" / "sweep_claims.py")
+    start_at = str(time.time() + 12)  # after every process has imported
+    processes = []
+    for database in range(3):  # three new files, four processes each
+        (tmp_path / str(database)).mkdir()
+        url = storage_url(None, tmp_path / str(database))
+        processes += [
+            subprocess.Popen(
+                [sys.executable, script, url, start_at, "open"],
+                env=subprocess_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0 and json.loads(out) == 0, err[-2000:]
+
+
 def test_two_workers_on_postgres_one_killed_mid_trial_equal_one_worker(sweep, tiny, tmp_path):
     out = tmp_path / "adamw_sgd"
     with postgres_server() as url:
@@ -352,7 +379,7 @@ def test_two_workers_on_postgres_one_killed_mid_trial_equal_one_worker(sweep, ti
         first = start_compare(
             [*command_args(DOC_POSTGRES, out, url, tiny), *HEARTBEAT], tmp_path, tmp_path / "a.log"
         )
-        study = _wait_for_study(out.name, url)
+        study = _wait_for_study(out.name, url, first)
         joined = start_compare(
             [*command_args(DOC_JOIN, out, bare), *HEARTBEAT],
             tmp_path,
@@ -402,7 +429,7 @@ def test_two_local_workers_then_a_killed_sweep_resumes_when_run_again(sweep, tin
     out = tmp_path / "adamw_seeds"
     args = [*command_args(DOC_TWO_WORKERS, out, tiny=tiny), *HEARTBEAT]
     process = start_compare(args, tmp_path, tmp_path / "killed.log")
-    study = _wait_for_study(out.name, None, out)
+    study = _wait_for_study(out.name, None, process, out)
     try:
         _running_with_checkpoint(study, out, process.pid, timeout=600, process=process)
         os.kill(process.pid, signal.SIGKILL)  # the whole sweep, both workers
@@ -675,11 +702,16 @@ def _get_json(url: str, wait: float = 0) -> Any:
             time.sleep(0.5)
 
 
-def _wait_for_study(name: str, storage: str | None, folder: Path | None = None) -> optuna.Study:
-    """The study once its creator has queued the plan."""
+def _wait_for_study(
+    name: str, storage: str | None, process: subprocess.Popen, folder: Path | None = None
+) -> optuna.Study:
+    """The study once its creator, ``process``, has queued the plan; fails at once where the
+    process has ended."""
     url = storage_url(storage, folder or Path("."))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the sweep ended (status {process.returncode}) first")
         if storage is not None or (folder / "study.db").is_file():
             with contextlib.suppress(KeyError, Exception):
                 study = optuna.load_study(study_name=name, storage=open_storage(url))
