@@ -128,9 +128,7 @@ class NamedClasses:
     """``num_classes`` and ``class_names`` (label order), which the recipes' CLI links from the
     data module to the model, read from the data module's ``classes``."""
 
-    @property
-    def classes(self) -> Sequence[str]:
-        raise NotImplementedError
+    classes: Sequence[str]  # the data module's own (a property of the text and image modules)
 
     @property
     def num_classes(self) -> int:
